@@ -1,0 +1,23 @@
+"""skipgpt.ops: SkipGPT's kernels as torch.library custom ops (namespace `torch.ops.skipgpt`).
+
+One subpackage per op family, each with a pure-PyTorch `reference.py` (the CPU implementation),
+Triton `kernels.py` (the CUDA implementation) and the op registration in its `__init__.py`.
+"""
+from .attention import sparse_attention
+from .linear import gated_mlp, linear_residual, linear_rows
+from .norm import rms_norm, rms_norm_split
+from .rope import rope, rope_kv_write
+from .routing import compact, exact_rows
+
+__all__ = [
+    "compact",
+    "exact_rows",
+    "rms_norm",
+    "rms_norm_split",
+    "rope",
+    "rope_kv_write",
+    "sparse_attention",
+    "linear_rows",
+    "gated_mlp",
+    "linear_residual",
+]

@@ -1,0 +1,97 @@
+"""Query-sparse causal attention over a seq-first KV cache."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._common import FLOAT_DTYPES, HAS_TRITON, check_rows, check_same_dtype, check_tensor
+from .reference import sparse_attention_reference
+
+__all__ = ["sparse_attention", "sparse_attention_reference"]
+
+
+def _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask):
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, ndim=4, device=q.device)
+        check_same_dtype(name, t, "q", q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    B, S, Hk, D = k_cache.shape
+    M, Hq, Dq = q.shape
+    if Dq != D:
+        raise ValueError(f"q: head dim {Dq} differs from the cache's {D}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q: {Hq} query heads is not a multiple of the cache's {Hk} KV heads")
+    check_tensor("start", start, ndim=1, dtypes=(torch.int64,), device=q.device)
+    if start.shape[0] != 1:
+        raise ValueError(f"start: expected one element, got shape {tuple(start.shape)}")
+    if seq_len < 1 and B * seq_len:
+        raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
+    check_rows("rows", rows, q.device)
+    if rows is None:
+        if seq_offsets is not None:
+            raise ValueError("seq_offsets: given without rows")
+        if M != B * seq_len:
+            raise ValueError(f"q: without rows, expected B*L = {B}*{seq_len} rows, got {M}")
+    else:
+        if seq_offsets is None:
+            raise ValueError("seq_offsets: required with rows (per-sequence query ranges)")
+        check_tensor("seq_offsets", seq_offsets, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if seq_offsets.shape[0] != B + 1:
+            raise ValueError(f"seq_offsets: expected B+1 = {B + 1} entries, got {seq_offsets.shape[0]}")
+        if rows.shape[0] != M:
+            raise ValueError(f"rows: expected {M} entries like q, got {rows.shape[0]}")
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=q.device)
+        if key_mask.shape[0] != B:
+            raise ValueError(f"key_mask: expected {B} sequences, got shape {tuple(key_mask.shape)}")
+
+
+@torch.library.custom_op("skipgpt::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    start: Tensor,
+    seq_len: int,
+    scale: float,
+    rows: Optional[Tensor] = None,
+    seq_offsets: Optional[Tensor] = None,
+    key_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Causal attention of compacted queries against a seq-first cache (GQA).
+
+    q: [M, Hq, D] rotated queries; k_cache, v_cache: [B, S, Hk, D] (Hq % Hk == 0), already
+    holding this step's keys; start: [1] int64, the cache slot of token column 0 of this step;
+    seq_len: L, the step's token columns per sequence.
+    rows: optional [M] int32 flat token indices b*L + l of the queries, ascending (None: every
+    token, M = B*L); seq_offsets: [B+1] int32 with the queries of sequence b at
+    [seq_offsets[b], seq_offsets[b+1]); seq_offsets[B] is the count, and rows past it are
+    capacity padding (output unspecified).
+    key_mask: optional [B, Sm] bool, False marks padding keys; slots >= Sm count as padding.
+
+    The query of token b*L + l sits at slot p = start + l and attends to the keys of sequence b
+    at slots <= p that the mask keeps. Returns [M, Hq, D]; a query that sees no key gets zeros.
+    L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel.
+    """
+    _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+    return sparse_attention_reference(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
+    _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+    return torch.empty_like(q)
+
+
+if HAS_TRITON:
+    from . import kernels
+
+    @sparse_attention.register_kernel("cuda")
+    def _sparse_attention_cuda(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
+        _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+        launch = kernels.decode if seq_len == 1 else kernels.prefill
+        return launch(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)

@@ -1,0 +1,251 @@
+"""Triton query-sparse attention.
+
+Prefill: one program per (sequence, tile of that sequence's compacted queries, query head).
+Tiles never straddle sequences because `seq_offsets` gives each sequence's query range on the
+device; tiles past a sequence's count exit at once, so the grid is static (B * cdiv(L, BLOCK_M)).
+Decode (one query per sequence): split-KV. Each program takes one query, one KV head with its
+whole GQA group, and one chunk of keys; a second kernel merges the chunks by log-sum-exp.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, k_base, v_base, kmask_base, n0, pos, S, SM, qk_scale,
+    KV_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < S
+    k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * KV_STRIDE + d[:, None], mask=n_ok[None, :], other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    visible = n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= pos[:, None])
+    if HAS_KMASK:
+        km = tl.load(kmask_base + offs_n, mask=offs_n < SM, other=0)
+        visible = visible & (km != 0)[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts finite, so no inf - inf
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * KV_STRIDE + d[None, :], mask=n_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["L", "S", "SM", "TILES"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, rows_ptr, offsets_ptr, start_ptr, kmask_ptr,
+    L, S, SM, TILES, qk_scale,
+    HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROWS: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = pid // TILES
+    tile = pid % TILES
+    if HAS_ROWS:
+        q_begin = tl.load(offsets_ptr + b)
+        q_end = tl.load(offsets_ptr + b + 1)
+    else:
+        q_begin = b * L
+        q_end = q_begin + L
+    m0 = q_begin + tile * BLOCK_M
+    if m0 < q_end:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < q_end
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)
+        else:
+            r = offs_m
+        # A row outside sequence b (bad input) sees no key instead of reading another sequence.
+        in_seq = m_ok & (r >= b * L) & (r < b * L + L)
+        pos = tl.where(in_seq, tl.load(start_ptr) + (r - b * L), -1)
+        d = tl.arange(0, HEAD_DIM)
+        q_rows = offs_m.to(tl.int64) * (HQ * HEAD_DIM) + h * HEAD_DIM
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=m_ok[:, None], other=0.0)
+        kv_head = h // (HQ // HK)
+        kv_off = b.to(tl.int64) * S * (HK * HEAD_DIM) + kv_head * HEAD_DIM
+        k_base = k_ptr + kv_off
+        v_base = v_ptr + kv_off
+        kmask_base = kmask_ptr + b.to(tl.int64) * SM
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        pos_min = tl.min(tl.where(m_ok, pos, 2147483647), axis=0)
+        pos_max = tl.max(pos, axis=0)
+        # Keys below every query's slot need no causal mask; the rest (a band around the
+        # diagonal, widened by skipped tokens) do.
+        full_end = tl.maximum(pos_min + 1, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, k_base, v_base, kmask_base, n0, pos, S, SM, qk_scale,
+                HK * HEAD_DIM, HEAD_DIM, BLOCK_N, False, HAS_KMASK, DOT_PRECISION,
+            )
+        for n0 in range(full_end, pos_max + 1, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, k_base, v_base, kmask_base, n0, pos, S, SM, qk_scale,
+                HK * HEAD_DIM, HEAD_DIM, BLOCK_N, True, HAS_KMASK, DOT_PRECISION,
+            )
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + q_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["M", "T", "L", "S", "SM", "CHUNK"])
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, rows_ptr, count_ptr, start_ptr, kmask_ptr,
+    M, T, L, S, SM, CHUNK, qk_scale,
+    HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROWS: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    limit = M
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), M)
+    if m < limit:
+        r = m
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + m)
+        r_ok = (r >= 0) & (r < T)
+        r = tl.where(r_ok, r, 0)
+        GROUP: tl.constexpr = HQ // HK
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < GROUP
+        heads = kv_head * GROUP + g
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + m.to(tl.int64) * (HQ * HEAD_DIM) + heads[:, None] * HEAD_DIM + d[None, :],
+                    mask=g_ok[:, None], other=0.0)
+        b = r // L
+        slot = tl.load(start_ptr) + r % L
+        pos = tl.full([BLOCK_G], 0, dtype=tl.int64) + slot
+        kv_off = b.to(tl.int64) * S * (HK * HEAD_DIM) + kv_head * HEAD_DIM
+        m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        lo = split * CHUNK
+        hi = tl.where(r_ok, tl.minimum(lo + CHUNK, slot + 1), lo)  # a bad row sees no key
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, kmask_ptr + b.to(tl.int64) * SM,
+                n0, pos, S, SM, qk_scale, HK * HEAD_DIM, HEAD_DIM, BLOCK_N, True, HAS_KMASK, DOT_PRECISION,
+            )
+        part = (m.to(tl.int64) * HQ + heads) * NUM_SPLITS + split
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=g_ok)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _combine_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, count_ptr, M,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    limit = M
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), M)
+    if m < limit:
+        splits = tl.arange(0, BLOCK_SPLITS)
+        s_ok = splits < NUM_SPLITS
+        d = tl.arange(0, HEAD_DIM)
+        part = (m.to(tl.int64) * HQ + h) * NUM_SPLITS + splits
+        lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.math.exp2(lse - top)
+        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(o_ptr + (m.to(tl.int64) * HQ + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the Triton interpreter: small, so tests exercise several splits
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Triton's fp32 dot defaults to tf32; an fp32 model asks for fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
+    M, HQ, D = q.shape
+    B, S, HK, _ = k_cache.shape
+    out = torch.empty_like(q)
+    if M == 0 or B * seq_len == 0:
+        return out
+    block_m, block_n = (64, 64) if D <= 64 or q.device.type != "cuda" else (128, 64)
+    if q.device.type != "cuda":
+        block_m, block_n = 16, 16
+    tiles = triton.cdiv(seq_len, block_m)
+    dummy = out
+    _prefill_kernel[(B * tiles, HQ)](
+        q, k_cache, v_cache, out,
+        rows if rows is not None else dummy,
+        seq_offsets if seq_offsets is not None else dummy,
+        start,
+        key_mask.view(torch.uint8) if key_mask is not None else dummy,
+        seq_len, S, key_mask.shape[1] if key_mask is not None else 0, tiles, scale * LOG2E,
+        HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_ROWS=rows is not None, HAS_KMASK=key_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.device.type == "cuda" else 1,
+    )
+    return out
+
+
+def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
+    M, HQ, D = q.shape
+    B, S, HK, _ = k_cache.shape
+    out = torch.empty_like(q)
+    if M == 0 or B * seq_len == 0:
+        return out
+    block_n = 64 if q.device.type == "cuda" else 16
+    # Enough chunks to fill the machine twice over; a function of static shapes only, so a
+    # captured CUDA graph stays valid as the cache fills.
+    num_splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _num_sms(q.device), M * HK), 256))
+    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(S, chunk)
+    part_o = torch.empty(M, HQ, num_splits, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(M, HQ, num_splits, dtype=torch.float32, device=q.device)
+    count = seq_offsets[-1:] if seq_offsets is not None else None
+    dummy = out
+    group = HQ // HK
+    _decode_kernel[(M, HK, num_splits)](
+        q, k_cache, v_cache, part_o, part_lse,
+        rows if rows is not None else dummy,
+        count if count is not None else dummy,
+        start,
+        key_mask.view(torch.uint8) if key_mask is not None else dummy,
+        M, B * seq_len, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, chunk, scale * LOG2E,
+        HQ=HQ, HK=HK, HEAD_DIM=D, NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        HAS_ROWS=rows is not None, HAS_COUNT=count is not None, HAS_KMASK=key_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=2 if q.device.type == "cuda" else 1,
+    )
+    _combine_kernel[(M, HQ)](
+        part_o, part_lse, out, count if count is not None else dummy, M,
+        HQ=HQ, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        HAS_COUNT=count is not None,
+    )
+    return out

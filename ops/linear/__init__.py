@@ -1,0 +1,151 @@
+"""Projection ops over compacted rows: the gated MLP, and projections whose output is added
+back into the residual stream through `slot` (no zero-fill, no separate residual pass).
+
+Exact form (count None): cuBLAS does the GEMM over the compacted rows, Triton the epilogue pass.
+Capacity form (count given): one Triton GEMM reads the count on the device; blocks with no
+executing row exit without reading weights. No host sync, so CUDA graphs can capture it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._common import FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
+from .reference import ACTIVATIONS, gated_mlp_reference, linear_residual_reference, linear_rows_reference
+
+__all__ = [
+    "linear_rows",
+    "gated_mlp",
+    "linear_residual",
+    "linear_rows_reference",
+    "gated_mlp_reference",
+    "linear_residual_reference",
+    "ACTIVATIONS",
+]
+
+
+def _check_weight(name: str, w: Tensor, x: Tensor) -> None:
+    check_tensor(name, w, ndim=2, device=x.device)
+    check_same_dtype(name, w, "x", x)
+    check_dim(name, w, 1, x.shape[1], "x's feature size")
+
+
+def _check_x(x: Tensor, count: Optional[Tensor]) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_count(count, x.device)
+
+
+def _check_linear_rows(x, weight, bias, count):
+    _check_x(x, count)
+    _check_weight("weight", weight, x)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_same_dtype("bias", bias, "x", x)
+        check_dim("bias", bias, 0, weight.shape[0], "weight's output size")
+
+
+@torch.library.custom_op("skipgpt::linear_rows", mutates_args=())
+def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, count: Optional[Tensor] = None) -> Tensor:
+    """x [M, K] @ weight [N, K].T + bias [N] -> [M, N].
+
+    count: optional [1] int32 on the device (capacity form): rows m >= count are not computed
+    (unspecified in the output) and a zero count reads no weights.
+    """
+    _check_linear_rows(x, weight, bias, count)
+    return linear_rows_reference(x, weight, bias, count)
+
+
+@linear_rows.register_fake
+def _linear_rows_fake(x, weight, bias=None, count=None):
+    _check_linear_rows(x, weight, bias, count)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _check_gated(x, w_gate, w_up, activation, count):
+    _check_x(x, count)
+    _check_weight("w_gate", w_gate, x)
+    _check_weight("w_up", w_up, x)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+@torch.library.custom_op("skipgpt::gated_mlp", mutates_args=())
+def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str, count: Optional[Tensor] = None) -> Tensor:
+    """act(x @ w_gate.T) * (x @ w_up.T), the first half of a gated MLP on compacted rows.
+
+    x: [M, K]; w_gate, w_up: [I, K]; activation: "silu" or "relu"; count: optional [1] int32
+    (capacity form, as in `linear_rows`). Returns [M, I] in x's dtype.
+    """
+    _check_gated(x, w_gate, w_up, activation, count)
+    return gated_mlp_reference(x, w_gate, w_up, activation, count)
+
+
+@gated_mlp.register_fake
+def _gated_mlp_fake(x, w_gate, w_up, activation, count=None):
+    _check_gated(x, w_gate, w_up, activation, count)
+    return x.new_empty((x.shape[0], w_gate.shape[0]))
+
+
+def _check_residual(residual, x, weight, slot, count):
+    _check_x(x, count)
+    _check_weight("weight", weight, x)
+    check_tensor("residual", residual, ndim=2, device=x.device)
+    check_same_dtype("residual", residual, "x", x)
+    check_dim("residual", residual, 1, weight.shape[0], "weight's output size")
+    check_rows("slot", slot, x.device)
+    if slot is None:
+        if count is not None:
+            raise ValueError("count: given without slot; the capacity form needs slot")
+        check_dim("x", x, 0, residual.shape[0], "residual's row count (no slot given)")
+    else:
+        check_dim("slot", slot, 0, residual.shape[0], "residual's row count")
+
+
+@torch.library.custom_op("skipgpt::linear_residual", mutates_args=())
+def linear_residual(
+    residual: Tensor, x: Tensor, weight: Tensor, slot: Optional[Tensor] = None, count: Optional[Tensor] = None
+) -> Tensor:
+    """out = residual; out[t] += x[slot[t]] @ weight.T for every token t with slot[t] >= 0.
+
+    residual: [T, N]; x: [M, K] compacted rows (M = N_exec, or capacity T with `count`);
+    weight: [N, K]; slot: [T] int32 from `compact` (None: dense, x row t belongs to token t).
+    Returns a new [T, N]: skipping tokens keep their residual row bit for bit.
+    """
+    _check_residual(residual, x, weight, slot, count)
+    return linear_residual_reference(residual, x, weight, slot, count)
+
+
+@linear_residual.register_fake
+def _linear_residual_fake(residual, x, weight, slot=None, count=None):
+    _check_residual(residual, x, weight, slot, count)
+    return torch.empty_like(residual)
+
+
+if HAS_TRITON:
+    from . import kernels
+
+    @linear_rows.register_kernel("cuda")
+    def _linear_rows_cuda(x, weight, bias=None, count=None):
+        _check_linear_rows(x, weight, bias, count)
+        if count is None:
+            return F.linear(x, weight, bias)
+        return kernels.rows_gemm(x, weight, count, bias=bias)
+
+    @gated_mlp.register_kernel("cuda")
+    def _gated_mlp_cuda(x, w_gate, w_up, activation, count=None):
+        _check_gated(x, w_gate, w_up, activation, count)
+        if count is None:
+            return kernels.act_mul(F.linear(x, w_gate), F.linear(x, w_up), activation)
+        return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation)
+
+    @linear_residual.register_kernel("cuda")
+    def _linear_residual_cuda(residual, x, weight, slot=None, count=None):
+        _check_residual(residual, x, weight, slot, count)
+        if count is None:
+            return kernels.scatter_residual(residual, F.linear(x, weight), slot)
+        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot)

@@ -1,0 +1,41 @@
+"""Pure-PyTorch projections over compacted rows, rounded like the Hugging Face modules."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
+
+
+def _valid_rows(m: int, count: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    if count is None:
+        return None
+    return torch.arange(m, device=device) < count.to(device)
+
+
+def _zero_invalid(y: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    if valid is None:
+        return y
+    return torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def linear_rows_reference(x, weight, bias=None, count=None):
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N]; rows >= count zero."""
+    return _zero_invalid(F.linear(x, weight, bias), _valid_rows(x.shape[0], count, x.device))
+
+
+def gated_mlp_reference(x, w_gate, w_up, activation: str, count=None):
+    """act(x @ w_gate.T) * (x @ w_up.T): x [M, K], w_gate/w_up [I, K] -> [M, I]; rows >= count zero."""
+    y = ACTIVATIONS[activation](F.linear(x, w_gate)) * F.linear(x, w_up)
+    return _zero_invalid(y, _valid_rows(x.shape[0], count, x.device))
+
+
+def linear_residual_reference(residual, x, weight, slot=None, count=None):
+    """out[t] = residual[t] + x[slot[t]] @ weight.T where slot[t] >= 0 (and < count), else
+    residual[t]. Without slot, x's rows are residual's rows. residual [T, N], x [M, K]."""
+    y = F.linear(x, weight)
+    if slot is None:
+        return residual + y
+    limit = x.shape[0] if count is None else torch.clamp(count.to(x.device), max=x.shape[0])
+    take = (slot >= 0) & (slot < limit)
+    return torch.where(take[:, None], residual + y[slot.clamp(min=0).long()], residual)

@@ -1,0 +1,83 @@
+"""Compaction ops: which tokens execute a module, as flat row indices.
+
+Two forms (DESIGN.md section 4):
+- capacity: `compact` returns T-sized index tensors plus per-sequence offsets whose last entry is
+  the executing count, all on the device. No host sync; static shapes; CUDA-graph safe.
+- exact: `exact_rows` narrows the capacity rows to their true counts with one host sync for all
+  route sets of a layer (an unbacked SymInt under torch.compile).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._common import HAS_TRITON, check_tensor
+from .reference import compact_reference
+
+__all__ = ["compact", "exact_rows", "compact_reference"]
+
+
+def _check_execute(execute: Tensor) -> None:
+    check_tensor("execute", execute, ndim=3, dtypes=(torch.bool,))
+
+
+@torch.library.custom_op("skipgpt::compact", mutates_args=())
+def compact(execute: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Capacity-form compaction of R route sets.
+
+    execute: [R, B, L] bool (True = the token executes the module).
+    Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
+    `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
+    """
+    _check_execute(execute)
+    return compact_reference(execute)
+
+
+if HAS_TRITON:
+    from . import kernels
+
+    @compact.register_kernel("cuda")
+    def _compact_cuda(execute: Tensor):
+        _check_execute(execute)
+        return kernels.compact(execute)
+
+
+@compact.register_fake
+def _compact_fake(execute: Tensor):
+    _check_execute(execute)
+    R, B, L = execute.shape
+    rows = execute.new_empty((R, B * L), dtype=torch.int32)
+    return rows, torch.empty_like(rows), execute.new_empty((R, B + 1), dtype=torch.int32)
+
+
+def _check_exact(rows: Tensor, seq_offsets: Tensor) -> None:
+    check_tensor("rows", rows, ndim=2, dtypes=(torch.int32,))
+    check_tensor("seq_offsets", seq_offsets, ndim=2, dtypes=(torch.int32,), device=rows.device)
+    if seq_offsets.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"seq_offsets: expected {rows.shape[0]} route sets like rows, got shape {tuple(seq_offsets.shape)}"
+        )
+
+
+@torch.library.custom_op("skipgpt::exact_rows", mutates_args=())
+def exact_rows(rows: Tensor, seq_offsets: Tensor) -> list[Tensor]:
+    """Exact form: rows [R, T] int32 and seq_offsets [R, B+1] int32 from `compact` ->
+    R tensors [N_r] int32 holding each route set's executing rows.
+
+    Reads every count in one host sync: the only sync a routed layer makes, and only at prefill.
+    """
+    _check_exact(rows, seq_offsets)
+    counts = seq_offsets[:, -1].tolist()
+    return [rows[r, :n].clone() for r, n in enumerate(counts)]
+
+
+@exact_rows.register_fake
+def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
+    _check_exact(rows, seq_offsets)
+    ctx = torch.library.get_ctx()
+    out = []
+    for _ in range(rows.shape[0]):
+        n = ctx.new_dynamic_size()
+        torch._check(n <= rows.shape[1])  # lets the compiler bound the count by T
+        out.append(rows.new_empty(n))
+    return out
