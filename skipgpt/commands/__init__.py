@@ -1,0 +1,1 @@
+"""One module per `skipgpt` subcommand; see skipgpt/cli.py."""
