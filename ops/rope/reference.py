@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -21,7 +21,7 @@ def rope_reference(
     without rows). With `count`, rows m >= count are zero (unspecified in Triton)."""
     src = slice(None) if rows is None else rows.clamp(min=0).long()
     c, s = cos[src][:, None, :], sin[src][:, None, :]
-    out = x * c + _rotate_half(x) * s
+    out = x * c + rotate_half(x) * s
     if count is not None:
         valid = torch.arange(x.shape[0], device=x.device) < count.to(x.device)
         out = torch.where(valid[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -1,0 +1,213 @@
+"""The routed decoder layer: a Hugging Face decoder layer whose tokens may skip attention and/or
+the MLP, computed by one of three pipelines (DESIGN.md section 2).
+
+The layer keeps the original submodules under their original names (self_attn, mlp,
+input_layernorm, post_attention_layernorm) and adds router_attention / router_mlp, so state-dict
+keys stay those of the base model plus those of the published router checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import SeqFirstLayer, seq_first_layer
+from .families import family_for
+from .ops.rope.reference import rotate_half
+from .routing import RoutingState, forced_skip_mask
+
+PIPELINES = ("dense", "torch-sparse", "triton-sparse")
+
+# At or below this many tokens per step (decode), triton-sparse uses the capacity form: no host
+# sync, static shapes, CUDA-graph safe. Above it (prefill), the exact form: one host sync per
+# layer, then cuBLAS GEMMs over exactly the executing rows.
+CAPACITY_MAX_TOKENS = 64
+
+
+class RoutedDecoderLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, layer_idx: int, config, state: RoutingState):
+        super().__init__()
+        family = family_for(config)
+        family.check_layer(base_layer, layer_idx)
+        self.self_attn = base_layer.self_attn
+        self.mlp = base_layer.mlp
+        self.input_layernorm = base_layer.input_layernorm
+        self.post_attention_layernorm = base_layer.post_attention_layernorm
+        self.router_attention: Optional[nn.Module] = None
+        self.router_mlp: Optional[nn.Module] = None
+        # Model loops read these off their layers (Qwen2/3 pick the mask by layer type).
+        for attr in ("attention_type", "layer_type"):
+            if hasattr(base_layer, attr):
+                setattr(self, attr, getattr(base_layer, attr))
+        self.layer_idx = layer_idx
+        self.family = family
+        self.geometry = family.geometry(config)
+        self.sliding_window = family.sliding_window(config)
+        self.state = state
+        self.pipeline = "dense"
+        # [attention skips, MLP skips, non-padding tokens] since the last reset; on the device,
+        # so counting never syncs.
+        self.register_buffer("route_counts", torch.zeros(3, dtype=torch.int64), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, pipeline={self.pipeline!r}"
+
+    # -- entry point called by the Hugging Face model loop ------------------------------------
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None, **kwargs) -> torch.Tensor:
+        del attention_mask  # the model's 4-D mask; padding comes from state.padding_mask instead
+        if position_embeddings is None:
+            raise ValueError("position_embeddings (cos, sin) are required; call the layer through its model")
+        B, L, H = hidden_states.shape
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        g = self.geometry
+        kv_layer = seq_first_layer(cache, self.layer_idx) if cache is not None else SeqFirstLayer()
+        if self.sliding_window is not None and kv_layer.length + L > self.sliding_window:
+            raise NotImplementedError(
+                f"sequence of {kv_layer.length + L} tokens exceeds the model's sliding window ({self.sliding_window}); "
+                "skipgpt implements full causal attention only"
+            )
+        k_cache, v_cache, start = kv_layer.reserve(B, L, g.num_kv_heads, g.head_dim, hidden_states.dtype, hidden_states.device)
+        cos, sin = (t.expand(B, L, g.head_dim).contiguous() for t in position_embeddings)
+        key_mask, valid = self._padding(B, L, hidden_states.device)
+        x = hidden_states.contiguous()
+        step = dict(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, start=start, key_mask=key_mask)
+        if self.pipeline == "dense":
+            self._count(valid, B * L, None)
+            return self._dense(**step)
+        execute = self._routes(x, valid, start, L)
+        if self.pipeline == "torch-sparse":
+            return self._torch_sparse(execute=execute, valid=valid, **step)
+        return self._triton_sparse(execute=execute, valid=valid, **step)
+
+    def _padding(self, B: int, L: int, device):
+        """(key_mask [B, S] bool or None, valid [B, L] bool or None) from the model's 2-D mask."""
+        mask = self.state.padding_mask
+        if mask is None:
+            return None, None
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < L:
+            raise ValueError(
+                f"attention_mask: expected a 2-D [batch, past + new tokens] mask with batch {B} and at least "
+                f"{L} columns, got shape {tuple(mask.shape)}"
+            )
+        mask = mask.to(device=device, dtype=torch.bool)
+        return mask, mask[:, -L:]
+
+    def _routes(self, x: torch.Tensor, valid, start: torch.Tensor, L: int) -> torch.Tensor:
+        """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""
+        B = x.shape[0]
+        if self.state.forced_skip is not None:
+            slots = start + torch.arange(L, device=x.device)
+            execute = torch.stack(
+                [~forced_skip_mask(self.state.seed, self.layer_idx, m, B, slots, self.state.forced_skip) for m in (0, 1)]
+            )
+        else:
+            if self.router_attention is None or self.router_mlp is None:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: pipeline {self.pipeline!r} needs routers; load them "
+                    "(skipgpt.load(..., router=PATH) / skipgpt.wrap(model, router=PATH)), force routes "
+                    "(skipgpt.force_routes(model, skip=0.25)), or use the 'dense' pipeline"
+                )
+            execute = torch.stack([self.router_attention.execute(x), self.router_mlp.execute(x)])
+        if valid is not None:
+            execute = execute & valid
+        return execute
+
+    def _count(self, valid, tokens: int, executed) -> None:
+        """Accumulate skip counts on the device. executed: [2] executing counts, or None (dense)."""
+        n_valid = valid.sum() if valid is not None else torch.full((), tokens, device=self.route_counts.device)
+        if executed is None:
+            self.route_counts[2] += n_valid
+        else:
+            self.route_counts += torch.cat([n_valid - executed, n_valid.reshape(1)])
+
+    # -- dense: the skipgpt ops with every token executing ------------------------------------
+    def _dense(self, x, cos, sin, k_cache, v_cache, start, key_mask):
+        g, attn, mlp = self.geometry, self.self_attn, self.mlp
+        B, L, H = x.shape
+        T = B * L
+        x = x.view(T, H)
+        xn = ops.rms_norm(x, self.input_layernorm.weight, g.rms_norm_eps)
+        q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).view(T, g.num_heads, g.head_dim)
+        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        q, k = self.family.qk_norm(attn, q, k)
+        q = ops.rope(q, cos.view(T, -1), sin.view(T, -1))
+        ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
+        o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
+        h = ops.linear_residual(x, o.view(T, -1), attn.o_proj.weight)
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps)
+        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation)
+        return ops.linear_residual(h, a, mlp.down_proj.weight).view(B, L, H)
+
+    # -- torch-sparse: plain PyTorch, the reference for the routed semantics --------------------
+    def _torch_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
+        g, attn = self.geometry, self.self_attn
+        B, L, H = x.shape
+        exec_attn, exec_mlp = execute[0], execute[1]
+        n_exec = execute.flatten(1).sum(1)
+        self._count(valid, B * L, n_exec)
+        # Attention for every token, kept only where the token executes. K/V of every token
+        # (executing, skipping, padding) go to the cache.
+        xn = self.input_layernorm(x)
+        q = attn.q_proj(xn).view(B, L, g.num_heads, g.head_dim)
+        k = attn.k_proj(xn).view(B, L, g.num_kv_heads, g.head_dim)
+        v = attn.v_proj(xn).view(B, L, g.num_kv_heads, g.head_dim)
+        q, k = self.family.qk_norm(attn, q, k)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        slots = start + torch.arange(L, device=x.device)
+        k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(1, slots, v.to(v_cache.dtype))
+        S = k_cache.shape[1]
+        visible = torch.arange(S, device=x.device)[None, :] <= slots[:, None]  # [L, S] causal
+        visible = visible[None].expand(B, L, S)
+        if key_mask is not None:
+            keys = torch.zeros(B, S, dtype=torch.bool, device=x.device)
+            width = min(S, key_mask.shape[1])
+            keys[:, :width] = key_mask[:, :width]
+            visible = visible & keys[:, None, :]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+            attn_mask=visible[:, None], scale=g.scale, enable_gqa=True,
+        )  # a query that sees no key gives NaN here; it never executes, so `where` drops it
+        o = attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        h = torch.where(exec_attn[..., None], x + o, x)
+        # MLP on the gathered executing rows only.
+        flat = h.view(B * L, H)
+        idx = exec_mlp.flatten().nonzero().squeeze(1)
+        rows = flat.index_select(0, idx)
+        y = self.mlp(self.post_attention_layernorm(rows))
+        return flat.index_copy(0, idx, rows + y).view(B, L, H)
+
+    # -- triton-sparse: the skipgpt custom ops over compacted tokens ----------------------------
+    def _triton_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
+        g, attn, mlp = self.geometry, self.self_attn, self.mlp
+        B, L, H = x.shape
+        T = B * L
+        x = x.view(T, H)
+        rows, slot, seq_offsets = ops.compact(execute)
+        self._count(valid, T, seq_offsets[:, B])
+        if T <= CAPACITY_MAX_TOKENS:
+            rows_attn, rows_mlp = rows[0], rows[1]
+            count_attn, count_mlp = seq_offsets[0, B:], seq_offsets[1, B:]
+        else:
+            rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
+            count_attn = count_mlp = None
+        # Attention: K/V from every token, Q from the executing ones, one pass of RMSNorm.
+        xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, g.rms_norm_eps, slot[0], rows_attn.shape[0])
+        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, count_attn).view(-1, g.num_heads, g.head_dim)
+        q, k = self.family.qk_norm(attn, q, k)
+        q = ops.rope(q.contiguous(), cos.view(T, -1), sin.view(T, -1), rows_attn, count_attn)
+        ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
+        o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, rows_attn, seq_offsets[0], key_mask)
+        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], count_attn)
+        # MLP over the executing rows, scattered back onto the residual stream.
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps, rows_mlp, count_mlp)
+        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, count_mlp)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], count_mlp).view(B, L, H)
