@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `skipgpt --help` lists them.
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["convert", "setup"]
 
 
 def build_parser() -> argparse.ArgumentParser:
