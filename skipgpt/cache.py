@@ -121,7 +121,10 @@ class SeqFirstCache(Cache):
 
 
 def seq_first_layer(cache: Cache, layer_idx: int) -> SeqFirstLayer:
-    """The `SeqFirstLayer` for `layer_idx`, swapped into a fresh transformers cache if needed."""
+    """The `SeqFirstLayer` for `layer_idx`, swapped into a fresh transformers cache if needed.
+
+    A fresh sliding-window layer is swapped too: while the sequence fits the window, full causal
+    attention is the same function, and the routed layer refuses sequences that do not fit."""
     while len(cache.layers) <= layer_idx:
         cache.layers.append(SeqFirstLayer())
     layer = cache.layers[layer_idx]
@@ -133,7 +136,5 @@ def seq_first_layer(cache: Cache, layer_idx: int) -> SeqFirstLayer:
             f"({type(layer).__name__}); routed layers need a seq-first cache: pass "
             "skipgpt.SeqFirstCache(num_layers) or a fresh cache"
         )
-    if getattr(layer, "is_sliding", False):
-        raise ValueError(f"layer {layer_idx} uses a sliding-window cache, which skipgpt does not support")
     layer = cache.layers[layer_idx] = SeqFirstLayer()
     return layer

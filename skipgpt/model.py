@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .families import family_for
 from .layer import PIPELINES, RoutedDecoderLayer
 from .routing import RoutingState
 
@@ -63,6 +64,7 @@ def wrap(
     lora: LoRA weights (flat state dict or PEFT adapter directory) merged into the base weights
     with scale lora_alpha / lora_r. Returns the same model object.
     """
+    family_for(model.config)  # fails first, naming the supported families
     layers = _decoder_layers(model)
     if any(isinstance(layer, RoutedDecoderLayer) for layer in layers):
         raise ValueError("model is already wrapped by skipgpt; use skipgpt.set_pipeline to change its pipeline")

@@ -1,0 +1,194 @@
+"""The routed model computes what it promises: dense equals Hugging Face, the sparse pipelines
+equal each other, with and without padding and KV cache (DESIGN.md section 1)."""
+import copy
+
+import pytest
+import torch
+
+import skipgpt
+from tests.model.tiny import FAMILIES, cache_kw, make_hf, make_pair, random_batch, stepwise_logits
+
+PADDINGS = ["none", "left", "right"]
+
+
+def valid_close(a, b, mask, atol, rtol=0.0):
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_dense_equals_hugging_face(family, padding):
+    hf, routed = make_pair(family)
+    ids, mask = random_batch(hf.config.vocab_size, 3, 11, padding)
+    with torch.no_grad():
+        valid_close(routed(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits, mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("skip", [0.3, 0.7])
+def test_sparse_pipelines_agree(family, padding, skip):
+    _, model = make_pair(family)
+    skipgpt.force_routes(model, skip=skip, seed=3)
+    ids, mask = random_batch(model.config.vocab_size, 3, 13, padding)
+    with torch.no_grad():
+        skipgpt.set_pipeline(model, "torch-sparse")
+        ref = model(ids, attention_mask=mask).logits
+        skipgpt.set_pipeline(model, "triton-sparse")
+        out = model(ids, attention_mask=mask).logits
+        skipgpt.set_pipeline(model, "dense")
+        dense = model(ids, attention_mask=mask).logits
+    valid_close(out, ref, mask, atol=1e-5)
+    # Skipping must change something, or this test proves nothing.
+    assert (ref - dense)[mask.bool()].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("pipeline", ["dense", "torch-sparse", "triton-sparse"])
+def test_cached_decode_equals_full_forward(family, padding, pipeline):
+    _, model = make_pair(family)
+    skipgpt.force_routes(model, skip=0.4, seed=1)
+    skipgpt.set_pipeline(model, pipeline)
+    ids, mask = random_batch(model.config.vocab_size, 2, 12, padding)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        steps = stepwise_logits(model, ids, mask, prefill=5)
+    valid_close(steps, full, mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_decode_triton_sparse_equals_torch_sparse(padding):
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.5, seed=2)
+    ids, mask = random_batch(model.config.vocab_size, 3, 10, padding)
+    with torch.no_grad():
+        skipgpt.set_pipeline(model, "torch-sparse")
+        ref = stepwise_logits(model, ids, mask, prefill=4)
+        skipgpt.set_pipeline(model, "triton-sparse")
+        out = stepwise_logits(model, ids, mask, prefill=4)
+    valid_close(out, ref, mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["torch-sparse", "triton-sparse"])
+def test_all_execute_equals_dense(pipeline):
+    hf, model = make_pair("qwen2")
+    skipgpt.force_routes(model, skip=0.0)
+    skipgpt.set_pipeline(model, pipeline)
+    ids, mask = random_batch(model.config.vocab_size, 2, 9, "left")
+    with torch.no_grad():
+        valid_close(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits, mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
+def test_greedy_generate_with_cache_equals_recompute(pipeline):
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.3, seed=5)
+    skipgpt.set_pipeline(model, pipeline)
+    ids, mask = random_batch(model.config.vocab_size, 2, 6, "left")
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        seq, am = ids, mask
+        for _ in range(6):
+            logits = model(seq, attention_mask=am).logits[:, -1]
+            logits[:, model.config.eos_token_id] = -float("inf")  # as min_new_tokens does
+            nxt = logits.argmax(-1, keepdim=True)
+            seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+    assert torch.equal(generated, seq)
+
+
+def test_dense_generate_equals_hugging_face():
+    hf, model = make_pair("mistral")
+    ids, mask = random_batch(model.config.vocab_size, 2, 5, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), hf.generate(ids, **kw))
+
+
+def test_sampling_generate_runs_batched():
+    _, model = make_pair("llama", pipeline="dense")
+    skipgpt.force_routes(model, skip=0.25)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    ids, mask = random_batch(model.config.vocab_size, 3, 4, "left")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=10)
+    assert out.shape == (3, 9)
+
+
+def test_sparsity_counts_non_padding_tokens():
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.25, seed=0)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    ids, mask = random_batch(model.config.vocab_size, 4, 64, "left")
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    report = skipgpt.sparsity(model)
+    assert report["tokens"] == int(mask.sum())
+    assert len(report["per_layer"]) == model.config.num_hidden_layers
+    assert 0.15 < report["attention"] < 0.35 and 0.15 < report["mlp"] < 0.35
+    skipgpt.reset_sparsity(model)
+    assert skipgpt.sparsity(model)["tokens"] == 0
+
+
+def test_padding_never_executes():
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.0)
+    skipgpt.set_pipeline(model, "torch-sparse")
+    ids, mask = random_batch(model.config.vocab_size, 3, 8, "left")
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    attn_skips, mlp_skips, tokens = layer.route_counts.tolist()
+    assert (attn_skips, mlp_skips, tokens) == (0, 0, int(mask.sum()))
+
+
+def test_sparse_pipeline_without_routers_fails_clearly():
+    hf = make_hf("llama")
+    with pytest.raises(ValueError, match="no routers"):
+        skipgpt.wrap(copy.deepcopy(hf))
+    model = skipgpt.wrap(copy.deepcopy(hf), pipeline="dense")
+    with pytest.raises(ValueError, match="force_routes"):
+        skipgpt.set_pipeline(model, "triton-sparse")
+
+
+def test_bad_arguments_fail_clearly():
+    hf = make_hf("llama")
+    with pytest.raises(ValueError, match="pipeline: expected one of"):
+        skipgpt.wrap(copy.deepcopy(hf), pipeline="sparse")
+    model = skipgpt.wrap(copy.deepcopy(hf), pipeline="dense")
+    with pytest.raises(ValueError, match="already wrapped"):
+        skipgpt.wrap(model)
+    with pytest.raises(ValueError, match="skip: expected a rate"):
+        skipgpt.force_routes(model, skip=1.5)
+    ids = torch.randint(3, 90, (1, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="llama"):
+        skipgpt.wrap(model, pipeline="dense")
+
+
+def test_sliding_window_is_refused_when_exceeded():
+    model = skipgpt.wrap(make_hf("mistral", sliding_window=8), pipeline="dense")
+    ids, mask = random_batch(model.config.vocab_size, 1, 12)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        model(ids, attention_mask=mask)
+
+
+def test_head_first_cache_with_content_is_refused():
+    from transformers import DynamicCache
+
+    hf, model = make_pair("llama")
+    ids, mask = random_batch(model.config.vocab_size, 1, 4)
+    cache = DynamicCache(config=hf.config)
+    with torch.no_grad():
+        hf(ids, attention_mask=mask, use_cache=True, **cache_kw(hf, cache))
+        with pytest.raises(ValueError, match="seq-first"):
+            model(ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
