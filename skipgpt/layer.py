@@ -50,7 +50,8 @@ class RoutedDecoderLayer(nn.Module):
         self.pipeline = "dense"
         # [attention skips, MLP skips, non-padding tokens] since the last reset; on the device,
         # so counting never syncs.
-        self.register_buffer("route_counts", torch.zeros(3, dtype=torch.int64), persistent=False)
+        device = self.input_layernorm.weight.device
+        self.register_buffer("route_counts", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, pipeline={self.pipeline!r}"
