@@ -55,9 +55,13 @@ class Family:
         """Attention window in tokens, or None for full causal attention."""
         return None
 
-    def qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        """Per-head normalisation of q [.., Hq, D] and k [.., Hk, D] before RoPE (identity here)."""
-        return q, k
+    def q_norm(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+        """Per-head normalisation of q [.., Hq, D] before RoPE (identity here)."""
+        return q
+
+    def k_norm(self, attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
+        """Per-head normalisation of k [.., Hk, D] before RoPE (identity here)."""
+        return k
 
     def check_layer(self, layer: nn.Module, layer_idx: int) -> None:
         for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
@@ -93,8 +97,11 @@ class Qwen3Family(Qwen2Family):
 
     model_type = "qwen3"
 
-    def qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        return attn.q_norm(q), attn.k_norm(k)
+    def q_norm(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+        return attn.q_norm(q)
+
+    def k_norm(self, attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
+        return attn.k_norm(k)
 
 
 FAMILIES = {f.model_type: f for f in (Family(), MistralFamily(), Qwen2Family(), Qwen3Family())}

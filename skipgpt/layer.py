@@ -134,7 +134,7 @@ class RoutedDecoderLayer(nn.Module):
         q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).view(T, g.num_heads, g.head_dim)
         k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
-        q, k = self.family.qk_norm(attn, q, k)
+        q, k = self.family.q_norm(attn, q), self.family.k_norm(attn, k)
         q = ops.rope(q, cos.view(T, -1), sin.view(T, -1))
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
         o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
@@ -156,7 +156,7 @@ class RoutedDecoderLayer(nn.Module):
         q = attn.q_proj(xn).view(B, L, g.num_heads, g.head_dim)
         k = attn.k_proj(xn).view(B, L, g.num_kv_heads, g.head_dim)
         v = attn.v_proj(xn).view(B, L, g.num_kv_heads, g.head_dim)
-        q, k = self.family.qk_norm(attn, q, k)
+        q, k = self.family.q_norm(attn, q), self.family.k_norm(attn, k)
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -190,22 +190,27 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        rows, slot, seq_offsets = ops.compact(execute)
+        capacity = T <= CAPACITY_MAX_TOKENS
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=not capacity)
         self._count(valid, T, seq_offsets[:, B])
-        if T <= CAPACITY_MAX_TOKENS:
+        # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
+        # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
+        # GPU busy while the host waits for them.
+        xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, g.rms_norm_eps, slot[0], T)
+        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        k = self.family.k_norm(attn, k)
+        ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
+        if capacity:
             rows_attn, rows_mlp = rows[0], rows[1]
             count_attn, count_mlp = seq_offsets[0, B:], seq_offsets[1, B:]
         else:
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
             count_attn = count_mlp = None
-        # Attention: K/V from every token, Q from the executing ones, one pass of RMSNorm.
-        xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, g.rms_norm_eps, slot[0], rows_attn.shape[0])
-        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
-        v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+            xq = xq[: rows_attn.shape[0]]
         q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, count_attn).view(-1, g.num_heads, g.head_dim)
-        q, k = self.family.qk_norm(attn, q, k)
+        q = self.family.q_norm(attn, q)
         q = ops.rope(q.contiguous(), cos.view(T, -1), sin.view(T, -1), rows_attn, count_attn)
-        ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
         o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, rows_attn, seq_offsets[0], key_mask)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], count_attn)
         # MLP over the executing rows, scattered back onto the residual stream.

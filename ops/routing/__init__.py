@@ -5,6 +5,10 @@ Two forms (DESIGN.md section 4):
   the executing count, all on the device. No host sync; static shapes; CUDA-graph safe.
 - exact: `exact_rows` narrows the capacity rows to their true counts with one host sync for all
   route sets of a layer (an unbacked SymInt under torch.compile).
+
+`compact(..., host_counts=True)` also starts an asynchronous copy of the counts into pinned host
+memory; a later `exact_rows` on the same `seq_offsets` then waits for that copy only, not for
+everything queued on the GPU, so work enqueued in between keeps the GPU busy through the sync.
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ def _check_execute(execute: Tensor) -> None:
 
 
 @torch.library.custom_op("skipgpt::compact", mutates_args=())
-def compact(execute: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def compact(execute: Tensor, host_counts: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Capacity-form compaction of R route sets.
 
     execute: [R, B, L] bool (True = the token executes the module).
     Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
     `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
+    host_counts: start copying the counts to the host for a following `exact_rows` (CUDA only).
     """
     _check_execute(execute)
     return compact_reference(execute)
@@ -37,13 +42,21 @@ if HAS_TRITON:
     from . import kernels
 
     @compact.register_kernel("cuda")
-    def _compact_cuda(execute: Tensor):
+    def _compact_cuda(execute: Tensor, host_counts: bool = False):
         _check_execute(execute)
-        return kernels.compact(execute)
+        rows, slot, seq_offsets = kernels.compact(execute)
+        if host_counts and not torch.cuda.is_current_stream_capturing():
+            pinned = torch.empty(seq_offsets.shape[0], dtype=torch.int32, pin_memory=True)
+            pinned.copy_(seq_offsets[:, -1], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            # Kept on the tensor itself: exact_rows trusts it only for this very tensor, unmodified.
+            seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
+        return rows, slot, seq_offsets
 
 
 @compact.register_fake
-def _compact_fake(execute: Tensor):
+def _compact_fake(execute: Tensor, host_counts: bool = False):
     _check_execute(execute)
     R, B, L = execute.shape
     rows = execute.new_empty((R, B * L), dtype=torch.int32)
@@ -67,7 +80,13 @@ def exact_rows(rows: Tensor, seq_offsets: Tensor) -> list[Tensor]:
     Reads every count in one host sync: the only sync a routed layer makes, and only at prefill.
     """
     _check_exact(rows, seq_offsets)
-    counts = seq_offsets[:, -1].tolist()
+    pending = getattr(seq_offsets, "_skipgpt_host_counts", None)
+    if pending is not None and pending[2] == seq_offsets._version:
+        pinned, done, _ = pending
+        done.synchronize()
+        counts = pinned.tolist()
+    else:
+        counts = seq_offsets[:, -1].tolist()
     return [rows[r, :n].clone() for r, n in enumerate(counts)]
 
 
