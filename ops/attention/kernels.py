@@ -42,7 +42,10 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["L", "S", "SM", "TILES"])
+# Index pointers (rows, seq_offsets, counts, start) may be views at offsets that move with the
+# batch or token count; like the per-call ints they are not specialised on (alignment), so a
+# new batch or length never recompiles.
+@triton.jit(do_not_specialize=["L", "S", "SM", "TILES", "rows_ptr", "offsets_ptr", "start_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rows_ptr, offsets_ptr, start_ptr, kmask_ptr,
     L, S, SM, TILES, qk_scale,
@@ -101,7 +104,7 @@ def _prefill_kernel(
         tl.store(o_ptr + q_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["M", "T", "L", "S", "SM", "CHUNK"])
+@triton.jit(do_not_specialize=["M", "T", "L", "S", "SM", "CHUNK", "rows_ptr", "count_ptr", "start_ptr"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, rows_ptr, count_ptr, start_ptr, kmask_ptr,
     M, T, L, S, SM, CHUNK, qk_scale,
@@ -149,7 +152,7 @@ def _decode_kernel(
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "count_ptr"])
 def _combine_kernel(
     part_o_ptr, part_lse_ptr, o_ptr, count_ptr, M,
     HQ: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,

@@ -33,7 +33,9 @@ def _act_mul_kernel(g_ptr, u_ptr, out_ptr, M, N, ACT: tl.constexpr, BLOCK: tl.co
     tl.store(out_ptr + row * N + cols, (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
-@triton.jit(do_not_specialize=["T", "M", "N"])
+# slot/count are views at offsets into the compacted tensors (route set 1, seq_offsets[r, B:]) whose
+# alignment moves with the token count: not specialised on, so a new length never recompiles.
+@triton.jit(do_not_specialize=["T", "M", "N", "slot_ptr"])
 def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -49,7 +51,7 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "T"])
+@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "count_ptr"])
 def _rows_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, count_ptr,
     M, T,
@@ -136,7 +138,9 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
         return out
     on_gpu = x.device.type == "cuda"
     block_m = min(64, max(16, triton.next_power_of_2(out_rows)))
-    block_n, block_k = (64, 128) if on_gpu else (16, 32)
+    # fp32 tiles take twice the shared memory: with BLOCK_K=128 the gated GEMM's pipeline asks for
+    # 288 KB (Triton: out of resources), more than a Hopper SM's 227 KB, so fp32 halves BLOCK_K.
+    block_n, block_k = ((64, 128) if x.element_size() <= 2 else (64, 64)) if on_gpu else (16, 32)
     dummy = out
     _rows_gemm_kernel[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,

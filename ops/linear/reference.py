@@ -36,6 +36,8 @@ def linear_residual_reference(residual, x, weight, slot=None, count=None):
     y = F.linear(x, weight)
     if slot is None:
         return residual + y
+    if y.shape[0] == 0:  # no executing row (exact form): nothing to gather from y
+        return residual.clone()
     limit = x.shape[0] if count is None else torch.clamp(count.to(x.device), max=x.shape[0])
     take = (slot >= 0) & (slot < limit)
     return torch.where(take[:, None], residual + y[slot.clamp(min=0).long()], residual)

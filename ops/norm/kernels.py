@@ -5,7 +5,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["M", "T", "NQ"])
+# Index pointers (rows, count, slot) are often views at an offset into the compacted tensors
+# (route set 1, seq_offsets[r, B:]), so their 16-byte alignment changes with the token count:
+# leaving them unspecialised keeps one compiled kernel for every batch and sequence length.
+@triton.jit(do_not_specialize=["M", "T", "NQ", "rows_ptr", "count_ptr", "slot_ptr"])
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, rows_ptr, count_ptr, slot_ptr, outq_ptr,
     M, T, NQ, eps,

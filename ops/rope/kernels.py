@@ -18,7 +18,9 @@ def _rotate(x_base, cos_base, sin_base, heads, half, h_mask, HEAD_DIM: tl.conste
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
-@triton.jit(do_not_specialize=["M", "T"])
+# rows/count may be views at an offset whose alignment varies with the token count: not
+# specialised on, so a new length never recompiles (as with the ints).
+@triton.jit(do_not_specialize=["M", "T", "rows_ptr", "count_ptr"])
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, rows_ptr, count_ptr, M, T,
     NUM_HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -44,7 +46,7 @@ def _rope_kernel(
         tl.store(dst + HALF, o2.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
-@triton.jit(do_not_specialize=["L", "S"])
+@triton.jit(do_not_specialize=["L", "S", "start_ptr"])
 def _rope_kv_write_kernel(
     k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, L, S,
     NUM_HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,

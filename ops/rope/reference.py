@@ -21,7 +21,9 @@ def rope_reference(
     without rows). With `count`, rows m >= count are zero (unspecified in Triton)."""
     src = slice(None) if rows is None else rows.clamp(min=0).long()
     c, s = cos[src][:, None, :], sin[src][:, None, :]
-    out = x * c + rotate_half(x) * s
+    # cos/sin may be wider than x (fp32 tables): the result keeps x's dtype, as the fake and
+    # the Triton kernel do.
+    out = (x * c + rotate_half(x) * s).to(x.dtype)
     if count is not None:
         valid = torch.arange(x.shape[0], device=x.device) < count.to(x.device)
         out = torch.where(valid[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
