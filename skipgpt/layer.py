@@ -48,8 +48,8 @@ class RoutedDecoderLayer(nn.Module):
         self.sliding_window = family.sliding_window(config)
         self.state = state
         self.pipeline = "dense"
-        # [attention skips, MLP skips, non-padding tokens] since the last reset; on the device,
-        # so counting never syncs.
+        # [tokens executing attention, tokens executing the MLP, non-padding tokens] since the
+        # last reset; on the device, so counting never syncs.
         device = self.input_layernorm.weight.device
         self.register_buffer("route_counts", torch.zeros(3, dtype=torch.int64, device=device), persistent=False)
 
@@ -101,9 +101,7 @@ class RoutedDecoderLayer(nn.Module):
         B = x.shape[0]
         if self.state.forced_skip is not None:
             slots = start + torch.arange(L, device=x.device)
-            execute = torch.stack(
-                [~forced_skip_mask(self.state.seed, self.layer_idx, m, B, slots, self.state.forced_skip) for m in (0, 1)]
-            )
+            execute = ~forced_skip_mask(self.state.seed, self.layer_idx, B, slots, self.state.forced_skip)
         else:
             if self.router_attention is None or self.router_mlp is None:
                 raise RuntimeError(
@@ -117,12 +115,14 @@ class RoutedDecoderLayer(nn.Module):
         return execute
 
     def _count(self, valid, tokens: int, executed) -> None:
-        """Accumulate skip counts on the device. executed: [2] executing counts, or None (dense)."""
-        n_valid = valid.sum() if valid is not None else torch.full((), tokens, device=self.route_counts.device)
+        """Accumulate route counts on the device. executed: [2] executing counts, or None (dense:
+        every non-padding token executes)."""
+        n_valid = valid.sum() if valid is not None else tokens
         if executed is None:
-            self.route_counts[2] += n_valid
+            self.route_counts += n_valid
         else:
-            self.route_counts += torch.cat([n_valid - executed, n_valid.reshape(1)])
+            self.route_counts[:2] += executed
+            self.route_counts[2] += n_valid
 
     # -- dense: the skipgpt ops with every token executing ------------------------------------
     def _dense(self, x, cos, sin, k_cache, v_cache, start, key_mask):

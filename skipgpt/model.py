@@ -165,14 +165,17 @@ def sparsity(model: nn.Module) -> dict:
     layers = routed_layers(model)
     device = layers[0].route_counts.device
     counts = torch.stack([layer.route_counts.to(device) for layer in layers]).tolist()
-    per_layer = []
-    for layer, (attn, mlp, tokens) in zip(layers, counts):
-        per_layer.append({"layer": layer.layer_idx, "attention": attn / tokens if tokens else 0.0,
-                          "mlp": mlp / tokens if tokens else 0.0})
+    def skip_rate(executed: int, tokens: int) -> float:
+        return (tokens - executed) / tokens if tokens else 0.0
+
+    per_layer = [
+        {"layer": layer.layer_idx, "attention": skip_rate(attn, tokens), "mlp": skip_rate(mlp, tokens)}
+        for layer, (attn, mlp, tokens) in zip(layers, counts)
+    ]
     tokens = sum(c[2] for c in counts)
     return {
-        "attention": sum(c[0] for c in counts) / tokens if tokens else 0.0,
-        "mlp": sum(c[1] for c in counts) / tokens if tokens else 0.0,
-        "tokens": counts[0][2] if counts else 0,
+        "attention": skip_rate(sum(c[0] for c in counts), tokens),
+        "mlp": skip_rate(sum(c[1] for c in counts), tokens),
+        "tokens": counts[0][2],
         "per_layer": per_layer,
     }

@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 
 _PRIME = 2147483647  # 2^31 - 1: keeps every product below 2^62, so int64 never overflows
-_MULT = 48271
+# Three multiply-mod rounds with distinct Lehmer multipliers, each followed by a xor-shift:
+# fewer rounds left measurable correlation between neighbouring tokens and between modules.
+_MULTIPLIERS = (48271, 69621, 16807)
 
 
 @dataclass
@@ -28,18 +30,18 @@ class RoutingState:
     seed: int = 0
 
 
-def forced_skip_mask(seed: int, layer_idx: int, module: int, batch: int, slots: torch.Tensor, rate: float) -> torch.Tensor:
-    """Seeded pseudo-random skips: [B, L] bool, True = skip, with P(skip) = rate.
+def forced_skip_mask(seed: int, layer_idx: int, batch: int, slots: torch.Tensor, rate: float) -> torch.Tensor:
+    """Seeded pseudo-random skips: [2, B, L] bool (row 0 attention, row 1 MLP), True = skip,
+    each with probability `rate`.
 
     A pure function of (seed, layer, module, sequence index, cache slot), computed with device
-    integer arithmetic: identical on CPU and CUDA, in every pipeline, eager or compiled, and
-    different at every decode step. slots: [L] int64 cache slots of this step's tokens.
+    integer arithmetic in a handful of kernels: identical on CPU and CUDA, in every pipeline,
+    eager or compiled, and different at every decode step. slots: [L] int64 cache slots.
     """
-    b = torch.arange(batch, device=slots.device, dtype=torch.int64)[:, None]
-    h = torch.full((), (seed * 7919 + layer_idx * 131 + module * 17) % _PRIME, dtype=torch.int64, device=slots.device)
-    h = ((h + b + 1) * _MULT) % _PRIME
-    h = ((h + slots[None, :] + 1) * _MULT) % _PRIME
-    for _ in range(3):  # xor-shift between multiplications breaks the lattice structure
-        h = (h * _MULT) % _PRIME
+    base = (seed * 7919 + layer_idx * 131 + 1) % _PRIME
+    module_and_seq = torch.arange(2 * batch, device=slots.device, dtype=torch.int64).view(2, batch, 1)
+    h = (module_and_seq * 104729 + slots * 7919 + base) % _PRIME
+    for mult in _MULTIPLIERS:
+        h = (h * mult) % _PRIME
         h = h ^ (h >> 15)
-    return h.to(torch.float64) < rate * _PRIME
+    return h < int(rate * _PRIME)

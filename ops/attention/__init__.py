@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_rows, check_same_dtype, check_tensor
+from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_rows, check_same_dtype, check_tensor
 from .reference import sparse_attention_reference
 
 __all__ = ["sparse_attention", "sparse_attention_reference"]
@@ -95,3 +95,7 @@ if HAS_TRITON:
         _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
         launch = kernels.decode if seq_len == 1 else kernels.prefill
         return launch(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+
+
+# Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+sparse_attention = eager_entry(sparse_attention, _sparse_attention_cuda if HAS_TRITON else None)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
+from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
 from .reference import ACTIVATIONS, gated_mlp_reference, linear_residual_reference, linear_rows_reference
 
 __all__ = [
@@ -149,3 +149,9 @@ if HAS_TRITON:
         if count is None:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
         return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot)
+
+
+# Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+linear_rows = eager_entry(linear_rows, _linear_rows_cuda if HAS_TRITON else None)
+gated_mlp = eager_entry(gated_mlp, _gated_mlp_cuda if HAS_TRITON else None)
+linear_residual = eager_entry(linear_residual, _linear_residual_cuda if HAS_TRITON else None)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
+from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
 from .reference import rms_norm_reference, rms_norm_split_reference
 
 __all__ = ["rms_norm", "rms_norm_split", "rms_norm_reference", "rms_norm_split_reference"]
@@ -85,3 +85,8 @@ if HAS_TRITON:
     def _rms_norm_split_cuda(x, weight, eps, slot, num_rows):
         _check_split(x, weight, slot, num_rows)
         return kernels.rms_norm_split(x, weight, eps, slot, num_rows)
+
+
+# Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+rms_norm = eager_entry(rms_norm, _rms_norm_cuda if HAS_TRITON else None)
+rms_norm_split = eager_entry(rms_norm_split, _rms_norm_split_cuda if HAS_TRITON else None)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
+from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
 from .reference import rope_kv_write_reference, rope_reference
 
 __all__ = ["rope", "rope_kv_write", "rope_reference", "rope_kv_write_reference"]
@@ -101,3 +101,8 @@ if HAS_TRITON:
     def _rope_kv_write_cuda(k, v, cos, sin, k_cache, v_cache, start):
         _check_kv_write(k, v, cos, sin, k_cache, v_cache, start)
         kernels.rope_kv_write(k, v, cos, sin, k_cache, v_cache, start)
+
+
+# Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+rope = eager_entry(rope, _rope_cuda if HAS_TRITON else None)
+rope_kv_write = eager_entry(rope_kv_write, _rope_kv_write_cuda if HAS_TRITON else None)

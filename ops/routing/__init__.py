@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import HAS_TRITON, check_tensor
+from .._common import eager_entry, HAS_TRITON, check_tensor
 from .reference import compact_reference
 
 __all__ = ["compact", "exact_rows", "compact_reference"]
@@ -100,3 +100,8 @@ def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
         torch._check(n <= rows.shape[1])  # lets the compiler bound the count by T
         out.append(rows.new_empty(n))
     return out
+
+
+# Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+compact = eager_entry(compact, _compact_cuda if HAS_TRITON else None)
+exact_rows = eager_entry(exact_rows, exact_rows._init_fn)

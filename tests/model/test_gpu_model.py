@@ -1,5 +1,9 @@
 """bf16 at Llama-3.1-8B layer geometry (2 layers), on the GPU. The ground truth is the same
-model in float32: bf16 outputs (Hugging Face's included) are judged by their distance to it."""
+model in float32: bf16 outputs (Hugging Face's included) are judged by their distance to it.
+
+Compared: the last decoder layer's output (the residual stream). Logits are not: with random
+weights the final RMSNorm amplifies bf16 rounding, so Hugging Face's own bf16 logits are ~9% off
+its float32 logits (measured on an H200), and a 1e-2 bound there would test nothing of ours."""
 import copy
 
 import pytest
@@ -29,12 +33,18 @@ def models():
     return hf16, hf32, routed16, routed32
 
 
-def logits(model, ids, mask, pipeline=None, skip=None):
+def residual(model, ids, mask, pipeline=None, skip=None):
+    """The last decoder layer's output [B, L, H] in float32."""
     if pipeline is not None:
         skipgpt.force_routes(model, skip=skip, seed=7)
         skipgpt.set_pipeline(model, pipeline)
+    seen = []
+    hook = model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out))
     with torch.no_grad():
-        return model(ids, attention_mask=mask).logits.float()
+        model(ids, attention_mask=mask)
+    hook.remove()
+    out = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+    return out.float()
 
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
@@ -42,9 +52,9 @@ def test_dense_is_as_accurate_as_hugging_face(models, padding):
     hf16, hf32, routed16, _ = models
     ids, mask = random_batch(1024, 3, 300, padding, device="cuda")
     keep = mask.bool()
-    truth = logits(hf32, ids, mask)[keep]
-    ours = rel_err(logits(routed16, ids, mask, "dense")[keep], truth)
-    theirs = rel_err(logits(hf16, ids, mask)[keep], truth)
+    truth = residual(hf32, ids, mask)[keep]
+    ours = rel_err(residual(routed16, ids, mask, "dense")[keep], truth)
+    theirs = rel_err(residual(hf16, ids, mask)[keep], truth)
     assert ours < 1e-2 and ours < 1.5 * theirs, (ours, theirs)
 
 
@@ -54,11 +64,11 @@ def test_sparse_pipelines_match_float32_truth(models, padding, skip):
     *_, routed16, routed32 = models
     ids, mask = random_batch(1024, 4, 257, padding, device="cuda")
     keep = mask.bool()
-    truth = logits(routed32, ids, mask, "torch-sparse", skip)[keep]
+    truth = residual(routed32, ids, mask, "torch-sparse", skip)[keep]
     for pipeline in ("torch-sparse", "triton-sparse"):
-        assert rel_err(logits(routed16, ids, mask, pipeline, skip)[keep], truth) < 1e-2, pipeline
+        assert rel_err(residual(routed16, ids, mask, pipeline, skip)[keep], truth) < 1e-2, pipeline
     # The routes really change the function.
-    assert rel_err(logits(routed32, ids, mask, "dense")[keep], truth) > 5e-2
+    assert rel_err(residual(routed32, ids, mask, "dense")[keep], truth) > 5e-2
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -71,7 +81,11 @@ def test_decode_matches_float32_truth(models, batch):
                                   ("triton-sparse", routed16, "triton-sparse")):
         skipgpt.force_routes(model, skip=0.25, seed=3)
         skipgpt.set_pipeline(model, pipeline)
+        seen = []
+        hook = model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out))
         with torch.no_grad():
-            outs[name] = stepwise_logits(model, ids, mask, prefill=30).float()[keep]
+            stepwise_logits(model, ids, mask, prefill=30)
+        hook.remove()
+        outs[name] = torch.cat([o[0] if isinstance(o, tuple) else o for o in seen], dim=1).float()[keep]
     for name in ("torch-sparse", "triton-sparse"):
         assert rel_err(outs[name], outs["truth"]) < 1e-2, name

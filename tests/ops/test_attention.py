@@ -254,12 +254,12 @@ def _op_args(B=2, L=3, Hq=4, Hk=2, D=16, start=2, p=0.5, form="dense", kind="lef
 @pytest.mark.parametrize("L,kind", [(3, "left"), (1, None), (4, "right")])
 def test_opcheck(form, L, kind):
     args = _op_args(L=L, form=form, kind=kind)
-    torch.library.opcheck(attention.sparse_attention, args)
+    torch.library.opcheck(torch.ops.skipgpt.sparse_attention.default, args)
 
 
 def test_opcheck_fp16_no_executing_tokens():
     q, k, v, start, L, scale, rows, offsets, mask = _op_args(p=0.0, form="exact")
-    torch.library.opcheck(attention.sparse_attention, (q.half(), k.half(), v.half(), start, L, scale, rows, offsets, mask))
+    torch.library.opcheck(torch.ops.skipgpt.sparse_attention.default, (q.half(), k.half(), v.half(), start, L, scale, rows, offsets, mask))
 
 
 def _bad_cases():

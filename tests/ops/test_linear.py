@@ -242,23 +242,23 @@ def test_opcheck():
     T, K, N = 8, 12, 10
     x, w, b = randn(T, K, seed=2), _w(N, K, torch.float32, seed=3), randn(N, seed=4)
     cnt = routes.count.clone()
-    torch.library.opcheck(linear.linear_rows, (x, w))
-    torch.library.opcheck(linear.linear_rows, (x, w, b))
-    torch.library.opcheck(linear.linear_rows, (x, w, b, cnt))
-    torch.library.opcheck(linear.linear_rows, (x.half(), w.half(), None, cnt))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w, b))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w, b, cnt))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x.half(), w.half(), None, cnt))
     wu = _w(N, K, torch.float32, seed=5)
     for act in ("silu", "relu"):
-        torch.library.opcheck(linear.gated_mlp, (x, w, wu, act))
-        torch.library.opcheck(linear.gated_mlp, (x, w, wu, act, cnt))
+        torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x, w, wu, act))
+        torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x, w, wu, act, cnt))
     residual = randn(T, N, seed=6)
     xe = randn(routes.n, K, seed=7)
-    torch.library.opcheck(linear.linear_residual, (residual, x, w))
-    torch.library.opcheck(linear.linear_residual, (residual, xe, w, routes.slot.clone()))
-    torch.library.opcheck(linear.linear_residual, (residual, x, w, routes.slot.clone(), cnt))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, xe, w, routes.slot.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt))
     none = make_routes(2, 4, 0.0)  # exact form with no executing token: x has no rows
-    torch.library.opcheck(linear.linear_residual, (residual, x[:0], w, none.slot.clone()))
-    torch.library.opcheck(linear.linear_rows, (x[:0], w, b))
-    torch.library.opcheck(linear.gated_mlp, (x[:0], w, wu, "silu"))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
+    torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x[:0], w, wu, "silu"))
 
 
 def _bad_cases():

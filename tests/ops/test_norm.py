@@ -155,13 +155,13 @@ def test_opcheck():
     x = randn(6, 16, seed=8)
     w = randn(16, seed=9)
     routes = make_routes(2, 3, 0.5, seed=10)
-    torch.library.opcheck(norm.rms_norm, (x, w, EPS))
-    torch.library.opcheck(norm.rms_norm, (x, w, EPS, routes.rows.clone()))
-    torch.library.opcheck(norm.rms_norm, (x, w, EPS, routes.rows_cap.clone(), routes.count.clone()))
-    torch.library.opcheck(norm.rms_norm_split, (x, w, EPS, routes.slot, routes.n))
-    torch.library.opcheck(norm.rms_norm_split, (x, w, EPS, routes.slot, 6))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm.default, (x, w, EPS))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm.default, (x, w, EPS, routes.rows.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm.default, (x, w, EPS, routes.rows_cap.clone(), routes.count.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm_split.default, (x, w, EPS, routes.slot, routes.n))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm_split.default, (x, w, EPS, routes.slot, 6))
     none = make_routes(2, 3, 0.0)  # nothing executes: an empty compacted copy
-    torch.library.opcheck(norm.rms_norm_split, (x.half(), w.half(), EPS, none.slot, 0))
+    torch.library.opcheck(torch.ops.skipgpt.rms_norm_split.default, (x.half(), w.half(), EPS, none.slot, 0))
 
 
 def test_op_matches_reference_on_cpu():

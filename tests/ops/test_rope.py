@@ -226,16 +226,16 @@ def test_opcheck():
     cos, sin = cos_sin(pos, D, torch.float32)
     routes = make_routes(B, L, 0.5, seed=3)
     x = randn(B * L, 2, D, seed=4)
-    torch.library.opcheck(rope, (x, cos, sin))
-    torch.library.opcheck(rope, (x[: routes.n].contiguous(), cos, sin, routes.rows.clone()))
-    torch.library.opcheck(rope, (x, cos, sin, routes.rows_cap.clone(), routes.count.clone()))
-    torch.library.opcheck(rope, (x.half(), cos, sin))  # wider tables
+    torch.library.opcheck(torch.ops.skipgpt.rope.default, (x, cos, sin))
+    torch.library.opcheck(torch.ops.skipgpt.rope.default, (x[: routes.n].contiguous(), cos, sin, routes.rows.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.rope.default, (x, cos, sin, routes.rows_cap.clone(), routes.count.clone()))
+    torch.library.opcheck(torch.ops.skipgpt.rope.default, (x.half(), cos, sin))  # wider tables
     k = randn(B, L, 1, D, seed=5)
     v = randn(B, L, 1, D, seed=6)
     cache = lambda seed: randn(B, L + 4, 1, D, seed=seed)
     c3, s3 = cos.view(B, L, D), sin.view(B, L, D)
-    torch.library.opcheck(rope_kv_write, (k, v, c3, s3, cache(7), cache(8), torch.tensor([2])))
-    torch.library.opcheck(rope_kv_write, (k.half(), v.half(), c3, s3, cache(7).half(), cache(8).half(), torch.tensor([0])))
+    torch.library.opcheck(torch.ops.skipgpt.rope_kv_write.default, (k, v, c3, s3, cache(7), cache(8), torch.tensor([2])))
+    torch.library.opcheck(torch.ops.skipgpt.rope_kv_write.default, (k.half(), v.half(), c3, s3, cache(7).half(), cache(8).half(), torch.tensor([0])))
 
 
 def test_rope_kv_write_is_declared_mutating():

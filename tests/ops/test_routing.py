@@ -54,9 +54,9 @@ def test_exact_rows_narrows_to_counts():
 
 def test_opcheck():
     execute = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)) < 0.5
-    torch.library.opcheck(routing.compact, (execute,))
+    torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute,))
     rows, _, offsets = routing.compact(execute)
-    torch.library.opcheck(routing.exact_rows, (rows, offsets))
+    torch.library.opcheck(torch.ops.skipgpt.exact_rows.default, (rows, offsets))
 
 
 def test_rejects_bad_input():
