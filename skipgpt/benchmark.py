@@ -180,6 +180,12 @@ def run_grid(bench: LayerBench, mode: str, batches, seqlens, skips, providers, t
                         point.status = "out of memory"
                         torch.cuda.empty_cache()
                         continue
+                    except RuntimeError as e:  # a step that syncs cannot be graph-captured
+                        if "captur" not in str(e):
+                            raise
+                        point.status = "not capturable"
+                        torch.cuda.synchronize()
+                        continue
                     point.tflops = flops / point.ms / 1e9
                     if provider == "hf":
                         hf_ms = point.ms
@@ -193,6 +199,24 @@ def cuda_timer(fn):
     import triton
 
     q20, med, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    return med, q20, q80
+
+
+def cuda_graph_timer(fn):
+    """Capture one step in a CUDA graph and time its replays: no host overhead, as in a
+    graph-captured decode loop. Raises if the step cannot be captured (it syncs with the host)."""
+    import triton
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up on a side stream, as capture requires
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    q20, med, q80 = triton.testing.do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
     return med, q20, q80
 
 
@@ -239,6 +263,8 @@ def main(argv=None) -> int:
                         help="prefill: tokens per sequence; decode: KV length (comma-separated)")
     parser.add_argument("--skips", type=_floats, default=[0.0, 0.25, 0.5], help="forced skip rates (comma-separated)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays of each step (no host overhead; decode-style loops)")
     parser.add_argument("--json", help="also write the points to this JSON file")
     args = parser.parse_args(argv)
     providers = [p for p in args.providers.split(",") if p]
@@ -253,13 +279,15 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     bench = LayerBench(args.geometry, dtype, device)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    points = run_grid(bench, args.mode, args.batch_sizes, args.seqlens, args.skips, providers, tolerance,
-                      cuda_timer if on_gpu else cpu_timer)
+    if args.cuda_graph and not on_gpu:
+        parser.error("--cuda-graph needs a CUDA device")
+    timer = (cuda_graph_timer if args.cuda_graph else cuda_timer) if on_gpu else cpu_timer
+    points = run_grid(bench, args.mode, args.batch_sizes, args.seqlens, args.skips, providers, tolerance, timer)
     print(format_table(points))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if on_gpu else "cpu", "geometry": args.geometry,
-                       "points": [asdict(p) for p in points]}, f, indent=1)
+                       "cuda_graph": args.cuda_graph, "points": [asdict(p) for p in points]}, f, indent=1)
     return 0
 
 
