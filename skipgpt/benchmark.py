@@ -33,6 +33,9 @@ GEOMETRIES = {
                  rope_theta=10000.0, rms_norm_eps=1e-5, vocab_size=256, max_position_embeddings=4096),
 }
 PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse")
+# A decode point times this many consecutive steps (one token each, at successive cache slots),
+# so a batch-1 run sees many route decisions rather than one fixed pattern; times are per step.
+DECODE_STEPS = 16
 
 
 @dataclass
@@ -84,49 +87,31 @@ class LayerBench:
         return proj + mlp + attn
 
     def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
-        """A closure running one layer step; repeated calls recompute the same step. Provider
-        "reference" is torch-sparse in float32 on the same (upcast) inputs."""
+        """A closure running one prefill, or DECODE_STEPS decode steps after a context of `seqlen`
+        cached tokens; repeated calls recompute the same work. Provider "reference" is
+        torch-sparse in float32 on the same (upcast) inputs."""
         g, cfg = self.geometry, self.config
         gen = torch.Generator(device=self.device).manual_seed(1)
-        new = seqlen if mode == "prefill" else 1
-        past = 0 if mode == "prefill" else seqlen
+        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, DECODE_STEPS, seqlen)
         x = torch.randn(batch, new, g.hidden_size, generator=gen, device=self.device, dtype=self.dtype)
-        pos = torch.arange(past, past + new, device=self.device)[None].expand(batch, new)
-        cos_sin = self.rotary(x, pos)
         # The context already in the cache: [B, past, Hk, D] keys and values, the same for every provider.
         past_kv = [torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device, dtype=self.dtype)
                    for _ in range(2)]
-        if provider == "hf":
-            from transformers import StaticCache
-
-            if mode == "prefill":
-                return torch.no_grad()(lambda: self.hf(x, attention_mask=None, position_embeddings=cos_sin))
-            cache = StaticCache(config=cfg, max_cache_len=past + 1)
-            k, v = (t.transpose(1, 2) for t in past_kv)
-            cache.layers[0].lazy_initialization(k, v)
-            cache.layers[0].keys[:, :, :past] = k
-            cache.layers[0].values[:, :, :past] = v
-
-            import inspect
-
-            # transformers renamed the layer's `past_key_values` argument to `cache` in 5.2x.
-            cache_kw = "cache" if "cache" in inspect.signature(type(self.hf).forward).parameters else "past_key_values"
-
-            @torch.no_grad()
-            def run():
-                cache.layers[0].cumulative_length.fill_(past)
-                return self.hf(x, attention_mask=None, position_embeddings=cos_sin, **{cache_kw: cache})
-
-            return run
-        layer = self.routed
+        pos = torch.arange(past, past + new * steps, device=self.device)[None].expand(batch, -1)
+        cos, sin = self.rotary(x, pos)
+        rope = [(cos[:, i * new:(i + 1) * new].contiguous(), sin[:, i * new:(i + 1) * new].contiguous())
+                for i in range(steps)]
         if provider == "reference":
-            layer = self.reference
-            x, cos_sin, past_kv = x.float(), tuple(t.float() for t in cos_sin), [t.float() for t in past_kv]
-        else:
+            x, past_kv = x.float(), [t.float() for t in past_kv]
+            rope = [(c.float(), s_.float()) for c, s_ in rope]
+        if provider == "hf":
+            return self._hf_steps(x, rope, past_kv, past, steps)
+        layer = self.reference if provider == "reference" else self.routed
+        if provider != "reference":
             layer.pipeline = provider
         kv = SeqFirstLayer()
+        kv.reserve(batch, past + new * steps, g.num_kv_heads, g.head_dim, x.dtype, self.device)
         if past:
-            kv.reserve(batch, past + 1, g.num_kv_heads, g.head_dim, x.dtype, self.device)
             kv.keys[:, :past], kv.values[:, :past] = past_kv
         cache = _OneLayerCache(kv)
 
@@ -134,7 +119,34 @@ class LayerBench:
             kv.length = past
             self.state.forced_skip = skip
             with torch.no_grad():
-                return layer(x, position_embeddings=cos_sin, cache=cache)
+                return torch.cat([layer(x, position_embeddings=cs, cache=cache) for cs in rope], dim=1)
+
+        return run
+
+    def _hf_steps(self, x, rope, past_kv, past: int, steps: int):
+        if past == 0:  # prefill: no cache, as a plain forward
+            return torch.no_grad()(lambda: self.hf(x, attention_mask=None, position_embeddings=rope[0]))
+        import inspect
+
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.config, max_cache_len=past + steps)
+        k, v = (t.transpose(1, 2) for t in past_kv)
+        cache.layers[0].lazy_initialization(k, v)
+        cache.layers[0].keys[:, :, :past] = k
+        cache.layers[0].values[:, :, :past] = v
+        # transformers renamed the layer's `past_key_values` argument to `cache` in 5.2x.
+        cache_kw = "cache" if "cache" in inspect.signature(type(self.hf).forward).parameters else "past_key_values"
+
+        # Static slots past the current token hold zeros: mask them, as the model's mask would.
+        slots = torch.arange(past + steps, device=self.device)
+        masks = [(slots <= past + i).view(1, 1, 1, -1) for i in range(steps)]
+
+        @torch.no_grad()
+        def run():
+            cache.layers[0].cumulative_length.fill_(past)
+            return torch.cat([self.hf(x, attention_mask=m, position_embeddings=cs, **{cache_kw: cache})
+                              for cs, m in zip(rope, masks)], dim=1)
 
         return run
 
@@ -175,7 +187,8 @@ def run_grid(bench: LayerBench, mode: str, batches, seqlens, skips, providers, t
                             if point.rel_err > tolerance:
                                 point.status = "wrong"
                                 continue
-                        point.ms, point.ms_q20, point.ms_q80 = timer(fn)
+                        steps = 1 if mode == "prefill" else DECODE_STEPS
+                        point.ms, point.ms_q20, point.ms_q80 = (t / steps for t in timer(fn))
                     except torch.cuda.OutOfMemoryError:
                         point.status = "out of memory"
                         torch.cuda.empty_cache()
