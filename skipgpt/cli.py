@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `skipgpt --help` lists them.
-COMMANDS: list[str] = ["convert", "setup"]
+COMMANDS: list[str] = ["convert", "eval", "setup"]
 
 
 def build_parser() -> argparse.ArgumentParser:

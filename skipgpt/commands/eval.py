@@ -1,0 +1,512 @@
+"""`skipgpt eval`: run lm-evaluation-harness on a routed model and report speed and sparsity.
+
+    skipgpt eval --model PATH [--router PATH] [--lora PATH] [--pipeline P] [--skip RATE]
+                 [--compile] --tasks T[,T...] [--batch-size N] [--limit N] [--device D]
+                 [--dtype auto|bf16|fp16|fp32] [--output DIR]
+
+With no --model: SmolLM2-135M-Instruct from `skipgpt setup` on the offline Wikipedia task.
+Every argument is checked (paths, pipeline, task names, device) before a model loads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger("skipgpt")
+
+PIPELINES = ("dense", "torch-sparse", "triton-sparse")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_OUTPUT = "skipgpt-eval-out"
+# The router file shipped for the default model, once router training has produced one.
+DEFAULT_ROUTER = "smollm2-135m-skip25.safetensors"
+TOKENS_COUNTED = (
+    "token positions run through the decoder (layer 0's count of non-padding tokens): context and "
+    "continuation tokens of loglikelihood requests, prompts plus one token per sequence per "
+    "generation step for generate_until. lm-eval right-pads loglikelihood batches without an "
+    "attention mask, so that padding is counted; masked (left) padding is not."
+)
+
+DESCRIPTION = """\
+Run lm-evaluation-harness on a SkipGPT-routed model, print lm-eval's table, the wall time,
+tokens per second and the realized skip rates (overall and per layer), and write to --output:
+results.json (lm-eval's results), summary.json (metrics, timings, tokens/s, sparsity, setup,
+versions, device, command line) and sparsity.png (per-layer attention and MLP skip rates).
+
+With no --model it runs the embedded default: SmolLM2-135M-Instruct (set up once with
+`skipgpt setup`), with its shipped routers and triton-sparse if the package carries them,
+else the dense pipeline, on skipgpt_wiki_tiny on CPU (a minute or so) or skipgpt_wiki on GPU.
+"""
+
+EPILOG = """\
+examples:
+  skipgpt eval                                        # the embedded default
+  skipgpt eval --model ./llama --router router.pth --pipeline triton-sparse --tasks skipgpt_wiki
+  skipgpt eval --model ./llama --skip 0.25 --tasks skipgpt_wiki_tiny --limit 2   # random routes
+  skipgpt eval --model ./llama --router router.pth --tasks wikitext,hellaswag --batch-size 8
+"""
+
+
+class EvalError(Exception):
+    """A user error found before or while running: printed as one message, exit status 2."""
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, checked. Built by `plan()` from the parsed flags."""
+
+    model: str
+    router: Optional[str]
+    lora: Optional[str]
+    lora_alpha: float
+    lora_r: int
+    pipeline: str
+    skip: Optional[float]
+    seed: int
+    compile: bool
+    tasks: list[str]
+    include_path: Optional[str]
+    batch_size: int
+    limit: Optional[float]  # an int when whole: lm-eval reads values below 1 as a fraction
+    device: str
+    dtype: str
+    output: str
+    notes: list[str] = field(default_factory=list)  # what defaults chose, printed before the run
+
+    def command(self) -> str:
+        """The equivalent explicit `skipgpt eval` command line."""
+        argv = ["skipgpt", "eval", "--model", self.model]
+        for flag, value in (("--router", self.router), ("--lora", self.lora)):
+            if value is not None:
+                argv += [flag, value]
+        if self.lora is not None:
+            argv += ["--lora-alpha", f"{self.lora_alpha:g}", "--lora-r", str(self.lora_r)]
+        argv += ["--pipeline", self.pipeline]
+        if self.skip is not None:
+            argv += ["--skip", f"{self.skip:g}", "--seed", str(self.seed)]
+        if self.compile:
+            argv.append("--compile")
+        argv += ["--tasks", ",".join(self.tasks)]
+        if self.include_path is not None:
+            argv += ["--include-path", self.include_path]
+        argv += ["--batch-size", str(self.batch_size)]
+        if self.limit is not None:
+            argv += ["--limit", f"{self.limit:g}"]
+        argv += ["--device", self.device, "--dtype", self.dtype, "--output", self.output]
+        return shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a routed model with lm-evaluation-harness (speed, sparsity, metrics)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH",
+                   help="Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3). Default: SmolLM2-135M-Instruct "
+                        "from `skipgpt setup` ($SKIPGPT_CACHE or ~/.cache/skipgpt)")
+    m.add_argument("--router", metavar="PATH",
+                   help="router checkpoint: a published .pth (stage 1 or 2 key style) or .safetensors")
+    m.add_argument("--lora", metavar="PATH",
+                   help="LoRA weights merged into the base model at load: a flat state dict or a PEFT adapter folder")
+    m.add_argument("--lora-alpha", type=float, default=32, metavar="A",
+                   help="LoRA scale numerator for flat state dicts (default 32; PEFT folders carry their own)")
+    m.add_argument("--lora-r", type=int, default=16, metavar="R",
+                   help="LoRA rank for flat state dicts (default 16)")
+    m.add_argument("--pipeline", choices=PIPELINES,
+                   help="dense: every token runs every module; torch-sparse: plain-PyTorch routed reference; "
+                        "triton-sparse: routed, skipgpt custom ops. Default: triton-sparse when --router or "
+                        "--skip is given, else dense")
+    m.add_argument("--skip", type=float, metavar="RATE",
+                   help="force seeded random routes: each token skips each module with this probability "
+                        "(0..1), for models without routers; overrides the routers' decisions")
+    m.add_argument("--seed", type=int, default=0, help="seed of the --skip routes (default 0)")
+    m.add_argument("--compile", action="store_true",
+                   help="wrap the model in torch.compile (experimental; first batches are slow while it compiles)")
+    m.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and activations dtype; auto keeps the checkpoint's (default auto)")
+    m.add_argument("--device", metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--tasks", metavar="T[,T...]",
+                   help="comma-separated lm-eval task names: skipgpt_wiki and skipgpt_wiki_tiny (offline, "
+                        "after `skipgpt setup`) or any lm-eval task (wikitext, hellaswag, ...; those download "
+                        "from the Hugging Face Hub). Default: skipgpt_wiki_tiny on CPU, skipgpt_wiki on GPU")
+    e.add_argument("--include-path", metavar="DIR",
+                   help="a folder of your own lm-eval task YAML files, searched besides skipgpt's and lm-eval's")
+    e.add_argument("--batch-size", type=int, default=1, metavar="N", help="requests per model call (default 1)")
+    e.add_argument("--limit", type=float, metavar="N",
+                   help="only the first N documents of each task (a value below 1 is a fraction of them)")
+    e.add_argument("--output", default=DEFAULT_OUTPUT, metavar="DIR",
+                   help=f"folder for results.json, summary.json and sparsity.png (default ./{DEFAULT_OUTPUT})")
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Check every flag without loading a model; fill in the defaults. Raises EvalError."""
+    import torch
+
+    notes = []
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise EvalError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        if not cuda:
+            raise EvalError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EvalError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    limit = args.limit
+    if limit is not None:
+        if not math.isfinite(limit) or limit <= 0 or (limit > 1 and limit != int(limit)):
+            raise EvalError(f"--limit: expected a whole number of documents >= 1 or a fraction in (0, 1), got {limit:g}")
+        limit = int(limit) if limit >= 1 else limit
+    if args.skip is not None and not 0.0 <= args.skip <= 1.0:
+        raise EvalError(f"--skip: expected a rate between 0 and 1, got {args.skip:g}")
+    if args.lora_r < 1 or args.lora_alpha <= 0:
+        raise EvalError("--lora-r and --lora-alpha must be positive")
+
+    router = args.router
+    if args.model is None:
+        model = _default_model()
+        if router is None and args.skip is None:
+            router = _shipped_router()
+            notes.append(f"router: {router}" if router else "no router shipped for SmolLM2 yet: dense pipeline")
+    else:
+        model = args.model
+        if not os.path.isdir(model):
+            raise EvalError(f"--model: model folder not found: {model}")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise EvalError(f"--model: {model} has no config.json; expected a Hugging Face model folder")
+    for flag, path in (("--router", router), ("--lora", args.lora)):
+        if path is not None and not os.path.exists(path):
+            raise EvalError(f"{flag}: file not found: {path}")
+    from ..lm_eval_model import default_pipeline
+
+    pipeline = args.pipeline or default_pipeline(router, args.skip)
+    if pipeline != "dense" and router is None and args.skip is None:
+        raise EvalError(
+            f"--pipeline {pipeline} routes tokens, but no router decides routes: pass --router PATH, "
+            "--skip RATE (random routes), or use --pipeline dense"
+        )
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise EvalError(f"--include-path: folder not found: {args.include_path}")
+    if args.compile:
+        notes.append("--compile is experimental: plain torch.compile(model); the skipgpt.compile package is not ready")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not tasks:
+        if args.tasks is not None:
+            raise EvalError("--tasks: no task names given")
+        tasks = ["skipgpt_wiki" if device.startswith("cuda") else "skipgpt_wiki_tiny"]
+    return Plan(
+        model=str(model), router=router, lora=args.lora, lora_alpha=args.lora_alpha, lora_r=args.lora_r,
+        pipeline=pipeline, skip=args.skip, seed=args.seed, compile=args.compile, tasks=tasks,
+        include_path=args.include_path,
+        batch_size=args.batch_size, limit=limit, device=device, dtype=args.dtype, output=args.output, notes=notes,
+    )
+
+
+def _default_model() -> Path:
+    from .. import assets
+
+    try:
+        return assets.model_path()
+    except assets.AssetMissingError as e:
+        raise EvalError(f"the default model is not set up.\n{e}\nor pass --model PATH") from None
+
+
+def _shipped_router() -> Optional[str]:
+    """The router file shipped inside the package for the default model, if there is one."""
+    try:
+        path = resources.files("skipgpt").joinpath("routers", DEFAULT_ROUTER)
+    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover
+        return None
+    return str(path) if path.is_file() else None
+
+
+def task_manager_for(names: list[str], include_path: Optional[str] = None):
+    """A TaskManager that knows every name in `names`, or EvalError naming the unknown ones.
+
+    Indexing lm-eval's own thousands of task files takes ~10 s, so skipgpt's tasks (and the
+    user's --include-path) are looked up alone first, and lm-eval's are indexed only when a
+    name is not found there.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from .. import tasks as skipgpt_tasks
+
+    paths = [skipgpt_tasks.task_dir()] + ([include_path] if include_path else [])
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if all(name in manager.all_tasks for name in names):
+        return manager
+    print("Indexing lm-eval's task list (about 10 s)...", file=sys.stderr)
+    manager = TaskManager(include_path=paths)
+    known = set(manager.all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = get_close_matches(name, known, n=3)
+            hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise EvalError(
+            f"--tasks: unknown task {', '.join(hints)}. skipgpt's offline tasks: skipgpt_wiki, skipgpt_wiki_tiny; "
+            "list lm-eval's with `lm-eval ls tasks`"
+        )
+    return manager
+
+
+def build_tasks(manager, names: list[str]) -> list:
+    """Build the task objects (this reads their data) before any model loads.
+
+    Returns the top-level Task/Group objects to hand to simple_evaluate, so nothing loads twice.
+    A task whose data is on the Hugging Face Hub fails here when the Hub is out of reach.
+    """
+    from .. import assets
+
+    built = []
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except assets.AssetMissingError as e:
+            raise EvalError(f"task {name}: {e}") from None
+        except Exception as e:  # datasets raises ConnectionError, OSError or its own classes
+            if _looks_offline(e):
+                raise EvalError(
+                    f"task {name}: its dataset could not be downloaded ({type(e).__name__}: {_first_line(e)}). "
+                    "The Hugging Face Hub seems unreachable; use the offline task instead: "
+                    "--tasks skipgpt_wiki (or skipgpt_wiki_tiny), after `skipgpt setup`"
+                ) from None
+            raise
+        if name in loaded["groups"]:
+            built.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            built.append(loaded["tasks"][name])
+        else:  # a tag: it stands for its tasks
+            built.extend(loaded["tasks"].values())
+    return built
+
+
+def _looks_offline(error: BaseException) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        s in text for s in ("couldn't reach", "offline", "connection", "name or service not known", "localentrynotfound")
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 on success, 2 on a user error (message on stderr)."""
+    _show_progress_messages()
+    try:
+        p = plan(args)
+        evaluate(p)
+    except EvalError as e:
+        print(f"skipgpt eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate(p: Plan) -> dict:
+    """Run the evaluation described by `p`, print the report, write the output files.
+
+    Returns the summary (what summary.json holds).
+    """
+    for note in p.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"running: {p.command()}", file=sys.stderr)
+    manager = task_manager_for(p.tasks, p.include_path)
+    if not _has_matplotlib():
+        print("warning: matplotlib is not installed, so sparsity.png will not be written "
+              "(pip install matplotlib, or pip install 'skipgpt[eval]')", file=sys.stderr)
+    task_objects = build_tasks(manager, p.tasks)
+    output = Path(p.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    from lm_eval import simple_evaluate
+
+    from ..lm_eval_model import SkipGPTLM
+
+    t_start = time.perf_counter()
+    try:
+        lm = SkipGPTLM(
+            p.model, router=p.router, lora=p.lora, pipeline=p.pipeline, skip=p.skip, seed=p.seed,
+            lora_alpha=p.lora_alpha, lora_r=p.lora_r, compile=p.compile,
+            dtype=p.dtype, device=p.device, batch_size=p.batch_size,
+        )
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoints, unsupported architectures
+        raise EvalError(f"loading the model: {e}") from None
+    load_s = time.perf_counter() - t_start
+    lm.reset_sparsity()
+    _sync(p.device)
+    t_eval = time.perf_counter()
+    results = simple_evaluate(
+        model=lm, tasks=task_objects, task_manager=manager, limit=p.limit,
+        log_samples=False, bootstrap_iters=0,
+    )
+    _sync(p.device)
+    eval_s = time.perf_counter() - t_eval
+    sparsity = lm.sparsity()
+    tokens = sparsity["tokens"]
+    summary = {
+        "metrics": results["results"],
+        "groups": results.get("groups", {}),
+        "timings": {"load_seconds": load_s, "eval_seconds": eval_s, "total_seconds": load_s + eval_s},
+        "tokens": tokens,
+        "tokens_per_second": tokens / eval_s if eval_s > 0 else None,
+        "tokens_counted": TOKENS_COUNTED,
+        "sparsity": sparsity,
+        "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
+        "model_dtype": str(lm.skipgpt_model.dtype).replace("torch.", ""),
+        "versions": _versions(),
+        "device_name": _device_name(p.device),
+        "command": p.command(),
+        "argv": sys.argv,
+    }
+    _write(output, results, summary)
+    _print_report(results, summary)
+    return summary
+
+
+def _sync(device: str) -> None:
+    # Timings must include the GPU work queued by the last batch.
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _write(output: Path, results: dict, summary: dict) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    (output / "results.json").write_text(
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n", encoding="utf-8")
+    (output / "summary.json").write_text(
+        json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n", encoding="utf-8")
+    if _has_matplotlib():
+        title = f"{Path(summary['setup']['model']).name} · {summary['setup']['pipeline']}"
+        plot_sparsity(summary["sparsity"], output / "sparsity.png", title=title)
+
+
+def _print_report(results: dict, summary: dict) -> None:
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    t, s = summary["timings"], summary["sparsity"]
+    tps = summary["tokens_per_second"]
+    print(f"wall time: {t['total_seconds']:.1f} s (model load {t['load_seconds']:.1f} s, evaluation {t['eval_seconds']:.1f} s)")
+    print(f"tokens: {summary['tokens']} in {t['eval_seconds']:.1f} s = {tps:.1f} tokens/s "
+          "(non-padding token positions through the decoder; see summary.json 'tokens_counted')"
+          if tps is not None else f"tokens: {summary['tokens']}")
+    print(f"realized skip rate ({summary['setup']['pipeline']}): attention {s['attention']:.1%}, MLP {s['mlp']:.1%}")
+    rows = s["per_layer"]
+    for i in range(0, len(rows), 16):  # 16 layers a line keeps it under 100 columns
+        chunk = rows[i:i + 16]
+        print("layer      " + " ".join(f"{row['layer']:>5}" for row in chunk))
+        print("attention  " + " ".join(f"{row['attention']:>5.2f}" for row in chunk))
+        print("mlp        " + " ".join(f"{row['mlp']:>5.2f}" for row in chunk))
+    print(f"output: {summary['setup']['output']}/ (results.json, summary.json"
+          + (", sparsity.png)" if _has_matplotlib() else ")"))
+
+
+def plot_sparsity(sparsity: dict, path: Path, title: str = "") -> None:
+    """Per-layer skip rates as a heatmap: 2 rows (attention, MLP) x one column per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    rows = sparsity["per_layer"]
+    grid = [[r["attention"] for r in rows], [r["mlp"] for r in rows]]
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * n + 2.0), 2.4))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(0.5, max(max(g) for g in grid)))
+    ax.set_yticks([0, 1], labels=["attention", "MLP"])
+    ax.set_xticks(range(n), labels=[str(r["layer"]) for r in rows], fontsize=7 if n > 24 else 9)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{title}  (skip rate: attention {sparsity['attention']:.1%}, MLP {sparsity['mlp']:.1%})".strip(),
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, label="skip rate", pad=0.01)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "lm_eval", "skipgpt", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:  # the CPU model, which platform.processor() leaves empty on Linux
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _show_progress_messages() -> None:
+    # skipgpt's messages at INFO, everyone else's warnings, unless the user configured logging
+    # already. lm-eval's INFO lines are many; its progress bars (tqdm) show regardless.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("skipgpt").setLevel(logging.INFO)
