@@ -71,7 +71,10 @@ class RoutedDecoderLayer(nn.Module):
                 "skipgpt implements full causal attention only"
             )
         k_cache, v_cache, start = kv_layer.reserve(B, L, g.num_kv_heads, g.head_dim, hidden_states.dtype, hidden_states.device)
-        cos, sin = (t.expand(B, L, g.head_dim).contiguous() for t in position_embeddings)
+        # [B, L, D] copies: the model shares one row of tables across the batch when it got no
+        # position_ids. An explicit copy rather than .contiguous(), whose view-or-copy choice
+        # would make compiled code guard on L == 1.
+        cos, sin = (hidden_states.new_empty(B, L, g.head_dim, dtype=t.dtype).copy_(t) for t in position_embeddings)
         key_mask, valid = self._padding(B, L, hidden_states.device)
         x = hidden_states.contiguous()
         step = dict(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, start=start, key_mask=key_mask)
@@ -101,7 +104,7 @@ class RoutedDecoderLayer(nn.Module):
         B = x.shape[0]
         if self.state.forced_skip is not None:
             slots = start + torch.arange(L, device=x.device)
-            execute = ~forced_skip_mask(self.state.seed, self.layer_idx, B, slots, self.state.forced_skip)
+            execute = ~forced_skip_mask(self.state.forced_params, self.layer_idx, B, slots)
         else:
             if self.router_attention is None or self.router_mlp is None:
                 raise RuntimeError(
@@ -166,13 +169,12 @@ class RoutedDecoderLayer(nn.Module):
         S = k_cache.shape[1]
         visible = torch.arange(S, device=x.device)[None, :] <= slots[:, None]  # [L, S] causal
         visible = visible[None].expand(B, L, S)
-        if key_mask is not None:
-            keys = torch.zeros(B, S, dtype=torch.bool, device=x.device)
-            width = min(S, key_mask.shape[1])
-            keys[:, :width] = key_mask[:, :width]
+        if key_mask is not None:  # [B, past + L]: slots past the mask are unfilled, never visible
+            keys = F.pad(key_mask, (0, S - key_mask.shape[1]), value=False)
             visible = visible & keys[:, None, :]
+        # Head-major copies: Inductor's CPU flash-attention lowering rejects the strided views.
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+            q.transpose(1, 2).contiguous(), k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(),
             attn_mask=visible[:, None], scale=g.scale, enable_gqa=True,
         )  # a query that sees no key gives NaN here; it never executes, so `where` drops it
         o = attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
@@ -185,14 +187,23 @@ class RoutedDecoderLayer(nn.Module):
         return flat.index_copy(0, idx, rows + y).view(B, L, H)
 
     # -- triton-sparse: the skipgpt custom ops over compacted tokens ----------------------------
+    @torch._dynamo.assume_constant_result
+    def _float_constants(self) -> tuple[float, float]:
+        """(post-attention RMSNorm eps, attention scale). Read through here, compiled code takes
+        them as constants: as symbolic floats they could not enter torch.cond's branches."""
+        return self.geometry.rms_norm_eps, self.geometry.scale
+
     def _triton_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
-        g, attn, mlp = self.geometry, self.self_attn, self.mlp
+        g, attn = self.geometry, self.self_attn
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
+        compiling = torch.compiler.is_compiling()
         capacity = T <= CAPACITY_MAX_TOKENS
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=not capacity)
-        self._count(valid, T, seq_offsets[:, B])
+        # In eager the form is known here; compiled code may take either (see below), so it
+        # always asks for the early count copy (skipped while a CUDA graph is being captured).
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=compiling or not capacity)
+        self._count(valid, T, seq_offsets[:, -1])
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
         # GPU busy while the host waits for them.
@@ -201,19 +212,39 @@ class RoutedDecoderLayer(nn.Module):
         v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         k = self.family.k_norm(attn, k)
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
-        if capacity:
-            rows_attn, rows_mlp = rows[0], rows[1]
-            count_attn, count_mlp = seq_offsets[0, B:], seq_offsets[1, B:]
-        else:
+        cos, sin = cos.view(T, -1), sin.view(T, -1)
+
+        def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
+            counts = (seq_offsets[0, -1:], seq_offsets[1, -1:])
+            return self._sparse_modules(x, xq, (rows[0], rows[1]), counts, slot, seq_offsets, cos, sin,
+                                        k_cache, v_cache, start, key_mask, L)
+
+        def exact_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
-            count_attn = count_mlp = None
-            xq = xq[: rows_attn.shape[0]]
+            return self._sparse_modules(x, xq[: rows_attn.shape[0]], (rows_attn, rows_mlp), (None, None), slot,
+                                        seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L)
+
+        operands = (x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start)
+        if compiling:
+            # torch.cond traces both forms and picks at run time, so a new token count never
+            # recompiles (a Python branch would guard on T).
+            out = torch.cond(capacity, capacity_form, exact_form, operands)
+        else:
+            out = (capacity_form if capacity else exact_form)(*operands)
+        return out.view(B, L, H)
+
+    def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L):
+        """Q, attention and o_proj over the attention rows, then the MLP over the MLP rows.
+        rows/counts: (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
+        g, attn, mlp = self.geometry, self.self_attn, self.mlp
+        eps, scale = self._float_constants()
+        (rows_attn, rows_mlp), (count_attn, count_mlp) = rows, counts
         q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, count_attn).view(-1, g.num_heads, g.head_dim)
         q = self.family.q_norm(attn, q)
-        q = ops.rope(q.contiguous(), cos.view(T, -1), sin.view(T, -1), rows_attn, count_attn)
-        o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, rows_attn, seq_offsets[0], key_mask)
+        q = ops.rope(q.contiguous(), cos, sin, rows_attn, count_attn)
+        o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows_attn, seq_offsets[0], key_mask)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], count_attn)
         # MLP over the executing rows, scattered back onto the residual stream.
-        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps, rows_mlp, count_mlp)
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows_mlp, count_mlp)
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, count_mlp)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], count_mlp).view(B, L, H)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], count_mlp)

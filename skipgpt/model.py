@@ -11,7 +11,7 @@ from torch import nn
 
 from .families import family_for
 from .layer import PIPELINES, RoutedDecoderLayer
-from .routing import RoutingState
+from .routing import RoutingState, forced_params
 
 logger = logging.getLogger("skipgpt")
 
@@ -38,16 +38,16 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _capture_padding(state: RoutingState):
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None and mask.dim() != 2:
-            raise ValueError(
-                f"attention_mask: skipgpt models take the 2-D [batch, sequence] padding mask, got shape {tuple(mask.shape)}"
-            )
-        state.padding_mask = mask
-
-    return hook
+def _capture_padding(base_model, args, kwargs):
+    """Forward pre-hook on the base model: hands the call's 2-D padding mask to the routed layers.
+    The state is found through the module (not a closure), so a deepcopy of the model stays
+    wired to its own copy."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask: skipgpt models take the 2-D [batch, sequence] padding mask, got shape {tuple(mask.shape)}"
+        )
+    base_model.skipgpt_routing.padding_mask = mask
 
 
 def wrap(
@@ -77,7 +77,8 @@ def wrap(
     state = RoutingState()
     for i, layer in enumerate(layers):
         layers[i] = RoutedDecoderLayer(layer, i, model.config, state)
-    model.model.register_forward_pre_hook(_capture_padding(state), with_kwargs=True)
+    model.model.skipgpt_routing = state
+    model.model.register_forward_pre_hook(_capture_padding, with_kwargs=True)
     if router is not None:
         from .checkpoint import attach_routers
 
@@ -145,9 +146,10 @@ def force_routes(model: nn.Module, skip: Optional[float] = 0.25, seed: int = 0) 
     the routers."""
     if skip is not None and not 0.0 <= skip <= 1.0:
         raise ValueError(f"skip: expected a rate in [0, 1] or None, got {skip}")
-    state = routed_layers(model)[0].state
+    layer = routed_layers(model)[0]
+    state = layer.state
     state.forced_skip = None if skip is None else float(skip)
-    state.seed = int(seed)
+    state.forced_params = None if skip is None else forced_params(int(seed), float(skip), layer.route_counts.device)
     return model
 
 

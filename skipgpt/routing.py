@@ -22,26 +22,37 @@ class RoutingState:
 
     padding_mask: the model call's 2-D attention mask ([B, past + L] bool), captured by a
     forward pre-hook on the base model; None when the caller passed none (no padding).
-    forced_skip / seed: set by `skipgpt.force_routes`.
+    forced_skip: the rate set by `skipgpt.force_routes` (None: the routers decide).
+    forced_params: [2] int64 on the model's device, (seed, skip threshold); a tensor, so a new
+    seed or rate reaches compiled code as data instead of forcing a recompile.
     """
 
     padding_mask: Optional[torch.Tensor] = None
     forced_skip: Optional[float] = None
-    seed: int = 0
+    forced_params: Optional[torch.Tensor] = None
 
 
-def forced_skip_mask(seed: int, layer_idx: int, batch: int, slots: torch.Tensor, rate: float) -> torch.Tensor:
-    """Seeded pseudo-random skips: [2, B, L] bool (row 0 attention, row 1 MLP), True = skip,
-    each with probability `rate`.
+def forced_params(seed: int, rate: float, device) -> torch.Tensor:
+    params = torch.tensor([seed % _PRIME, int(rate * _PRIME)], dtype=torch.int64, device=device)
+    # Static shape: under dynamic=True its length 2 would otherwise be tied to any dim that
+    # happens to be 2 at the first compile (duck sizing), and recompile when that dim changes.
+    torch._dynamo.mark_static(params, 0)
+    return params
 
-    A pure function of (seed, layer, module, sequence index, cache slot), computed with device
-    integer arithmetic in a handful of kernels: identical on CPU and CUDA, in every pipeline,
-    eager or compiled, and different at every decode step. slots: [L] int64 cache slots.
+
+def forced_skip_mask(params: torch.Tensor, layer_idx: int, batch: int, slots: torch.Tensor) -> torch.Tensor:
+    """Seeded pseudo-random skips: [2, B, L] bool (row 0 attention, row 1 MLP), True = skip.
+
+    params: [2] int64 from `forced_params` (seed, threshold = rate * (2^31 - 1)); slots: [L] int64
+    cache slots of this step's tokens. A pure function of (seed, layer, module, sequence index,
+    cache slot) computed with device integer arithmetic in a handful of kernels: identical on
+    CPU and CUDA, in every pipeline, eager or compiled, and different at every decode step.
     """
-    base = (seed * 7919 + layer_idx * 131 + 1) % _PRIME
+    params = params.to(slots.device)
+    base = (params[0] * 7919 + layer_idx * 131 + 1) % _PRIME
     module_and_seq = torch.arange(2 * batch, device=slots.device, dtype=torch.int64).view(2, batch, 1)
     h = (module_and_seq * 104729 + slots * 7919 + base) % _PRIME
     for mult in _MULTIPLIERS:
         h = (h * mult) % _PRIME
         h = h ^ (h >> 15)
-    return h < int(rate * _PRIME)
+    return h < params[1]

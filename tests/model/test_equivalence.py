@@ -192,3 +192,15 @@ def test_head_first_cache_with_content_is_refused():
         hf(ids, attention_mask=mask, use_cache=True, **cache_kw(hf, cache))
         with pytest.raises(ValueError, match="seq-first"):
             model(ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+
+
+def test_deepcopy_of_a_wrapped_model_is_independent():
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.4)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    twin = copy.deepcopy(model)
+    ids, mask = random_batch(model.config.vocab_size, 3, 9, "left")
+    with torch.no_grad():
+        valid_close(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits, mask, atol=1e-6)
+    skipgpt.set_pipeline(twin, "dense")
+    assert model.model.layers[0].pipeline == "triton-sparse"

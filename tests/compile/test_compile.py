@@ -1,0 +1,85 @@
+"""torch.compile on routed models: one graph for every shape and route pattern (CPU Inductor)."""
+import copy
+
+import pytest
+import torch
+
+import skipgpt
+from skipgpt.compile import compile_model, explain
+from tests.model.tiny import make_pair, random_batch
+
+# (batch, length, skip): new batch sizes and lengths, single-token steps, no token and every
+# token executing, and token counts on both sides of the capacity/exact switch (64 tokens).
+SHAPES = [(2, 9, 0.3), (3, 11, 0.3), (1, 1, 0.3), (2, 1, 0.5), (4, 40, 0.0), (4, 40, 1.0), (1, 200, 0.3), (5, 7, 0.6)]
+
+
+def routed(pipeline):
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.3)
+    return skipgpt.set_pipeline(model, pipeline)
+
+
+@pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
+def test_one_graph_for_every_shape_and_route_pattern(pipeline):
+    model = routed(pipeline)
+    eager = copy.deepcopy(model)
+    compile_model(model, fullgraph=True)  # fullgraph: any graph break raises
+    for i, (B, L, skip) in enumerate(SHAPES):
+        skipgpt.force_routes(model, skip=skip, seed=i)
+        skipgpt.force_routes(eager, skip=skip, seed=i)
+        ids, mask = random_batch(model.config.vocab_size, B, L, "left", seed=i)
+        stance = "default" if i == 0 else "fail_on_recompile"
+        with torch.no_grad(), torch.compiler.set_stance(stance):
+            out = model(ids, attention_mask=mask).logits
+        with torch.no_grad():
+            ref = eager(ids, attention_mask=mask).logits
+        keep = mask.bool()
+        torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+def test_torch_sparse_compiles_without_breaks():
+    """The plain-PyTorch reference compiles whole with plain torch.compile, which specialises
+    batch and length on 1: at most one graph per (B == 1, L == 1) combination. (Under
+    compile_model's size-oblivious tracing, Inductor's CPU lowering of its data-dependent
+    gather fails an internal bound check in torch 2.13, so the reference is left to plain
+    torch.compile.)"""
+    model = routed("torch-sparse")
+    eager = copy.deepcopy(model)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for i, (B, L, skip) in enumerate(SHAPES):
+        skipgpt.force_routes(model, skip=skip, seed=i)
+        skipgpt.force_routes(eager, skip=skip, seed=i)
+        ids, mask = random_batch(model.config.vocab_size, B, L, "left", seed=i)
+        with torch.no_grad():
+            keep = mask.bool()
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits[keep],
+                                       eager(ids, attention_mask=mask).logits[keep], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] <= 4
+
+
+def test_explain_reports_graphs_breaks_and_recompiles():
+    model = routed("triton-sparse")
+    inputs = []
+    for B, L in [(2, 9), (3, 1), (1, 70)]:
+        ids, mask = random_batch(model.config.vocab_size, B, L, "left")
+        inputs.append(dict(input_ids=ids, attention_mask=mask))
+    report = explain(model, inputs)
+    assert (report.graphs, report.graph_breaks, report.compilations, report.recompiles) == (1, 0, 1, 0)
+    assert "One graph serves every input" in str(report)
+
+
+def test_explain_names_the_cause_of_a_recompile():
+    model = routed("dense")
+    inputs = [dict(input_ids=random_batch(97, 2, 5)[0]), dict(input_ids=random_batch(97, 2, 5)[0].to(torch.int32))]
+    report = explain(model, inputs)
+    assert report.recompiles == 1
+    assert "int32" in " ".join(report.recompile_reasons) or "dtype" in " ".join(report.recompile_reasons)
+
+
+def test_compile_model_refuses_twice():
+    model = compile_model(routed("dense"))
+    with pytest.raises(ValueError, match="already compiled"):
+        compile_model(model)
