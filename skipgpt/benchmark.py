@@ -115,9 +115,12 @@ class LayerBench:
             kv.keys[:, :past], kv.values[:, :past] = past_kv
         cache = _OneLayerCache(kv)
 
+        # Set once here: creating the parameter tensor inside run() would copy host to device
+        # on every call, and could not be captured in a CUDA graph.
+        self.state.force(skip, seed=0, device=self.device)
+
         def run():
             kv.length = past
-            self.state.forced_skip = skip
             with torch.no_grad():
                 return torch.cat([layer(x, position_embeddings=cs, cache=cache) for cs in rope], dim=1)
 

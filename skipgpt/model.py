@@ -11,7 +11,7 @@ from torch import nn
 
 from .families import family_for
 from .layer import PIPELINES, RoutedDecoderLayer
-from .routing import RoutingState, forced_params
+from .routing import RoutingState
 
 logger = logging.getLogger("skipgpt")
 
@@ -147,9 +147,7 @@ def force_routes(model: nn.Module, skip: Optional[float] = 0.25, seed: int = 0) 
     if skip is not None and not 0.0 <= skip <= 1.0:
         raise ValueError(f"skip: expected a rate in [0, 1] or None, got {skip}")
     layer = routed_layers(model)[0]
-    state = layer.state
-    state.forced_skip = None if skip is None else float(skip)
-    state.forced_params = None if skip is None else forced_params(int(seed), float(skip), layer.route_counts.device)
+    layer.state.force(skip, seed, layer.route_counts.device)
     return model
 
 

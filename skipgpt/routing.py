@@ -31,6 +31,11 @@ class RoutingState:
     forced_skip: Optional[float] = None
     forced_params: Optional[torch.Tensor] = None
 
+    def force(self, skip: Optional[float], seed: int, device) -> None:
+        """Force seeded random routes at rate `skip` (None: the routers decide again)."""
+        self.forced_skip = None if skip is None else float(skip)
+        self.forced_params = None if skip is None else forced_params(int(seed), float(skip), device)
+
 
 def forced_params(seed: int, rate: float, device) -> torch.Tensor:
     params = torch.tensor([seed % _PRIME, int(rate * _PRIME)], dtype=torch.int64, device=device)
