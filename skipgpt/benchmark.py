@@ -32,7 +32,9 @@ GEOMETRIES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
                  rope_theta=10000.0, rms_norm_eps=1e-5, vocab_size=256, max_position_embeddings=4096),
 }
-PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse")
+PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse", "compiled-dense", "compiled-sparse")
+# compiled-sparse is triton-sparse under torch.compile (one graph for every shape: see skipgpt.compile).
+DENSE_PROVIDERS = ("hf", "dense", "compiled-dense")  # every token executes: checked at skip 0 only
 # A decode point times this many consecutive steps (one token each, at successive cache slots),
 # so a batch-1 run sees many route decisions rather than one fixed pattern; times are per step.
 DECODE_STEPS = 16
@@ -107,7 +109,10 @@ class LayerBench:
         if provider == "hf":
             return self._hf_steps(x, rope, past_kv, past, steps)
         layer = self.reference if provider == "reference" else self.routed
-        if provider != "reference":
+        if provider.startswith("compiled-"):
+            layer.pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
+            layer = self._compiled()
+        elif provider != "reference":
             layer.pipeline = provider
         kv = SeqFirstLayer()
         kv.reserve(batch, past + new * steps, g.num_kv_heads, g.head_dim, x.dtype, self.device)
@@ -125,6 +130,21 @@ class LayerBench:
                 return torch.cat([layer(x, position_embeddings=cs, cache=cache) for cs in rope], dim=1)
 
         return run
+
+    def _compiled(self):
+        """The routed layer under torch.compile, compiled once per pipeline and reused across
+        points (dynamic shapes, size-oblivious tracing, as skipgpt.compile.compile_model)."""
+        if not hasattr(self, "_compiled_layer"):
+            import torch.fx.experimental._config as fx_config
+
+            compiled = torch.compile(self.routed, dynamic=True, fullgraph=True)
+
+            def call(*args, **kwargs):
+                with fx_config.patch(backed_size_oblivious=True):
+                    return compiled(*args, **kwargs)
+
+            self._compiled_layer = call
+        return self._compiled_layer
 
     def _hf_steps(self, x, rope, past_kv, past: int, steps: int):
         if past == 0:  # prefill: no cache, as a plain forward
@@ -185,7 +205,7 @@ def run_grid(bench: LayerBench, mode: str, batches, seqlens, skips, providers, t
                     points.append(point)
                     try:
                         fn = bench.step(provider, mode, batch, seqlen, skip)
-                        if ref is not None and (provider not in ("hf", "dense") or skip == 0):
+                        if ref is not None and (provider not in DENSE_PROVIDERS or skip == 0):
                             point.rel_err = _rel_err(fn(), ref)
                             if point.rel_err > tolerance:
                                 point.status = "wrong"
