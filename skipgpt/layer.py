@@ -97,7 +97,8 @@ class RoutedDecoderLayer(nn.Module):
                 f"{L} columns, got shape {tuple(mask.shape)}"
             )
         mask = mask.to(device=device, dtype=torch.bool)
-        return mask, mask[:, -L:]
+        # narrow, not mask[:, -L:]: Inductor (torch 2.11) fails to lower open-ended slices here.
+        return mask, mask.narrow(1, mask.shape[1] - L, L)
 
     def _routes(self, x: torch.Tensor, valid, start: torch.Tensor, L: int) -> torch.Tensor:
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""
@@ -215,7 +216,9 @@ class RoutedDecoderLayer(nn.Module):
         cos, sin = cos.view(T, -1), sin.view(T, -1)
 
         def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
-            counts = (seq_offsets[0, -1:], seq_offsets[1, -1:])
+            # [1] views of the counts; select + unsqueeze rather than [r, -1:], an open-ended
+            # slice that Inductor (torch 2.11) fails to lower inside torch.cond.
+            counts = (seq_offsets[0, -1].unsqueeze(0), seq_offsets[1, -1].unsqueeze(0))
             return self._sparse_modules(x, xq, (rows[0], rows[1]), counts, slot, seq_offsets, cos, sin,
                                         k_cache, v_cache, start, key_mask, L)
 

@@ -94,6 +94,8 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   cond
   cat
 [cond_true_0]
+  unsqueeze
+  unsqueeze
   skipgpt.linear_rows.default
   skipgpt.rope.default
   skipgpt.sparse_attention.default
