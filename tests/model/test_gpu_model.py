@@ -1,11 +1,14 @@
 """bf16 at Llama-3.1-8B layer geometry (2 layers), on the GPU. The ground truth is the same
 model in float32: bf16 outputs (Hugging Face's included) are judged by their distance to it.
 
-Compared: decoder-layer outputs (the residual stream). The first layer sees the same input in
-every run, so its output must be within 1e-2 of the truth. Deeper, bf16 rounding compounds:
-after two random 8B-geometry layers Hugging Face's own bf16 model is 1.8% off its float32 twin
-(H200, 2026-11-26), so there ours must be no less accurate than that bf16 baseline. Logits are
-not compared: the final RMSNorm amplifies rounding further (HF bf16: ~9% off)."""
+Compared: the first and last decoder layers' outputs (the residual stream), each against the
+float32 truth, next to a bf16 baseline (Hugging Face's model, or the plain-PyTorch pipeline)
+computing the same function: ours must be no less accurate than it (within 25%). An absolute
+1e-2 bound is not meaningful at model level with random weights: bf16 rounding of this model
+is already 1.3% after one layer and 1.8% after two (H200, 2026-11-26, ours and the baseline
+alike). The 1e-2 bound is checked where inputs are controlled: per op (tests/ops/test_ops_gpu.py)
+and per layer (every benchmark point: 1.7e-3 to 2.5e-3). Logits are not compared: the final
+RMSNorm amplifies rounding further (~9%)."""
 import copy
 
 import pytest
@@ -60,11 +63,10 @@ def residual(model, ids, mask, pipeline=None, skip=None):
 
 
 def check(ours, bf16_baseline, truth, keep):
-    """Layer 0 within 1e-2 of the truth; the last layer no less accurate than the bf16 baseline."""
-    err_first = rel_err(ours[0][keep], truth[0][keep])
-    err_last, base_last = rel_err(ours[1][keep], truth[1][keep]), rel_err(bf16_baseline[1][keep], truth[1][keep])
-    assert err_first < 1e-2, err_first
-    assert err_last < 1.25 * base_last, (err_last, base_last)
+    """At the first and the last layer, no less accurate than the bf16 baseline (within 25%)."""
+    for layer in (0, 1):
+        err, base = rel_err(ours[layer][keep], truth[layer][keep]), rel_err(bf16_baseline[layer][keep], truth[layer][keep])
+        assert err < 1.25 * base, (layer, err, base)
 
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
