@@ -1,9 +1,14 @@
 """Seq-first KV cache behind transformers' `Cache` interface.
 
 Each layer stores keys and values as `[B, S, Hk, D]` (sequence before heads), the layout the
-skipgpt attention kernels read, and grows its capacity by doubling so a decode step writes in
-place instead of concatenating the whole cache. `generate()` works unchanged: a routed layer that
-receives a fresh Hugging Face cache swaps its empty layer entry for a `SeqFirstLayer`.
+skipgpt attention kernels read. Two kinds:
+- `SeqFirstLayer` grows its capacity by doubling, so a decode step writes in place instead of
+  concatenating the whole cache; its fill level is a host int.
+- `StaticSeqFirstLayer` is preallocated to `max_cache_len` and keeps its fill level in a device
+  tensor: a decode step reads and advances it on the GPU, so the step has no host state and can
+  be captured in a CUDA graph.
+`generate()` works unchanged: a routed layer that receives a fresh Hugging Face cache swaps its
+empty layer for the seq-first kind that matches (static for a `StaticCache`).
 """
 from __future__ import annotations
 
@@ -112,19 +117,97 @@ class SeqFirstLayer(CacheLayerMixin):
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
 
+    def fits(self, new_tokens: int, window: int) -> bool:
+        """Whether every slot this step can reach stays within an attention window of `window`."""
+        return self.length + new_tokens <= window
+
+
+class StaticSeqFirstLayer(SeqFirstLayer):
+    """A preallocated layer of `max_cache_len` slots whose fill level lives on the device.
+
+    `fill` ([1] int64) is read and advanced on the GPU, so steps neither sync nor change host
+    state. Writing past `max_cache_len` trips a device-side assert (as transformers'
+    StaticCache's index_copy_ does) rather than dropping tokens silently.
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = int(max_cache_len)
+        self.fill = torch.zeros(1, dtype=torch.int64)
+
+    def reserve(self, batch: int, new_tokens: int, num_heads: int, head_dim: int, dtype, device):
+        if not self.is_initialized:
+            self._allocate(batch, self.max_cache_len, num_heads, head_dim, dtype, device)
+            self.fill = self.fill.to(self.keys.device)
+            if not torch.compiler.is_compiling():
+                # Fixed addresses let compiled code and CUDA graphs update the cache in place.
+                for t in (self.keys, self.values, self.fill):
+                    torch._dynamo.mark_static_address(t)
+        got = (self.keys.shape[0], self.keys.shape[2], self.keys.shape[3])
+        if got != (batch, num_heads, head_dim) or self.keys.dtype != dtype:
+            raise ValueError(
+                f"static KV cache holds (batch, kv heads, head dim) = {got} in {self.keys.dtype}, this step brings "
+                f"{(batch, num_heads, head_dim)} in {dtype}"
+            )
+        start = self.fill.clone()
+        self.fill.add_(new_tokens)
+        torch._assert_async(self.fill[0] <= self.max_cache_len, "static KV cache overflow: raise max_cache_len")
+        return self.keys, self.values, start
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, num_heads, _, head_dim = key_states.shape
+        self.reserve(batch, 0, num_heads, head_dim, key_states.dtype, key_states.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise NotImplementedError("StaticSeqFirstLayer is written by skipgpt's routed layers only")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self):
+        """The fill level as a device tensor (transformers' StaticCache does the same), so
+        reading it costs no sync."""
+        return self.fill[0] if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        self.fill.zero_()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a static seq-first cache cannot be cropped; reset it instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a static seq-first cache keeps its batch; use the dynamic SeqFirstCache for beam search")
+
+    batch_repeat_interleave = batch_select_indices
+
+    def fits(self, new_tokens: int, window: int) -> bool:
+        return self.max_cache_len <= window
+
 
 class SeqFirstCache(Cache):
-    """A transformers `Cache` whose layers are `SeqFirstLayer`s."""
+    """A transformers `Cache` whose layers are `SeqFirstLayer`s, or `StaticSeqFirstLayer`s of
+    `max_cache_len` slots when that is given."""
 
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[SeqFirstLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, max_cache_len: int | None = None):
+        make = SeqFirstLayer if max_cache_len is None else (lambda: StaticSeqFirstLayer(max_cache_len))
+        super().__init__(layers=[make() for _ in range(num_layers)])
 
 
 def seq_first_layer(cache: Cache, layer_idx: int) -> SeqFirstLayer:
     """The `SeqFirstLayer` for `layer_idx`, swapped into a fresh transformers cache if needed.
 
-    A fresh sliding-window layer is swapped too: while the sequence fits the window, full causal
-    attention is the same function, and the routed layer refuses sequences that do not fit."""
+    A fresh transformers static layer becomes a `StaticSeqFirstLayer` of the same size, any
+    other fresh layer a `SeqFirstLayer`. Fresh sliding-window layers are swapped too: while the
+    sequence fits the window, full causal attention is the same function, and the routed layer
+    refuses sequences that do not fit."""
     while len(cache.layers) <= layer_idx:
         cache.layers.append(SeqFirstLayer())
     layer = cache.layers[layer_idx]
@@ -136,5 +219,6 @@ def seq_first_layer(cache: Cache, layer_idx: int) -> SeqFirstLayer:
             f"({type(layer).__name__}); routed layers need a seq-first cache: pass "
             "skipgpt.SeqFirstCache(num_layers) or a fresh cache"
         )
-    layer = cache.layers[layer_idx] = SeqFirstLayer()
+    max_cache_len = getattr(layer, "max_cache_len", None)
+    layer = cache.layers[layer_idx] = SeqFirstLayer() if max_cache_len is None else StaticSeqFirstLayer(max_cache_len)
     return layer

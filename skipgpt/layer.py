@@ -65,9 +65,9 @@ class RoutedDecoderLayer(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
         g = self.geometry
         kv_layer = seq_first_layer(cache, self.layer_idx) if cache is not None else SeqFirstLayer()
-        if self.sliding_window is not None and kv_layer.length + L > self.sliding_window:
+        if self.sliding_window is not None and not kv_layer.fits(L, self.sliding_window):
             raise NotImplementedError(
-                f"sequence of {kv_layer.length + L} tokens exceeds the model's sliding window ({self.sliding_window}); "
+                f"this step can reach beyond the model's sliding window ({self.sliding_window} tokens); "
                 "skipgpt implements full causal attention only"
             )
         k_cache, v_cache, start = kv_layer.reserve(B, L, g.num_kv_heads, g.head_dim, hidden_states.dtype, hidden_states.device)
@@ -75,7 +75,7 @@ class RoutedDecoderLayer(nn.Module):
         # position_ids. An explicit copy rather than .contiguous(), whose view-or-copy choice
         # would make compiled code guard on L == 1.
         cos, sin = (hidden_states.new_empty(B, L, g.head_dim, dtype=t.dtype).copy_(t) for t in position_embeddings)
-        key_mask, valid = self._padding(B, L, hidden_states.device)
+        key_mask, valid = self._padding(B, L, start, hidden_states.device)
         x = hidden_states.contiguous()
         step = dict(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, start=start, key_mask=key_mask)
         if self.pipeline == "dense":
@@ -86,19 +86,32 @@ class RoutedDecoderLayer(nn.Module):
             return self._torch_sparse(execute=execute, valid=valid, **step)
         return self._triton_sparse(execute=execute, valid=valid, **step)
 
-    def _padding(self, B: int, L: int, device):
-        """(key_mask [B, S] bool or None, valid [B, L] bool or None) from the model's 2-D mask."""
+    def _padding(self, B: int, L: int, start: torch.Tensor, device):
+        """(key_mask [B, S] bool or None, valid [B, L] bool or None) from the model's mask.
+
+        2-D masks cover past + new tokens, the new ones last. A 4-D mask [B, 1, L, S] (bool, or
+        additive float with 0 = visible) is read as causal plus key padding: the last query row
+        gives the keys, each query's own slot (start + l) whether it is a token. Other 4-D
+        structures (packed sequences, custom patterns) are not supported.
+        """
         mask = self.state.padding_mask
         if mask is None:
             return None, None
-        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < L:
+        if mask.shape[0] != B or mask.shape[-1] < L or (mask.dim() == 4 and mask.shape[2] != L):
             raise ValueError(
-                f"attention_mask: expected a 2-D [batch, past + new tokens] mask with batch {B} and at least "
-                f"{L} columns, got shape {tuple(mask.shape)}"
+                f"attention_mask: shape {tuple(mask.shape)} does not fit a step of batch {B} with {L} new tokens"
             )
-        mask = mask.to(device=device, dtype=torch.bool)
-        # narrow, not mask[:, -L:]: Inductor (torch 2.11) fails to lower open-ended slices here.
-        return mask, mask.narrow(1, mask.shape[1] - L, L)
+        mask = mask.to(device)
+        if mask.dim() == 2:
+            mask = mask.bool()
+            # narrow, not mask[:, -L:]: Inductor (torch 2.11) fails to lower open-ended slices here.
+            return mask, mask.narrow(1, mask.shape[1] - L, L)
+        visible = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # [B, L, S]
+        slots = (start + torch.arange(L, device=device)).view(1, L, 1).expand(B, L, 1)
+        # An explicit copy (the attention op wants contiguous rows); .contiguous() would guard
+        # on B == 1 under torch.compile.
+        keys = visible[:, -1].clone(memory_format=torch.contiguous_format)
+        return keys, visible.gather(2, slots).squeeze(2)
 
     def _routes(self, x: torch.Tensor, valid, start: torch.Tensor, L: int) -> torch.Tensor:
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""

@@ -39,13 +39,14 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _capture_padding(base_model, args, kwargs):
-    """Forward pre-hook on the base model: hands the call's 2-D padding mask to the routed layers.
+    """Forward pre-hook on the base model: hands the call's padding mask to the routed layers.
     The state is found through the module (not a closure), so a deepcopy of the model stays
     wired to its own copy."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if mask is not None and mask.dim() != 2:
+    if mask is not None and mask.dim() not in (2, 4):
         raise ValueError(
-            f"attention_mask: skipgpt models take the 2-D [batch, sequence] padding mask, got shape {tuple(mask.shape)}"
+            "attention_mask: expected a 2-D [batch, sequence] padding mask (or the 4-D causal mask "
+            f"transformers builds for static caches), got shape {tuple(mask.shape)}"
         )
     base_model.skipgpt_routing.padding_mask = mask
 

@@ -20,8 +20,9 @@ _MULTIPLIERS = (48271, 69621, 16807)
 class RoutingState:
     """Shared by the routed layers of one model.
 
-    padding_mask: the model call's 2-D attention mask ([B, past + L] bool), captured by a
-    forward pre-hook on the base model; None when the caller passed none (no padding).
+    padding_mask: the model call's attention mask, captured by a forward pre-hook on the base
+    model: 2-D [B, past + L] (1 = token), or the 4-D causal mask transformers builds for static
+    caches; None when the caller passed none (no padding).
     forced_skip: the rate set by `skipgpt.force_routes` (None: the routers decide).
     forced_params: [2] int64 on the model's device, (seed, skip threshold); a tensor, so a new
     seed or rate reaches compiled code as data instead of forcing a recompile.

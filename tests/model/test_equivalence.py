@@ -164,7 +164,9 @@ def test_bad_arguments_fail_clearly():
         skipgpt.force_routes(model, skip=1.5)
     ids = torch.randint(3, 90, (1, 4))
     with pytest.raises(ValueError, match="2-D"):
-        model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+        model(ids, attention_mask=torch.ones(1, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        model(ids, attention_mask=torch.ones(2, 4))
 
 
 def test_unsupported_architecture_names_supported_ones():
@@ -204,3 +206,40 @@ def test_deepcopy_of_a_wrapped_model_is_independent():
         valid_close(twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits, mask, atol=1e-6)
     skipgpt.set_pipeline(twin, "dense")
     assert model.model.layers[0].pipeline == "triton-sparse"
+
+
+@pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
+def test_static_cache_decode_equals_full_forward(pipeline):
+    _, model = make_pair("qwen3")
+    skipgpt.force_routes(model, skip=0.4, seed=4)
+    skipgpt.set_pipeline(model, pipeline)
+    ids, mask = random_batch(model.config.vocab_size, 2, 12, "left")
+    cache = skipgpt.SeqFirstCache(model.config.num_hidden_layers, max_cache_len=16)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True, **cache_kw(model, cache)).logits]
+        for t in range(5, 12):
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True,
+                               **cache_kw(model, cache)).logits)
+    valid_close(torch.cat(steps, 1), full, mask, atol=1e-5)
+    assert int(cache.get_seq_length()) == 12
+
+
+def test_generate_with_transformers_static_cache():
+    _, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.3, seed=6)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    ids, mask = random_batch(model.config.vocab_size, 2, 6, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+
+
+def test_static_cache_overflow_is_an_error():
+    _, model = make_pair("llama")
+    ids, mask = random_batch(model.config.vocab_size, 1, 6)
+    cache = skipgpt.SeqFirstCache(model.config.num_hidden_layers, max_cache_len=4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="overflow"):
+        model(ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
