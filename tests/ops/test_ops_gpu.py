@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from skipgpt.ops.routing.reference import compact_reference
 from tests.helpers import rel_err
 from tests.ops.opsutil import poisoned_outputs
 
