@@ -7,9 +7,11 @@ from .attention import sparse_attention
 from .linear import gated_mlp, linear_residual, linear_rows
 from .norm import rms_norm, rms_norm_split
 from .rope import rope, rope_kv_write
-from .routing import compact, exact_rows
+from .routing import compact, exact_rows, forced_execute, router_execute
 
 __all__ = [
+    "router_execute",
+    "forced_execute",
     "compact",
     "exact_rows",
     "rms_norm",

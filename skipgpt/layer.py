@@ -17,7 +17,7 @@ from . import ops
 from .cache import SeqFirstLayer, seq_first_layer
 from .families import family_for
 from .ops.rope.reference import rotate_half
-from .routing import RoutingState, forced_skip_mask
+from .routing import RoutingState
 
 PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 
@@ -115,18 +115,23 @@ class RoutedDecoderLayer(nn.Module):
 
     def _routes(self, x: torch.Tensor, valid, start: torch.Tensor, L: int) -> torch.Tensor:
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""
-        B = x.shape[0]
+        B, _, H = x.shape
         if self.state.forced_skip is not None:
-            slots = start + torch.arange(L, device=x.device)
-            execute = ~forced_skip_mask(self.state.forced_params, self.layer_idx, B, slots)
+            execute = ops.forced_execute(self.state.forced_params, start, B, L, self.layer_idx)
         else:
-            if self.router_attention is None or self.router_mlp is None:
+            attn_router, mlp_router = self.router_attention, self.router_mlp
+            if attn_router is None or mlp_router is None:
                 raise RuntimeError(
                     f"layer {self.layer_idx}: pipeline {self.pipeline!r} needs routers; load them "
                     "(skipgpt.load(..., router=PATH) / skipgpt.wrap(model, router=PATH)), force routes "
                     "(skipgpt.force_routes(model, skip=0.25)), or use the 'dense' pipeline"
                 )
-            execute = torch.stack([self.router_attention.execute(x), self.router_mlp.execute(x)])
+            if attn_router.kind == mlp_router.kind == "linear":  # both in one pass over x
+                w = torch.cat([attn_router.weight_predictor.weight, mlp_router.weight_predictor.weight])
+                b = torch.cat([attn_router.weight_predictor.bias, mlp_router.weight_predictor.bias])
+                execute = ops.router_execute(x.reshape(-1, H), w, b).view(2, B, L)
+            else:
+                execute = torch.stack([attn_router.execute(x), mlp_router.execute(x)])
         if valid is not None:
             execute = execute & valid
         return execute

@@ -1,7 +1,7 @@
-"""Per-token route decisions: from the routers, or forced (seeded, for tests and benchmarks).
+"""Routing state shared by a model's routed layers: the call's padding mask and forced routes.
 
-Both give, for one layer and one forward step, two `[B, L]` bool masks: which tokens execute
-attention and which execute the MLP. Padding never executes (DESIGN.md section 1).
+The decisions themselves come from the routers or from the `skipgpt::forced_execute` op (seeded,
+for tests and benchmarks); padding never executes (DESIGN.md section 1).
 """
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from typing import Optional
 
 import torch
 
-_PRIME = 2147483647  # 2^31 - 1: keeps every product below 2^62, so int64 never overflows
-# Three multiply-mod rounds with distinct Lehmer multipliers, each followed by a xor-shift:
-# fewer rounds left measurable correlation between neighbouring tokens and between modules.
-_MULTIPLIERS = (48271, 69621, 16807)
+from .ops.routing.reference import HASH_PRIME
+
 
 
 @dataclass
@@ -39,26 +37,9 @@ class RoutingState:
 
 
 def forced_params(seed: int, rate: float, device) -> torch.Tensor:
-    params = torch.tensor([seed % _PRIME, int(rate * _PRIME)], dtype=torch.int64, device=device)
+    """[2] int64 (seed, skip threshold) for the `skipgpt::forced_execute` op."""
+    params = torch.tensor([seed % HASH_PRIME, int(rate * HASH_PRIME)], dtype=torch.int64, device=device)
     # Static shape: under dynamic=True its length 2 would otherwise be tied to any dim that
     # happens to be 2 at the first compile (duck sizing), and recompile when that dim changes.
     torch._dynamo.mark_static(params, 0)
     return params
-
-
-def forced_skip_mask(params: torch.Tensor, layer_idx: int, batch: int, slots: torch.Tensor) -> torch.Tensor:
-    """Seeded pseudo-random skips: [2, B, L] bool (row 0 attention, row 1 MLP), True = skip.
-
-    params: [2] int64 from `forced_params` (seed, threshold = rate * (2^31 - 1)); slots: [L] int64
-    cache slots of this step's tokens. A pure function of (seed, layer, module, sequence index,
-    cache slot) computed with device integer arithmetic in a handful of kernels: identical on
-    CPU and CUDA, in every pipeline, eager or compiled, and different at every decode step.
-    """
-    params = params.to(slots.device)
-    base = (params[0] * 7919 + layer_idx * 131 + 1) % _PRIME
-    module_and_seq = torch.arange(2 * batch, device=slots.device, dtype=torch.int64).view(2, batch, 1)
-    h = (module_and_seq * 104729 + slots * 7919 + base) % _PRIME
-    for mult in _MULTIPLIERS:
-        h = (h * mult) % _PRIME
-        h = h ^ (h >> 15)
-    return h < params[1]

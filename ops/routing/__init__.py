@@ -15,10 +15,77 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import eager_entry, HAS_TRITON, check_tensor
-from .reference import compact_reference
+from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_tensor, eager_entry
+from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
-__all__ = ["compact", "exact_rows", "compact_reference"]
+__all__ = [
+    "router_execute",
+    "forced_execute",
+    "compact",
+    "exact_rows",
+    "router_execute_reference",
+    "forced_execute_reference",
+    "compact_reference",
+]
+
+
+def _check_router(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("bias", bias, ndim=1, device=x.device)
+    check_same_dtype("bias", bias, "weight", weight)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight: expected {x.shape[1]} columns like x, got shape {tuple(weight.shape)}")
+    if weight.shape[0] % 2 or weight.shape[0] == 0 or weight.shape[0] & (weight.shape[0] - 1):
+        raise ValueError(
+            f"weight: expected 2R rows (two logits per router, R a power of two), got shape {tuple(weight.shape)}"
+        )
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias: expected {weight.shape[0]} entries like weight's rows, got {bias.shape[0]}")
+
+
+@torch.library.custom_op("skipgpt::router_execute", mutates_args=())
+def router_execute(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Decisions of R Linear routers in one pass over x.
+
+    x: [T, H]; weight: [2R, H] and bias: [2R], routers' dtype (x is cast to it), router r's
+    EXECUTE/SKIP logits in rows 2r/2r+1. Returns [R, T] bool, True = execute (argmax semantics:
+    a tie executes, NaN counts as the maximum).
+    """
+    _check_router(x, weight, bias)
+    return router_execute_reference(x, weight, bias)
+
+
+@router_execute.register_fake
+def _router_execute_fake(x, weight, bias):
+    _check_router(x, weight, bias)
+    return x.new_empty((weight.shape[0] // 2, x.shape[0]), dtype=torch.bool)
+
+
+def _check_forced(params: Tensor, start: Tensor, batch: int, seq_len: int) -> None:
+    check_tensor("params", params, ndim=1, dtypes=(torch.int64,), device=start.device)
+    check_tensor("start", start, ndim=1, dtypes=(torch.int64,))
+    if params.shape[0] != 2 or start.shape[0] != 1:
+        raise ValueError(f"params/start: expected 2 and 1 elements, got {params.shape[0]} and {start.shape[0]}")
+    if batch < 0 or seq_len < 0:
+        raise ValueError(f"batch, seq_len: expected sizes >= 0, got {batch}, {seq_len}")
+
+
+@torch.library.custom_op("skipgpt::forced_execute", mutates_args=())
+def forced_execute(params: Tensor, start: Tensor, batch: int, seq_len: int, layer_idx: int) -> Tensor:
+    """Seeded pseudo-random routes for benchmarks and tests: [2, B, L] bool, True = execute.
+
+    params: [2] int64 (seed, skip threshold); start: [1] int64 cache slot of token column 0.
+    See `forced_execute_reference` for the hash; identical on every device and pipeline.
+    """
+    _check_forced(params, start, batch, seq_len)
+    return forced_execute_reference(params, start, batch, seq_len, layer_idx)
+
+
+@forced_execute.register_fake
+def _forced_execute_fake(params, start, batch, seq_len, layer_idx):
+    _check_forced(params, start, batch, seq_len)
+    return start.new_empty((2, batch, seq_len), dtype=torch.bool)
 
 
 def _check_execute(execute: Tensor) -> None:
@@ -40,6 +107,16 @@ def compact(execute: Tensor, host_counts: bool = False) -> tuple[Tensor, Tensor,
 
 if HAS_TRITON:
     from . import kernels
+
+    @router_execute.register_kernel("cuda")
+    def _router_execute_cuda(x, weight, bias):
+        _check_router(x, weight, bias)
+        return kernels.router_execute(x, weight, bias)
+
+    @forced_execute.register_kernel("cuda")
+    def _forced_execute_cuda(params, start, batch, seq_len, layer_idx):
+        _check_forced(params, start, batch, seq_len)
+        return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
 
     @compact.register_kernel("cuda")
     def _compact_cuda(execute: Tensor, host_counts: bool = False):
@@ -103,5 +180,7 @@ def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
 
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
+router_execute = eager_entry(router_execute, _router_execute_cuda if HAS_TRITON else None)
+forced_execute = eager_entry(forced_execute, _forced_execute_cuda if HAS_TRITON else None)
 compact = eager_entry(compact, _compact_cuda if HAS_TRITON else None)
 exact_rows = eager_entry(exact_rows, exact_rows._init_fn)

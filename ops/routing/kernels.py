@@ -1,4 +1,5 @@
-"""Triton compaction: one program per route set scans the execute mask block by block."""
+"""Triton routing kernels: route decisions (Linear routers, or the seeded forced hash) and the
+compaction that turns them into row indices."""
 import torch
 import triton
 import triton.language as tl
@@ -44,3 +45,68 @@ def compact(execute: torch.Tensor):
     block = min(1024, triton.next_power_of_2(T))
     _compact_kernel[(R,)](execute.view(torch.uint8), rows, slot, offsets, T, L, B, BLOCK=block)
     return rows, slot, offsets
+
+
+@triton.jit(do_not_specialize=["L", "start_ptr"])
+def _forced_execute_kernel(params_ptr, start_ptr, out_ptr, L, layer_idx, BLOCK: tl.constexpr):
+    # One program per (module, sequence) row of L tokens; the same hash as the reference.
+    row = tl.program_id(0).to(tl.int64)  # module * B + b
+    prime = 2147483647
+    base = (tl.load(params_ptr) * 7919 + layer_idx * 131 + 1) % prime
+    threshold = tl.load(params_ptr + 1)
+    start = tl.load(start_ptr)
+    for l0 in range(0, L, BLOCK):
+        l = l0 + tl.arange(0, BLOCK)
+        h = (row * 104729 + (start + l) * 7919 + base) % prime
+        h = (h * 48271) % prime
+        h = h ^ (h >> 15)
+        h = (h * 69621) % prime
+        h = h ^ (h >> 15)
+        h = (h * 16807) % prime
+        h = h ^ (h >> 15)
+        tl.store(out_ptr + row * L + l, (h >= threshold).to(tl.int8), mask=l < L)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
+                           H: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Each program scores BLOCK_T tokens with all 2R logits from one read of x (no fp32 copy).
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    j = tl.arange(0, 2 * R)  # logit index: 2r = EXECUTE, 2r + 1 = SKIP of router r
+    acc = tl.zeros([BLOCK_T, 2 * R], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < H
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * H + h[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + j[:, None] * H + h[None, :], mask=h_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    # Logits rounded to the routers' dtype, then argmax semantics: NaN is the maximum and a tie
+    # picks index 0 (EXECUTE).
+    logits = (acc + tl.load(b_ptr + j).to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+    l0, l1 = tl.split(tl.reshape(logits, [BLOCK_T, R, 2]))
+    execute = (l0 != l0) | ((l1 == l1) & (l0 >= l1))  # [BLOCK_T, R]
+    r = tl.arange(0, R)
+    tl.store(out_ptr + r[None, :] * T + t[:, None], execute.to(tl.int8), mask=t_ok[:, None])
+
+
+def forced_execute(params, start, batch, seq_len, layer_idx):
+    out = torch.empty(2, batch, seq_len, dtype=torch.bool, device=start.device)
+    if batch * seq_len:
+        block = min(1024, triton.next_power_of_2(seq_len))
+        _forced_execute_kernel[(2 * batch,)](params, start, out.view(torch.int8), seq_len, layer_idx, BLOCK=block)
+    return out
+
+
+def router_execute(x, weight, bias):
+    T, H = x.shape
+    R = weight.shape[0] // 2
+    out = torch.empty(R, T, dtype=torch.bool, device=x.device)
+    if T:
+        block_t = 16
+        _router_execute_kernel[(triton.cdiv(T, block_t),)](
+            x, weight, bias, out.view(torch.int8), T, H=H, R=R, BLOCK_T=block_t,
+            BLOCK_H=min(128, triton.next_power_of_2(H)),
+        )
+    return out

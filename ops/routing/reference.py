@@ -1,5 +1,40 @@
-"""Pure-PyTorch compaction: the CPU implementation and the reference for the Triton kernel."""
+"""Pure-PyTorch routing ops: the CPU implementations and the references for the Triton kernels."""
 import torch
+import torch.nn.functional as F
+
+HASH_PRIME = 2147483647  # 2^31 - 1: keeps every product below 2^62, so int64 never overflows
+# Three multiply-mod rounds with distinct Lehmer multipliers, each followed by a xor-shift:
+# fewer rounds left measurable correlation between neighbouring tokens and between modules.
+HASH_MULTIPLIERS = (48271, 69621, 16807)
+
+
+def forced_execute_reference(params: torch.Tensor, start: torch.Tensor, batch: int, seq_len: int, layer_idx: int):
+    """Seeded pseudo-random routes: [2, B, L] bool (row 0 attention, row 1 MLP), True = execute.
+
+    params: [2] int64 (seed, skip threshold = rate * (2^31 - 1)); start: [1] int64, the cache
+    slot of token column 0. Token (b, l) at slot start + l of module m skips when
+    hash(seed, layer, m, b, slot) < threshold: a pure function of those five numbers.
+    """
+    device = start.device
+    params = params.to(device)
+    slots = start.reshape(1) + torch.arange(seq_len, device=device)
+    base = (params[0] * 7919 + layer_idx * 131 + 1) % HASH_PRIME
+    module_and_seq = torch.arange(2 * batch, device=device, dtype=torch.int64).view(2, batch, 1)
+    h = (module_and_seq * 104729 + slots * 7919 + base) % HASH_PRIME
+    for mult in HASH_MULTIPLIERS:
+        h = (h * mult) % HASH_PRIME
+        h = h ^ (h >> 15)
+    return h >= params[1]
+
+
+def router_execute_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """R Linear routers at once: x [T, H] -> [R, T] bool, True = execute.
+
+    weight [2R, H], bias [2R]: router r's logits are rows 2r (EXECUTE) and 2r+1 (SKIP),
+    computed in the weight's dtype (x is cast to it); a tie executes, as argmax picks index 0.
+    """
+    logits = F.linear(x.to(weight.dtype), weight, bias).view(x.shape[0], -1, 2)
+    return (logits.argmax(-1) == 0).t().contiguous()  # argmax: NaN counts as the maximum
 
 
 def compact_reference(execute: torch.Tensor):

@@ -243,3 +243,28 @@ def test_static_cache_overflow_is_an_error():
     cache = skipgpt.SeqFirstCache(model.config.num_hidden_layers, max_cache_len=4)
     with torch.no_grad(), pytest.raises(RuntimeError, match="overflow"):
         model(ids, attention_mask=mask, use_cache=True, **cache_kw(model, cache))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_sparse_pipelines_agree_with_real_routers(kind):
+    from skipgpt.router import Router
+
+    _, model = make_pair("llama")
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        for name in ("router_attention", "router_mlp"):
+            router = Router(model.config.hidden_size, kind=kind)
+            with torch.no_grad():  # weights large against the tiny model's residual stream
+                for p in router.parameters():
+                    p.normal_(0.0, 20.0 if p.dim() == 2 else 0.0)
+            setattr(layer, name, router)
+    ids, mask = random_batch(model.config.vocab_size, 3, 13, "left")
+    with torch.no_grad():
+        skipgpt.set_pipeline(model, "torch-sparse")
+        ref = model(ids, attention_mask=mask).logits
+        skipgpt.reset_sparsity(model)
+        skipgpt.set_pipeline(model, "triton-sparse")
+        out = model(ids, attention_mask=mask).logits
+    valid_close(out, ref, mask, atol=1e-5)
+    report = skipgpt.sparsity(model)
+    assert 0.05 < report["attention"] < 0.95 and 0.05 < report["mlp"] < 0.95, report

@@ -66,3 +66,110 @@ def test_rejects_bad_input():
         routing.compact(torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="seq_offsets: expected 2 route sets"):
         routing.exact_rows(torch.zeros(2, 4, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------- route decisions
+
+from skipgpt.routing import forced_params  # noqa: E402
+
+
+def forced_skip(seed, rate, layer, batch, first, length, device="cpu"):
+    start = torch.tensor([first], device=device)
+    return ~routing.forced_execute_reference(forced_params(seed, rate, device), start, batch, length, layer)
+
+
+def test_forced_routes_have_the_rate_and_look_independent():
+    skip = forced_skip(0, 0.25, 3, 8, 0, 8192)
+    assert skip.shape == (2, 8, 8192)
+    assert abs(skip.float().mean().item() - 0.25) < 0.01
+    # Neighbouring tokens, the two modules and two sequences agree as often as independent
+    # coin flips would: 0.75^2 + 0.25^2 = 0.625 and 0.25^2 = 0.0625.
+    assert abs(skip[:, :, 1:].eq(skip[:, :, :-1]).float().mean().item() - 0.625) < 0.01
+    assert abs((skip[0] & skip[1]).float().mean().item() - 0.0625) < 0.005
+    assert abs((skip[:, 0] & skip[:, 1]).float().mean().item() - 0.0625) < 0.007
+
+
+def test_forced_routes_depend_on_seed_layer_and_slot_only():
+    a = forced_skip(1, 0.5, 2, 3, 100, 64)
+    assert torch.equal(a, forced_skip(1, 0.5, 2, 3, 100, 64))
+    assert not torch.equal(a, forced_skip(2, 0.5, 2, 3, 100, 64))
+    assert not torch.equal(a, forced_skip(1, 0.5, 5, 3, 100, 64))
+    # A decode step sees the same decision as the full forward at that slot.
+    assert torch.equal(a[:, :, 10:11], forced_skip(1, 0.5, 2, 3, 110, 1))
+    assert not forced_skip(1, 0.0, 2, 3, 100, 64).any()
+    assert forced_skip(1, 1.0, 2, 3, 100, 64).all()
+
+
+@requires_triton
+@pytest.mark.parametrize("batch, length, first", [(1, 1, 0), (3, 7, 5), (2, 1100, 37)])
+def test_forced_kernel_matches_reference(batch, length, first):
+    from skipgpt.ops.routing import kernels
+
+    params = forced_params(11, 0.3, KERNEL_DEVICE)
+    start = torch.tensor([first], device=KERNEL_DEVICE)
+    got = kernels.forced_execute(params, start, batch, length, 4)
+    assert torch.equal(got, routing.forced_execute_reference(params, start, batch, length, 4))
+
+
+def router_inputs(T, H, R, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w = torch.randn(2 * R, H, generator=g) / H**0.5
+    b = torch.randn(2 * R, generator=g)
+    return x, w, b
+
+
+def test_router_reference_is_the_router_modules_argmax():
+    from skipgpt.router import Router
+
+    x, w, b = router_inputs(33, 24, 2, torch.float16)
+    routers = [Router(24) for _ in range(2)]
+    for r, router in enumerate(routers):
+        router.weight_predictor.weight.data.copy_(w[2 * r : 2 * r + 2])
+        router.weight_predictor.bias.data.copy_(b[2 * r : 2 * r + 2])
+    want = torch.stack([router.execute(x) for router in routers])
+    assert torch.equal(routing.router_execute_reference(x, w, b), want)
+
+
+@requires_triton
+@pytest.mark.parametrize("T, H", [(1, 64), (7, 129), (130, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_kernel_matches_reference(T, H, dtype):
+    from skipgpt.ops.routing import kernels
+
+    x, w, b = (t.to(KERNEL_DEVICE) for t in router_inputs(T, H, 2, dtype, seed=T))
+    got = kernels.router_execute(x, w, b)
+    want = routing.router_execute_reference(x, w, b)
+    # Summation order differs: only near-ties may disagree.
+    logits = torch.nn.functional.linear(x.float(), w, b).view(T, 2, 2)
+    margin = (logits[..., 0] - logits[..., 1]).abs().t()
+    assert torch.equal(got[margin > 1e-4], want[margin > 1e-4])
+
+
+@requires_triton
+def test_router_kernel_ties_execute_and_nan_is_the_maximum():
+    from skipgpt.ops.routing import kernels
+
+    x = torch.zeros(3, 16, device=KERNEL_DEVICE)
+    w = torch.zeros(4, 16, device=KERNEL_DEVICE)
+    b = torch.tensor([0.0, 0.0, float("nan"), 1.0], device=KERNEL_DEVICE)
+    got = kernels.router_execute(x, w, b)
+    assert got[0].all()  # tie -> execute
+    assert got[1].all()  # NaN execute logit -> argmax picks it -> execute
+    assert torch.equal(got, routing.router_execute_reference(x, w, b))
+
+
+def test_route_ops_opcheck():
+    x, w, b = router_inputs(5, 16, 2, torch.float32)
+    torch.library.opcheck(torch.ops.skipgpt.router_execute.default, (x, w, b))
+    torch.library.opcheck(torch.ops.skipgpt.forced_execute.default, (forced_params(3, 0.4, "cpu"), torch.tensor([2]), 2, 5, 1))
+
+
+def test_route_ops_reject_bad_input():
+    x, w, b = router_inputs(5, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="weight: expected 16 columns"):
+        routing.router_execute(x, w[:, :8].contiguous(), b)
+    with pytest.raises(ValueError, match="weight: expected 2R rows"):
+        routing.router_execute(x, w[:3].contiguous(), b[:3])
+    with pytest.raises(TypeError, match="params: expected dtype int64"):
+        routing.forced_execute(torch.zeros(2), torch.tensor([0]), 1, 1, 0)
