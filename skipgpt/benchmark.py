@@ -1,28 +1,40 @@
-"""Layer benchmark: one decoder layer of a given geometry, random weights, forced random routes.
+"""Benchmarks of the routed pipelines: one decoder layer (`LayerBench`) or a whole multi-layer
+model (`ModelBench`), random weights and seeded random routes at a forced skip rate.
 
 Providers:
-  hf             the Hugging Face layer (cuBLAS + SDPA): the dense baseline
-  dense          the routed layer's dense pipeline (skipgpt ops, every token executes)
-  torch-sparse   the routed layer's plain-PyTorch pipeline (the reference)
-  triton-sparse  the routed layer's custom-op pipeline
+  hf               the Hugging Face layer/model (cuBLAS + SDPA): the dense baseline
+  dense            the routed pipeline with every token executing (skipgpt ops)
+  torch-sparse     the routed plain-PyTorch pipeline (the reference semantics)
+  triton-sparse    the routed custom-op pipeline
+  compiled-dense   dense under torch.compile (one graph for every shape, see skipgpt.compile)
+  compiled-sparse  triton-sparse under torch.compile
+  published-triton-sparse  the published SkipGPT code's Triton layer, with --baseline-published
+                   (skipgpt/published_baseline.py; layer scope only)
 
 Before it is timed, every provider's output is compared with torch-sparse run in float32 on an
-fp32 copy of the weights (the ground truth) under the same routes; hf and dense only at skip 0,
-where they compute the same function. A provider off by more than the tolerance is reported as
-wrong and not timed. Each point records its relative error.
+fp32 copy of the weights (the ground truth) under the same routes; hf, dense and compiled-dense
+only at skip 0, where they compute the same function. A provider whose relative error exceeds
+the tolerance is reported as wrong and not timed. The tolerance is `tolerance` or, in a
+low-precision run, three times the error of torch-sparse in that precision, whichever is larger
+(rounding grows with depth; a broken kernel is off by far more). Each point records its error.
+
+`run_grid` measures a grid and reports every failure per point (out of memory, not capturable
+in a CUDA graph, a provider that raised, e.g. torch.compile without a working compiler) instead
+of stopping. The command line is `skipgpt bench` (skipgpt/commands/bench.py); `python -m
+skipgpt.benchmark` runs the same command with its original flag spellings.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
+import inspect
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 
-from .cache import SeqFirstLayer
+from .cache import SeqFirstCache, SeqFirstLayer
 from .layer import RoutedDecoderLayer
 from .routing import RoutingState
 
@@ -33,11 +45,16 @@ GEOMETRIES = {
                  rope_theta=10000.0, rms_norm_eps=1e-5, vocab_size=256, max_position_embeddings=4096),
 }
 PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse", "compiled-dense", "compiled-sparse")
+PUBLISHED = "published-triton-sparse"
+COMPILED = ("compiled-dense", "compiled-sparse")
 # compiled-sparse is triton-sparse under torch.compile (one graph for every shape: see skipgpt.compile).
 DENSE_PROVIDERS = ("hf", "dense", "compiled-dense")  # every token executes: checked at skip 0 only
 # A decode point times this many consecutive steps (one token each, at successive cache slots),
 # so a batch-1 run sees many route decisions rather than one fixed pattern; times are per step.
 DECODE_STEPS = 16
+# The random model of `--scope model` gets a small vocabulary: the embedding and the head are not
+# what is measured, and 128K rows would cost 1 GB each at the 8B geometry.
+MODEL_VOCAB = 1024
 
 
 @dataclass
@@ -47,69 +64,142 @@ class Point:
     batch: int
     seqlen: int  # prefill: tokens per sequence; decode: KV length before the step
     skip: float
-    ms: Optional[float] = None
+    ms: Optional[float] = None  # median time (per step at decode)
     ms_q20: Optional[float] = None
     ms_q80: Optional[float] = None
-    tflops: Optional[float] = None
-    speedup: Optional[float] = None  # hf time / this time, same run
-    rel_err: Optional[float] = None  # vs the fp32 torch-sparse ground truth
-    status: str = "ok"
+    tflops: Optional[float] = None  # dense-equivalent FLOPs / median time
+    speedup: Optional[float] = None  # hf time / this time, same run and point
+    rel_err: Optional[float] = None  # vs the fp32 torch-sparse ground truth (None: not compared)
+    tolerance: Optional[float] = None  # the error allowed at this point
+    status: str = "ok"  # ok | wrong | out of memory | not capturable | failed
+    note: str = ""  # why a point failed or was not checked
+    scope: str = "layer"
+
+
+def dense_flops(geometry, mode: str, batch: int, seqlen: int, layers: int = 1) -> float:
+    """Dense-equivalent FLOPs of one step (a prefill, or one decode token per sequence) through
+    `layers` decoder layers of `geometry` (a `families.Geometry`): projections (q, k, v, o), the
+    attention products (QK^T and PV over the causal keys) and the gated MLP, 2 FLOPs per
+    multiply-add. Norms, rotary, routers, embeddings and the LM head are left out, as in the
+    published benchmark. A decode token attends to the KV context plus itself."""
+    g = geometry
+    q_out, kv_out = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    tokens = batch * (seqlen if mode == "prefill" else 1)
+    proj = 2 * tokens * g.hidden_size * (2 * q_out + 2 * kv_out)
+    mlp = 2 * tokens * g.hidden_size * g.intermediate_size * 3
+    pairs = batch * seqlen * (seqlen + 1) / 2 if mode == "prefill" else batch * (seqlen + 1)
+    attn = 4 * pairs * g.num_heads * g.head_dim
+    return layers * (proj + mlp + attn)
+
+
+def compile_module(module: torch.nn.Module) -> Callable:
+    """`module` under torch.compile with dynamic shapes and size-oblivious tracing, as
+    skipgpt.compile.compile_model does, without replacing the module's forward (the eager
+    providers keep using it). Compilation happens on the first call."""
+    import torch.fx.experimental._config as fx_config
+
+    compiled = torch.compile(module, dynamic=True, fullgraph=True)
+
+    def call(*args, **kwargs):
+        with fx_config.patch(backed_size_oblivious=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
+def _cache_kwarg(forward) -> str:
+    # transformers renamed the `past_key_values` argument to `cache` in 5.2x.
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _llama_config(name: str, **overrides):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**GEOMETRIES[name], **overrides})
+    config._attn_implementation = "sdpa"
+    return config
 
 
 class LayerBench:
-    """An HF decoder layer and a routed layer sharing its weights."""
+    """An HF decoder layer and a routed layer sharing its weights, plus an fp32 routed copy.
 
-    def __init__(self, geometry: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-        from transformers import LlamaConfig
+    geometry: a name in GEOMETRIES (a Llama layer), or a transformers config (one layer of that
+    model's family, random weights: the geometry of `--model PATH` at layer scope)."""
+
+    scope = "layer"
+    num_layers = 1
+
+    def __init__(self, geometry, dtype: torch.dtype, device: torch.device, seed: int = 0):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-        self.config = LlamaConfig(num_hidden_layers=1, **GEOMETRIES[geometry])
-        self.config._attn_implementation = "sdpa"
         torch.manual_seed(seed)
-        with torch.device(device):
-            self.hf = LlamaDecoderLayer(self.config, layer_idx=0).to(dtype).eval()
-            self.rotary = LlamaRotaryEmbedding(self.config)
+        if isinstance(geometry, str):
+            self.config = _llama_config(geometry, num_hidden_layers=1)
+            with torch.device(device):
+                self.hf = LlamaDecoderLayer(self.config, layer_idx=0).to(dtype).eval()
+                self.rotary = LlamaRotaryEmbedding(self.config)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            self.config = copy.deepcopy(geometry)
+            self.config.num_hidden_layers = 1
+            if getattr(self.config, "layer_types", None):
+                self.config.layer_types = self.config.layer_types[:1]
+            self.config.vocab_size = min(self.config.vocab_size, MODEL_VOCAB)
+            self.config._attn_implementation = "sdpa"
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            self.hf = model.model.layers[0].eval()
+            self.rotary = model.model.rotary_emb
         self.state = RoutingState()
         self.routed = RoutedDecoderLayer(self.hf, 0, self.config, self.state).eval()
         self.reference = RoutedDecoderLayer(copy.deepcopy(self.hf).float(), 0, self.config, self.state).eval()
         self.reference.pipeline = "torch-sparse"
+        self.reference_note = "torch-sparse in float32 on an fp32 copy of the weights"
         self.dtype, self.device = dtype, device
-        g = self.routed.geometry
-        self.geometry = g
+        self.geometry = self.routed.geometry
+        self.published = None  # a published_baseline.PublishedLayer, set by the command
 
     def dense_flops(self, mode: str, batch: int, seqlen: int) -> float:
         """Dense-equivalent FLOPs of one layer step: projections, attention and MLP."""
-        g = self.geometry
-        q_out, kv_out = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
-        tokens = batch * (seqlen if mode == "prefill" else 1)
-        proj = 2 * tokens * g.hidden_size * (2 * q_out + 2 * kv_out)
-        mlp = 2 * tokens * g.hidden_size * g.intermediate_size * 3
-        pairs = batch * seqlen * (seqlen + 1) / 2 if mode == "prefill" else batch * (seqlen + 1)
-        attn = 4 * pairs * g.num_heads * g.head_dim
-        return proj + mlp + attn
+        return dense_flops(self.geometry, mode, batch, seqlen)
 
-    def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
-        """A closure running one prefill, or DECODE_STEPS decode steps after a context of `seqlen`
-        cached tokens; repeated calls recompute the same work. Provider "reference" is
-        torch-sparse in float32 on the same (upcast) inputs."""
-        g, cfg = self.geometry, self.config
+    def inputs(self, mode: str, batch: int, seqlen: int):
+        """The step's inputs, the same for every provider: x [B, new, H], the rotary (cos, sin)
+        of each step, the cached context's keys and values [B, past, Hk, D], and (new, steps,
+        past)."""
+        g = self.geometry
         gen = torch.Generator(device=self.device).manual_seed(1)
         new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, DECODE_STEPS, seqlen)
         x = torch.randn(batch, new, g.hidden_size, generator=gen, device=self.device, dtype=self.dtype)
-        # The context already in the cache: [B, past, Hk, D] keys and values, the same for every provider.
         past_kv = [torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device, dtype=self.dtype)
                    for _ in range(2)]
         pos = torch.arange(past, past + new * steps, device=self.device)[None].expand(batch, -1)
         cos, sin = self.rotary(x, pos)
         rope = [(cos[:, i * new:(i + 1) * new].contiguous(), sin[:, i * new:(i + 1) * new].contiguous())
                 for i in range(steps)]
+        return x, rope, past_kv, (new, steps, past)
+
+    def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
+        """A closure running one prefill, or DECODE_STEPS decode steps after a context of `seqlen`
+        cached tokens; repeated calls recompute the same work. Provider "reference" is
+        torch-sparse in float32 on the same (upcast) inputs."""
+        g = self.geometry
+        x, rope, past_kv, (new, steps, past) = self.inputs(mode, batch, seqlen)
         if provider == "reference":
             x, past_kv = x.float(), [t.float() for t in past_kv]
             rope = [(c.float(), s_.float()) for c, s_ in rope]
+        # Set once here: creating the parameter tensor inside run() would copy host to device
+        # on every call, and could not be captured in a CUDA graph.
+        self.state.force(skip, seed=0, device=self.device)
         if provider == "hf":
             return self._hf_steps(x, rope, past_kv, past, steps)
+        if provider == PUBLISHED:
+            if self.published is None:
+                raise ValueError(f"provider {PUBLISHED} needs --baseline-published PATH")
+            return self.published.step(self, x, rope, past_kv, past, steps)
         layer = self.reference if provider == "reference" else self.routed
-        if provider.startswith("compiled-"):
+        if provider in COMPILED:
             layer.pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
             layer = self._compiled()
         elif provider != "reference":
@@ -120,10 +210,6 @@ class LayerBench:
             kv.keys[:, :past], kv.values[:, :past] = past_kv
         cache = _OneLayerCache(kv)
 
-        # Set once here: creating the parameter tensor inside run() would copy host to device
-        # on every call, and could not be captured in a CUDA graph.
-        self.state.force(skip, seed=0, device=self.device)
-
         def run():
             kv.length = past
             with torch.no_grad():
@@ -132,18 +218,10 @@ class LayerBench:
         return run
 
     def _compiled(self):
-        """The routed layer under torch.compile, compiled once per pipeline and reused across
-        points (dynamic shapes, size-oblivious tracing, as skipgpt.compile.compile_model)."""
+        """The routed layer under torch.compile, compiled once and reused across points and both
+        pipelines (the pipeline attribute is guarded on: one graph each)."""
         if not hasattr(self, "_compiled_layer"):
-            import torch.fx.experimental._config as fx_config
-
-            compiled = torch.compile(self.routed, dynamic=True, fullgraph=True)
-
-            def call(*args, **kwargs):
-                with fx_config.patch(backed_size_oblivious=True):
-                    return compiled(*args, **kwargs)
-
-            self._compiled_layer = call
+            self._compiled_layer = compile_module(self.routed)
         return self._compiled_layer
 
     def _hf_steps(self, x, rope, past_kv, past: int, steps: int):
@@ -153,26 +231,213 @@ class LayerBench:
         SDPA to a much slower kernel: 21 ms instead of ~1 ms at B=64, KV 16384 on an H200.)"""
         if past == 0:
             return torch.no_grad()(lambda: self.hf(x, attention_mask=None, position_embeddings=rope[0]))
-        import inspect
-
-        from transformers import StaticCache
-
-        cache = StaticCache(config=self.config, max_cache_len=past + 1)
-        k, v = (t.transpose(1, 2) for t in past_kv)
-        cache.layers[0].lazy_initialization(k, v)
-        cache.layers[0].keys[:, :, :past] = k
-        cache.layers[0].values[:, :, :past] = v
-        # transformers renamed the layer's `past_key_values` argument to `cache` in 5.2x.
-        cache_kw = "cache" if "cache" in inspect.signature(type(self.hf).forward).parameters else "past_key_values"
+        cache = _static_cache(self.config, [past_kv], past)
+        cache_kw = _cache_kwarg(type(self.hf).forward)
 
         @torch.no_grad()
         def run():
             for _ in range(steps):
-                cache.layers[0].cumulative_length.fill_(past)
+                _rewind(cache, past)
                 out = self.hf(x, attention_mask=None, position_embeddings=rope[0], **{cache_kw: cache})
             return out
 
         return run
+
+
+class ModelBench:
+    """A whole causal LM: routed (skipgpt.wrap), the Hugging Face model sharing its weights (the
+    hf provider), and the ground truth (an fp32 copy in torch-sparse, or, where that copy would
+    not fit on the device, the routed model itself in torch-sparse in the run's dtype).
+
+    Default: `layers` decoder layers of a named geometry with random weights and a small
+    vocabulary (MODEL_VOCAB). With `model_path`: that model, loaded with skipgpt.load (its first
+    `layers` layers if given). Routes are always forced (seeded, random, at the point's rate),
+    so no routers are needed.
+
+    A step is what generation runs: the decoder stack with a KV cache (skipgpt.SeqFirstCache for
+    the routed model; transformers' own for hf), then the LM head on the last position. Outputs
+    compared are the final hidden states of every position (logits of a random model say less)."""
+
+    scope = "model"
+
+    def __init__(self, geometry: str, dtype: torch.dtype, device: torch.device, layers: Optional[int] = 4,
+                 model_path: Optional[str] = None, seed: int = 0, fp32_reference: Optional[bool] = None):
+        import skipgpt
+
+        torch.manual_seed(seed)
+        if model_path is not None:
+            # Only the first `layers` layers are read (a config override), so a slice of a model
+            # too big for the device still loads.
+            overrides = {"num_hidden_layers": layers} if layers else {}
+            self.routed = skipgpt.load(model_path, pipeline="dense", dtype=dtype, device=device, **overrides)
+            self.name = str(model_path)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            config = _llama_config(geometry, num_hidden_layers=layers or 4,
+                                   vocab_size=min(GEOMETRIES[geometry]["vocab_size"], MODEL_VOCAB))
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.routed = skipgpt.wrap(model, pipeline="dense")
+            self.name = geometry
+        self.routed.eval()
+        self.config = self.routed.config
+        self.num_layers = len(self.routed.model.layers)
+        self.dtype, self.device = dtype, device
+        self.geometry = self.routed.model.layers[0].geometry
+        self.hf = _hf_twin(self.routed)
+        if fp32_reference is None:
+            fp32_reference = dtype == torch.float32 or _fp32_copy_fits(self.routed, device)
+        if fp32_reference:
+            self.reference = copy.deepcopy(self.routed).float()
+            self.reference_note = "torch-sparse in float32 on an fp32 copy of the weights"
+        else:
+            self.reference = None
+            self.reference_note = (f"torch-sparse in {str(dtype).replace('torch.', '')} (an fp32 copy of the model "
+                                   "would not fit on the device)")
+        self.published = None
+        self._compiled_model = None
+
+    def dense_flops(self, mode: str, batch: int, seqlen: int) -> float:
+        return dense_flops(self.geometry, mode, batch, seqlen, self.num_layers)
+
+    def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
+        """A closure running one prefill of `seqlen` tokens, or DECODE_STEPS one-token steps after
+        a cached context of `seqlen` tokens (random keys and values in every layer)."""
+        import skipgpt
+
+        if provider == PUBLISHED:
+            raise ValueError(f"provider {PUBLISHED} times one layer: use --scope layer")
+        g = self.geometry
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, DECODE_STEPS, seqlen)
+        ids = torch.randint(0, self.config.vocab_size, (batch, new * steps), generator=gen, device=self.device)
+        context = [[torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device,
+                                dtype=self.dtype) for _ in range(2)] for _ in range(self.num_layers)]
+        positions = [torch.arange(past + i * new, past + (i + 1) * new, device=self.device)[None].expand(batch, -1)
+                     for i in range(steps)]
+        if provider == "hf":
+            return self._hf_steps(ids, positions, context, past, steps)
+        model = self.routed
+        if provider == "reference":
+            if self.reference is not None:
+                model = self.reference
+                context = [[t.float() for t in kv] for kv in context]
+            pipeline = "torch-sparse"
+        elif provider in COMPILED:
+            pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
+        else:
+            pipeline = provider
+        skipgpt.force_routes(model, skip=skip, seed=0)
+        skipgpt.set_pipeline(model, pipeline)
+        forward = model.model
+        if provider in COMPILED:
+            if self._compiled_model is None:
+                self._compiled_model = compile_module(self.routed.model)
+            forward = self._compiled_model
+        dtype = context[0][0].dtype
+        cache = SeqFirstCache(self.num_layers)
+        for layer, (k, v) in zip(cache.layers, context):
+            layer.reserve(batch, past + new * steps, g.num_kv_heads, g.head_dim, dtype, self.device)
+            layer.keys[:, :past], layer.values[:, :past] = k, v
+            layer.length = past
+        kwargs = dict(use_cache=True, **{_cache_kwarg(type(model.model).forward): cache})
+
+        def run():
+            for layer in cache.layers:
+                layer.length = past
+            outs = []
+            with torch.no_grad():
+                for i in range(steps):
+                    h = forward(input_ids=ids[:, i * new:(i + 1) * new], position_ids=positions[i],
+                                **kwargs).last_hidden_state
+                    model.lm_head(h[:, -1:])
+                    outs.append(h)
+            return torch.cat(outs, dim=1) if steps > 1 else outs[0]
+
+        return run
+
+    def _hf_steps(self, ids, positions, context, past: int, steps: int):
+        """The Hugging Face model: a plain forward (with its own fresh cache) at prefill; at
+        decode, the first step repeated over a static cache holding exactly the context plus that
+        token (see LayerBench._hf_steps for why)."""
+        base = self.hf.model
+        if past == 0:
+            def run():
+                with torch.no_grad():
+                    h = base(input_ids=ids, position_ids=positions[0], use_cache=True).last_hidden_state
+                    self.hf.lm_head(h[:, -1:])
+                return h
+
+            return run
+        cache = _static_cache(self.hf.config, context, past)
+        kwargs = dict(use_cache=True, **{_cache_kwarg(type(base).forward): cache})
+        if "cache_position" in inspect.signature(type(base).forward).parameters:
+            # Older transformers derive it from the static cache's fill level, which the
+            # repeated step would push past the end.
+            kwargs["cache_position"] = positions[0][0]
+
+        def run():
+            with torch.no_grad():
+                for _ in range(steps):
+                    _rewind(cache, past)
+                    h = base(input_ids=ids[:, :1], position_ids=positions[0], **kwargs).last_hidden_state
+                    self.hf.lm_head(h[:, -1:])
+            return h
+
+        return run
+
+
+def _hf_twin(routed: torch.nn.Module) -> torch.nn.Module:
+    """The plain Hugging Face model of a wrapped one, sharing every weight: a skeleton built on
+    the meta device whose modules are then replaced by the routed model's (a routed layer keeps
+    the base layer's submodules under their original names)."""
+    with torch.device("meta"):
+        twin = type(routed)(routed.config)
+    base, source = twin.model, routed.model
+    for name, module in source.named_children():
+        if name != "layers":
+            setattr(base, name, module)
+    for name, module in routed.named_children():
+        if name != "model":
+            setattr(twin, name, module)
+    for layer, routed_layer in zip(base.layers, source.layers):
+        for name, _ in list(layer.named_children()):
+            setattr(layer, name, getattr(routed_layer, name))
+    left = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"cannot build the Hugging Face baseline of {type(routed).__name__}: {left[:4]} not shared")
+    return twin.eval()
+
+
+def _fp32_copy_fits(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether an fp32 copy of `model` leaves room for activations (half of the free memory)."""
+    if device.type != "cuda":
+        return True
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return fp32_bytes < free / 2
+
+
+def _static_cache(config, context, past: int):
+    """A transformers StaticCache of exactly `past + 1` slots, the first `past` holding
+    `context` ([(keys, values)] per layer, [B, past, Hk, D])."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=config, max_cache_len=past + 1)
+    for layer, (k, v) in zip(cache.layers, context):
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        layer.lazy_initialization(k, v)
+        layer.keys[:, :, :past] = k
+        layer.values[:, :, :past] = v
+    return cache
+
+
+def _rewind(cache, past: int) -> None:
+    """Put a StaticCache's fill level back to `past`, so the next step writes slot `past` again."""
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length.fill_(past)
 
 
 class _OneLayerCache:
@@ -189,58 +454,120 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
-def run_grid(bench: LayerBench, mode: str, batches, seqlens, skips, providers, tolerance: float, timer) -> list[Point]:
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _short(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+Bench = Union[LayerBench, ModelBench]
+
+
+def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolerance: float, timer,
+             progress: Optional[Callable[[Point], None]] = None) -> list[Point]:
+    """Check, then time, every provider at every (batch, seqlen, skip). Returns one Point per
+    (provider, point), in grid order; `progress` is called with each as it completes."""
     points = []
+    broken: dict[str, str] = {}  # compiled provider -> why it failed to compile (not retried)
+    low_precision = bench.dtype != torch.float32
     for batch in batches:
         for seqlen in seqlens:
             for skip in skips:
                 flops = bench.dense_flops(mode, batch, seqlen)
+                ref, ref_note, tol = None, "", tolerance
                 try:
                     ref = bench.step("reference", mode, batch, seqlen, skip)()
                 except torch.cuda.OutOfMemoryError:
-                    ref = None
-                    torch.cuda.empty_cache()
-                hf_ms = None
-                for provider in providers:
-                    point = Point(provider, mode, batch, seqlen, skip)
-                    points.append(point)
+                    ref_note = "not checked: the reference ran out of memory"
+                except Exception as e:  # noqa: BLE001 - the points are still timed, marked unchecked
+                    ref_note = f"not checked: the reference failed ({_short(e)})"
+                _free_memory()
+                if ref is not None and low_precision:
+                    # Rounding in the run's dtype, measured on the reference semantics itself.
                     try:
-                        fn = bench.step(provider, mode, batch, seqlen, skip)
-                        if ref is not None and (provider not in DENSE_PROVIDERS or skip == 0):
-                            out = fn()  # hf's decode repeats its first step: compare that step
-                            point.rel_err = _rel_err(out, ref[:, : out.shape[1]])
-                            if point.rel_err > tolerance:
-                                point.status = "wrong"
-                                continue
-                        steps = 1 if mode == "prefill" else DECODE_STEPS
-                        point.ms, point.ms_q20, point.ms_q80 = (t / steps for t in timer(fn))
-                    except torch.cuda.OutOfMemoryError:
-                        point.status = "out of memory"
-                        torch.cuda.empty_cache()
-                        continue
-                    except RuntimeError as e:  # a step that syncs cannot be graph-captured
-                        if "captur" not in str(e):
-                            raise
-                        point.status = "not capturable"
-                        torch.cuda.synchronize()
-                        continue
-                    point.tflops = flops / point.ms / 1e9
-                    if provider == "hf":
-                        hf_ms = point.ms
-                    if hf_ms:
-                        point.speedup = hf_ms / point.ms
+                        tol = max(tolerance, 3 * _rel_err(bench.step("torch-sparse", mode, batch, seqlen, skip)(), ref))
+                    except Exception:  # noqa: BLE001 - torch-sparse's own point reports what went wrong
+                        pass
+                    _free_memory()
+                group = []
+                for provider in providers:
+                    point = Point(provider, mode, batch, seqlen, skip, scope=bench.scope)
+                    group.append(point)
+                    _measure(bench, point, ref, ref_note, tol, flops, timer, broken)
+                    if progress:
+                        progress(point)
                 del ref
+                _free_memory()
+                # Speedups against hf from this same point, whatever the provider order.
+                hf = next((p for p in group if p.provider == "hf" and p.ms), None)
+                for p in group:
+                    if hf and p.ms:
+                        p.speedup = hf.ms / p.ms
+                points.extend(group)
     return points
 
 
-def cuda_timer(fn):
+def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: float, timer, broken: dict) -> None:
+    """Fill `point` in: check the provider against `ref`, then time it (or record why not)."""
+    p = point
+    if p.provider in broken:
+        p.status, p.note = "failed", f"failed at an earlier point: {broken[p.provider]}"
+        return
+    fn = None
+    try:
+        fn = bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip)
+        if ref is not None and (p.provider not in DENSE_PROVIDERS or p.skip == 0):
+            out = fn()  # hf's decode repeats its first step: compare that step
+            p.rel_err, p.tolerance = _rel_err(out, ref[:, : out.shape[1]]), tol
+            del out
+            if p.rel_err > tol:
+                p.status, p.note = "wrong", f"relative error {p.rel_err:.2e} > {tol:.1e}: not timed"
+                return
+        else:
+            p.note = ref_note
+            fn()  # first call (compilation, allocation) outside the timer, whose budget it would skew
+        steps = 1 if p.mode == "prefill" else DECODE_STEPS
+        p.ms, p.ms_q20, p.ms_q80 = (t / steps for t in timer(fn))
+        p.tflops = flops / p.ms / 1e9
+    except torch.cuda.OutOfMemoryError:
+        p.status, p.note = "out of memory", ""
+        p.ms = p.ms_q20 = p.ms_q80 = None
+    except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
+        p.ms = p.ms_q20 = p.ms_q80 = None
+        if isinstance(e, RuntimeError) and "captur" in str(e):  # a step that syncs cannot be graph-captured
+            p.status, p.note = "not capturable", _short(e)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        else:
+            p.status, p.note = "failed", _short(e)
+            if p.provider in COMPILED:
+                broken[p.provider] = p.note
+    finally:
+        del fn
+        _free_memory()
+
+
+# ---------------------------------------------------------------------------- timers
+# Each takes a step closure and returns (median, 20% quantile, 80% quantile) in milliseconds.
+
+
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def cuda_timer(fn, warmup_ms: float = 25, rep_ms: float = 100):
+    """triton.testing.do_bench: `warmup_ms` of warm-up, then repeats for about `rep_ms` (the
+    L2 cache flushed before each)."""
     import triton
 
-    q20, med, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    q20, med, q80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
     return med, q20, q80
 
 
-def cuda_graph_timer(fn):
+def cuda_graph_timer(fn, warmup_ms: float = 25, rep_ms: float = 100):
     """Capture one step in a CUDA graph and time its replays: no host overhead, as in a
     graph-captured decode loop. Raises if the step cannot be captured (it syncs with the host)."""
     import triton
@@ -254,79 +581,33 @@ def cuda_graph_timer(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    q20, med, q80 = triton.testing.do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    q20, med, q80 = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
     return med, q20, q80
 
 
-def cpu_timer(fn, reps: int = 3):
-    import time
-
+def cpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3):
+    """Wall-clock timing on the host, with do_bench's budgets: calls for `warmup_ms` (at least
+    one), then timed calls for `rep_ms` (at least `min_reps`)."""
+    end = time.perf_counter() + warmup_ms / 1e3
     fn()
+    while time.perf_counter() < end:
+        fn()
     times = []
-    for _ in range(reps):
+    end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or time.perf_counter() < end:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
-
-
-def format_table(points: list[Point]) -> str:
-    head = (f"{'provider':<14} {'mode':<8} {'B':>3} {'L/KV':>6} {'skip':>5} {'ms':>9} {'TFLOP/s':>8} "
-            f"{'vs hf':>6} {'rel err':>8}  status")
-    lines = [head, "-" * len(head)]
-    for p in points:
-        ms = f"{p.ms:9.3f}" if p.ms is not None else f"{'-':>9}"
-        tf = f"{p.tflops:8.1f}" if p.tflops is not None else f"{'-':>8}"
-        sp = f"{p.speedup:6.2f}" if p.speedup is not None else f"{'-':>6}"
-        err = f"{p.rel_err:8.1e}" if p.rel_err is not None else f"{'-':>8}"
-        lines.append(f"{p.provider:<14} {p.mode:<8} {p.batch:>3} {p.seqlen:>6} {p.skip:>5.2f} {ms} {tf} {sp} {err}  {p.status}")
-    return "\n".join(lines)
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v]
+    q20, med, q80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return med, q20, q80
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llama-3.1-8b")
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8], help="comma-separated batch sizes")
-    parser.add_argument("--seqlens", type=_ints, default=[512, 2048, 8192],
-                        help="prefill: tokens per sequence; decode: KV length (comma-separated)")
-    parser.add_argument("--skips", type=_floats, default=[0.0, 0.25, 0.5], help="forced skip rates (comma-separated)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="time CUDA-graph replays of each step (no host overhead; decode-style loops)")
-    parser.add_argument("--json", help="also write the points to this JSON file")
-    args = parser.parse_args(argv)
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"unknown providers {unknown}; choose from {', '.join(PROVIDERS)}")
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu and args.geometry != "tiny":
-        print("no CUDA device: running the tiny geometry on the CPU paths")
-        args.geometry = "tiny"
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    bench = LayerBench(args.geometry, dtype, device)
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    if args.cuda_graph and not on_gpu:
-        parser.error("--cuda-graph needs a CUDA device")
-    timer = (cuda_graph_timer if args.cuda_graph else cuda_timer) if on_gpu else cpu_timer
-    points = run_grid(bench, args.mode, args.batch_sizes, args.seqlens, args.skips, providers, tolerance, timer)
-    print(format_table(points))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if on_gpu else "cpu", "geometry": args.geometry,
-                       "cuda_graph": args.cuda_graph, "points": [asdict(p) for p in points]}, f, indent=1)
-    return 0
+    """`python -m skipgpt.benchmark`: `skipgpt bench` with the original flag spellings
+    (--batch-sizes, --skips, --geometry, --json) and no output folder unless --output is given."""
+    from .commands import bench
+
+    return bench.module_main(argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `skipgpt --help` lists them.
-COMMANDS: list[str] = ["convert", "eval", "setup", "train_router", "prune_static"]
+COMMANDS: list[str] = ["convert", "eval", "bench", "setup", "train_router", "prune_static"]
 
 
 def build_parser() -> argparse.ArgumentParser:

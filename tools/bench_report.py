@@ -1,4 +1,5 @@
-"""Render benchmark JSON files (skipgpt.benchmark --json) as Markdown tables for docs/BENCHMARKS.md:
+"""Render benchmark JSON files (`skipgpt bench`'s SCOPE-MODE.json, or `python -m skipgpt.benchmark
+--json`) as Markdown tables for docs/BENCHMARKS.md:
 one row per (mode, B, L/KV, skip), one column per provider (ms, and speedup vs hf)."""
 import json
 import sys

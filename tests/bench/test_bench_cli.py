@@ -1,0 +1,312 @@
+"""`skipgpt bench` on CPU with the tiny geometry: outputs, speedups, per-point failures, flag
+checking, the published-baseline hook's error path, and the FLOP count."""
+import csv
+import json
+
+import pytest
+import torch
+
+from skipgpt import benchmark as B
+from skipgpt import published_baseline
+from skipgpt.cli import main
+
+EAGER = "hf,dense,torch-sparse,triton-sparse"
+QUICK = ["--warmup", "1", "--rep", "1"]  # a few calls per point: these tests check plumbing, not speed
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny shapes gain nothing from threads, and on a busy machine OpenMP's spinning workers make
+    # each call take up to ~100 ms instead of ~1 ms.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def bench(tmp_path, *args):
+    return main(["bench", *args, *QUICK, "--output", str(tmp_path)])
+
+
+def read_outputs(tmp_path, stem):
+    doc = json.loads((tmp_path / f"{stem}.json").read_text())
+    with open(tmp_path / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return doc, rows
+
+
+def check_files(tmp_path, stem, providers, batches, seqlens, skips):
+    doc, rows = read_outputs(tmp_path, stem)
+    keys = [(r["provider"], int(r["batch"]), int(r["seqlen"]), float(r["skip"])) for r in rows]
+    expected = {(p, b, s, k) for p in providers for b in batches for s in seqlens for k in skips}
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected  # one row per (provider, point)
+    assert len(doc["points"]) == len(rows)
+    for key in ("device", "versions", "git", "command", "argv", "date", "dtype", "reference"):
+        assert key in doc
+    assert {"torch", "triton", "transformers"} <= set(doc["versions"])
+    assert doc["command"].startswith("skipgpt bench ")
+    for suffix in ("time", "tflops"):
+        png = tmp_path / f"{stem}-{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return doc, rows
+
+
+def check_speedups(points):
+    """Every timed point's speedup is hf's time at the same point of the same run over its own."""
+    hf = {(p["batch"], p["seqlen"], p["skip"]): p["ms"] for p in points if p["provider"] == "hf"}
+    for p in points:
+        if p["ms"] is not None:
+            assert p["speedup"] == pytest.approx(hf[(p["batch"], p["seqlen"], p["skip"])] / p["ms"])
+            assert p["ms_q20"] <= p["ms"] <= p["ms_q80"]
+            assert p["tflops"] > 0
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_layer_scope(tmp_path, capsys, cpu_only, mode):
+    assert bench(tmp_path, "--mode", mode, "--batch-size", "1,2", "--seqlens", "8,16", "--sparsity", "0,0.5",
+                 "--providers", EAGER) == 0
+    out, err = capsys.readouterr()
+    assert "no CUDA device" in err and "tiny" in err
+    assert "triton-sparse" in out and "vs hf" in out  # the table
+    doc, _ = check_files(tmp_path, f"layer-{mode}", EAGER.split(","), [1, 2], [8, 16], [0.0, 0.5])
+    assert all(p["status"] == "ok" for p in doc["points"])
+    # hf and dense compute the dense function: compared at skip 0 only; the sparse ones always.
+    for p in doc["points"]:
+        checked = p["provider"] in ("torch-sparse", "triton-sparse") or p["skip"] == 0
+        assert (p["rel_err"] is not None) == checked
+        assert p["rel_err"] is None or p["rel_err"] < 1e-4
+    check_speedups(doc["points"])
+    assert doc["decode_steps"] == (B.DECODE_STEPS if mode == "decode" else None)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_model_scope(tmp_path, cpu_only, mode):
+    assert bench(tmp_path, "--scope", "model", "--layers", "2", "--mode", mode, "--batch-size", "2",
+                 "--seqlens", "8", "--sparsity", "0,0.25", "--providers", EAGER) == 0
+    doc, _ = check_files(tmp_path, f"model-{mode}", EAGER.split(","), [2], [8], [0.0, 0.25])
+    assert doc["layers"] == 2 and "float32" in doc["reference"]
+    assert all(p["status"] == "ok" and p["scope"] == "model" for p in doc["points"])
+    assert all(p["rel_err"] < 1e-4 for p in doc["points"] if p["rel_err"] is not None)
+    check_speedups(doc["points"])
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=3, vocab_size=128, max_position_embeddings=256)
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_model_flag(tmp_path, cpu_only, tiny_model_dir):
+    # --scope model loads the folder (its first --layers layers); --scope layer takes its geometry.
+    out = tmp_path / "out"
+    assert bench(out, "--scope", "model", "--model", str(tiny_model_dir), "--layers", "2", "--mode", "decode",
+                 "--batch-size", "1", "--seqlens", "8", "--sparsity", "0,0.25", "--providers", "hf,triton-sparse") == 0
+    doc, _ = read_outputs(out, "model-decode")
+    assert doc["model"] == str(tiny_model_dir) and doc["layers"] == 2
+    assert all(p["status"] == "ok" for p in doc["points"])
+    assert bench(out, "--model", str(tiny_model_dir), "--batch-size", "1", "--seqlens", "8", "--sparsity", "0.25",
+                 "--providers", "hf,triton-sparse") == 0
+    doc, _ = read_outputs(out, "layer-prefill")
+    assert all(p["status"] == "ok" for p in doc["points"])
+    assert main(["bench", "--scope", "model", "--model", str(tiny_model_dir), "--layers", "4"]) == 2
+
+
+@pytest.mark.parametrize("cls,scope", [(B.LayerBench, "layer"), (B.ModelBench, "model")])
+def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch, cpu_only, cls, scope):
+    step = cls.step
+
+    def broken_step(self, provider, *args):
+        fn = step(self, provider, *args)
+        if provider == "triton-sparse":
+            return lambda: fn() * 1.01  # a 1% error: far above float32 rounding
+        return fn
+
+    monkeypatch.setattr(cls, "step", broken_step)
+    extra = ["--layers", "1"] if scope == "model" else []
+    assert bench(tmp_path, "--scope", scope, *extra, "--batch-size", "1", "--seqlens", "8", "--sparsity", "0,0.25",
+                 "--providers", EAGER) == 0
+    doc, _ = read_outputs(tmp_path, f"{scope}-prefill")
+    for p in doc["points"]:
+        if p["provider"] == "triton-sparse":
+            assert p["status"] == "wrong" and p["ms"] is None and p["speedup"] is None
+            assert p["rel_err"] == pytest.approx(0.01, rel=1e-3)
+        else:
+            assert p["status"] == "ok" and p["ms"] is not None
+
+
+def test_out_of_memory_at_one_point(tmp_path, monkeypatch, cpu_only, capsys):
+    step = B.LayerBench.step
+
+    def step_or_oom(self, provider, mode, batch, seqlen, skip):
+        if provider == "dense" and batch == 2 and seqlen == 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return step(self, provider, mode, batch, seqlen, skip)
+
+    monkeypatch.setattr(B.LayerBench, "step", step_or_oom)
+    assert bench(tmp_path, "--batch-size", "1,2", "--seqlens", "8,16", "--sparsity", "0", "--providers",
+                 "hf,dense,triton-sparse") == 0
+    doc, _ = read_outputs(tmp_path, "layer-prefill")
+    assert len(doc["points"]) == 12
+    for p in doc["points"]:
+        if (p["provider"], p["batch"], p["seqlen"]) == ("dense", 2, 8):
+            assert p["status"] == "out of memory" and p["ms"] is None
+        else:
+            assert p["status"] == "ok" and p["ms"] is not None  # the run went on
+    assert "out of memory" in capsys.readouterr().out
+
+
+def test_compiled_provider_without_a_compiler_fails_per_point(tmp_path, monkeypatch, cpu_only):
+    def no_compiler(module):
+        def call(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(B, "compile_module", no_compiler)
+    assert bench(tmp_path, "--batch-size", "1", "--seqlens", "8,16", "--sparsity", "0",
+                 "--providers", "hf,compiled-sparse,triton-sparse") == 0
+    doc, _ = read_outputs(tmp_path, "layer-prefill")
+    compiled = [p for p in doc["points"] if p["provider"] == "compiled-sparse"]
+    assert [p["status"] for p in compiled] == ["failed", "failed"]
+    assert "no working C++ compiler" in compiled[0]["note"] and "earlier point" in compiled[1]["note"]
+    assert all(p["status"] == "ok" for p in doc["points"] if p["provider"] != "compiled-sparse")
+
+
+def test_python_m_skipgpt_benchmark_keeps_its_flags(tmp_path, cpu_only):
+    # The spelling docs/BENCHMARKS.md records and `python -m skipgpt --task inference_throughput`
+    # translates to; no output folder unless asked.
+    out = tmp_path / "sub" / "x.json"
+    assert B.main(["--mode", "decode", "--geometry", "tiny", "--batch-sizes", "1", "--seqlens", "8",
+                   "--skips", "0.25", "--providers", "hf,triton-sparse", *QUICK, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [p["provider"] for p in doc["points"]] == ["hf", "triton-sparse"]
+    assert sorted(q.name for q in tmp_path.rglob("*") if q.is_file()) == ["x.json"]
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the flags were checked")
+
+    monkeypatch.setattr(B.LayerBench, "__init__", refuse)
+    monkeypatch.setattr(B.ModelBench, "__init__", refuse)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--providers", "hf,fast"], "unknown provider(s) fast"),
+    (["--providers", "published-triton-sparse"], "--baseline-published"),
+    (["--batch-size", "1,0"], "positive integer"),
+    (["--batch-size", "x"], "expected an integer"),
+    (["--sparsity", "0.25,1.5"], "rate in [0, 1]"),
+    (["--seqlens", "512,-1"], "positive integer"),
+    (["--layers", "0", "--scope", "model"], "positive integer"),
+    (["--rep", "0"], "positive number"),
+    (["--mode", "train"], "invalid choice"),
+    (["--config", "llama-70b"], "invalid choice"),
+    (["--config", "tiny", "--model", "m"], "not allowed with"),
+])
+def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "--model: /no/such/model is not a folder"),
+    (["--layers", "2"], "--layers applies to --scope model"),
+    (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
+])
+def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):
+    assert main(["bench", *args, "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_config(tmp_path, capsys, nothing_built):
+    assert main(["bench", "--model", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_cuda(capsys, nothing_built, cpu_only):
+    assert main(["bench", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--mode", "--scope", "--batch-size", "--sparsity", "--seqlens", "--providers", "--config", "--model",
+                 "--layers", "--cuda-graph", "--warmup", "--rep", "--baseline-published", "--output", "--json"):
+        assert flag in text
+    assert "published-triton-sparse" in text and "float32" in text
+
+
+# ---------------------------------------------------------------------------- --baseline-published
+
+
+def write(path, text=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_published_path_missing(tmp_path):
+    with pytest.raises(published_baseline.PublishedError, match="does not exist"):
+        published_baseline.load(tmp_path / "nope")
+
+
+def test_published_path_without_the_code(tmp_path, capsys, nothing_built):
+    write(tmp_path / "README.md", "something else")
+    with pytest.raises(published_baseline.PublishedError, match="inference/wrapper/model/llama.py"):
+        published_baseline.load(tmp_path)
+    assert main(["bench", "--baseline-published", str(tmp_path)]) == 2
+    assert "does not look like a checkout of the published SkipGPT" in capsys.readouterr().err
+
+
+def test_published_code_without_the_layer_class(tmp_path, capsys, nothing_built, cpu_only):
+    write(tmp_path / "inference" / "wrapper" / "model" / "llama.py", "from .cache import DynamicCacheSeqFirst\n")
+    write(tmp_path / "inference" / "wrapper" / "model" / "cache.py", "class DynamicCacheSeqFirst:\n    pass\n")
+    with pytest.raises(published_baseline.PublishedError, match="defines no class LlamaMoDDecoderLayer"):
+        published_baseline.load(tmp_path)
+    # The command says so before building anything; on a machine without CUDA it says that first.
+    assert main(["bench", "--baseline-published", str(tmp_path)]) == 2
+    assert "the published kernels need a CUDA device" in capsys.readouterr().err
+
+
+def test_published_code_that_fails_to_import(tmp_path):
+    write(tmp_path / "wrapper" / "model" / "llama.py", "import flash_attn_is_not_installed_here\n")
+    write(tmp_path / "wrapper" / "model" / "cache.py")
+    # PATH may also be the inference/ folder itself.
+    with pytest.raises(published_baseline.PublishedError,
+                       match="importing .*llama.py failed: ModuleNotFoundError.*flash_attn_is_not_installed_here"):
+        published_baseline.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def test_dense_flops_hand_count():
+    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
+    # tiny: hidden 64, 4 query heads and 2 KV heads of 16, MLP 160. Prefill B=2, L=8: 16 tokens.
+    tokens = 16
+    q = o = 2 * tokens * 64 * 64
+    k = v = 2 * tokens * 64 * 32
+    mlp = 3 * 2 * tokens * 64 * 160
+    pairs = 2 * (8 * 9 // 2)  # causal (query, key) pairs of both sequences
+    attn = pairs * 4 * 2 * (2 * 16)  # 4 heads, 2 products (QK^T, PV), 16-dim dot products at 2 FLOPs each
+    assert bench.dense_flops("prefill", 2, 8) == q + k + v + o + mlp + attn
+    # Decode: one token per sequence attending to KV 8 + itself.
+    assert bench.dense_flops("decode", 2, 8) == (q + k + v + o + mlp) / 8 + 2 * 9 * 4 * 2 * (2 * 16)
+    assert B.dense_flops(bench.geometry, "prefill", 2, 8, layers=3) == 3 * bench.dense_flops("prefill", 2, 8)
