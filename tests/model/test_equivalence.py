@@ -268,3 +268,24 @@ def test_sparse_pipelines_agree_with_real_routers(kind):
     valid_close(out, ref, mask, atol=1e-5)
     report = skipgpt.sparsity(model)
     assert 0.05 < report["attention"] < 0.95 and 0.05 < report["mlp"] < 0.95, report
+
+
+@pytest.mark.parametrize("pipeline", ["dense", "torch-sparse", "triton-sparse"])
+def test_nan_activations_propagate_like_the_dense_model(pipeline):
+    """A NaN in one token's embedding is neither hidden nor a crash. As in Hugging Face's model,
+    every position that attends to it turns NaN and other sequences stay finite. (Earlier
+    positions of the same sequence may turn NaN too, in HF's SDPA as in ours: masked-out keys
+    still enter the products; which ones depends on the kernel's key blocks.)"""
+    hf, model = make_pair("llama")
+    skipgpt.force_routes(model, skip=0.0)  # every token attends, as in the dense model
+    skipgpt.set_pipeline(model, pipeline)
+    ids, mask = random_batch(model.config.vocab_size, 2, 8)
+    poisoned = ids[1, 3].item()
+    assert poisoned not in ids[0].tolist()
+    for m in (hf, model):
+        with torch.no_grad():
+            m.model.embed_tokens.weight[poisoned] = float("nan")
+    for m in (hf, model):
+        with torch.no_grad():
+            nan = m(ids, attention_mask=mask).logits.isnan().any(-1)
+        assert nan[1, 3:].all() and not nan[0].any(), (type(m).__name__, nan)
