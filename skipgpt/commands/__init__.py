@@ -2,6 +2,8 @@
 setup they share."""
 import argparse
 import logging
+import os
+import platform
 
 
 def positive_int(text: str) -> int:
@@ -34,3 +36,19 @@ def show_progress_messages() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+def device_name(device: str) -> str:
+    """A readable name for `device` ("cuda", "cuda:1", "cpu") to record next to results."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:  # the CPU model, which platform.processor() leaves empty on Linux
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"

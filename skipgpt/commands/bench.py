@@ -17,7 +17,6 @@ import csv
 import functools
 import json
 import math
-import os
 import platform
 import shlex
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import benchmark as B
-from . import positive_int, rate
+from . import device_name, positive_int, rate
 
 DEFAULT_OUTPUT = "skipgpt-bench-out"
 # Grids when nothing is given. GPU: the recorded grids of docs/BENCHMARKS.md. CPU: shapes that
@@ -393,7 +392,7 @@ def execute(p: Plan) -> dict:
     document = {
         "scope": p.scope,
         "mode": p.mode,
-        "device": _device_name(p.device),
+        "device": device_name(p.device),
         "dtype": p.dtype,
         "geometry": p.model or p.config,  # the name older report tools read
         "model": p.model,
@@ -571,16 +570,3 @@ def _git_commit() -> Optional[dict]:
     return {"commit": sha, "dirty": bool(dirty)}
 
 
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    try:  # the CPU model, which platform.processor() leaves empty on Linux
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"

@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from . import device_name
+
 logger = logging.getLogger("skipgpt")
 
 PIPELINES = ("dense", "torch-sparse", "triton-sparse")
@@ -393,7 +395,7 @@ def evaluate(p: Plan) -> dict:
         "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
         "model_dtype": str(lm.skipgpt_model.dtype).replace("torch.", ""),
         "versions": _versions(),
-        "device_name": _device_name(p.device),
+        "device_name": device_name(p.device),
         "command": p.command(),
         "argv": sys.argv,
     }
@@ -487,21 +489,6 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    try:  # the CPU model, which platform.processor() leaves empty on Linux
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _show_progress_messages() -> None:
