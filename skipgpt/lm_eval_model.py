@@ -6,7 +6,7 @@
 Everything lm-eval asks of a model (batched loglikelihood, loglikelihood_rolling,
 generate_until) is HFLM's code; this class only builds the model HFLM runs: it loads it with
 `skipgpt.load` (or routes a model object it is given), optionally forces random routes
-(`skip=`) and wraps it in `torch.compile`. The routed model honours both of lm-eval's padding
+(`skip=`) and compiles it with `skipgpt.compile.compile_model`. The routed model honours both of lm-eval's padding
 conventions: loglikelihood right-pads and passes no attention mask (causal attention keeps the
 padding out of every real token's result), generate_until left-pads and passes a mask (the
 routed layers read it: padding never executes and is never attended to).
@@ -29,6 +29,7 @@ from lm_eval.models.huggingface import HFLM
 from torch import nn
 
 from . import model as skipgpt_model
+from .compile import compile_model
 
 logger = logging.getLogger("skipgpt")
 
@@ -73,7 +74,8 @@ class SkipGPTLM(HFLM):
         is given, else dense.
     skip, seed: force seeded random routes at this skip rate (`skipgpt.force_routes`), for models
         without routers.
-    compile: wrap the model in `torch.compile` (experimental).
+    compile: compile the model's forward in place with `skipgpt.compile.compile_model` (one graph
+        for every batch shape; the first batches wait for compilation).
     dtype: auto (the checkpoint's) or bf16/bfloat16/fp16/float16/fp32/float32.
     device: cpu, cuda, cuda:N; default cuda when available.
     Everything else (batch_size, max_length, add_bos_token, ...) goes to HFLM unchanged.
@@ -117,15 +119,15 @@ class SkipGPTLM(HFLM):
         # to decide routes.
         skipgpt_model.force_routes(model, skip=skip, seed=int(seed))
         skipgpt_model.set_pipeline(model, pipeline)
-        self.skipgpt_model = model  # the routed model itself, also when HFLM runs a compiled wrapper
+        self.skipgpt_model = model
         self.skipgpt_config = {
             "model": model.name_or_path, "router": _str(router), "lora": _str(lora), "pipeline": pipeline,
             "forced_skip": skip, "seed": int(seed) if skip is not None else None, "compile": bool(compile),
         }
-        runnable = model
         if compile:
-            logger.warning("skipgpt: --compile is experimental (plain torch.compile; the skipgpt.compile package is not ready)")
-            runnable = torch.compile(model)
+            # In place: one graph for every batch shape lm-eval sends (compile_model's dynamic,
+            # size-oblivious tracing); the first batches wait for compilation.
+            compile_model(model)
         # HFLM takes an instantiated model as is: it keeps its device and dtype, and ignores its
         # own device/dtype/parallelize arguments. It warns that such arguments "may be ignored";
         # here they were not (they went to skipgpt.load above), so those warnings are held back.
@@ -133,7 +135,7 @@ class SkipGPTLM(HFLM):
         level = hf_logger.level
         hf_logger.setLevel(logging.ERROR)
         try:
-            super().__init__(pretrained=runnable, tokenizer=tokenizer, **kwargs)
+            super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         finally:
             hf_logger.setLevel(level)
 

@@ -136,9 +136,25 @@ def set_pipeline(model: nn.Module, name: str) -> nn.Module:
                 "routers: pass router=PATH to skipgpt.load/wrap, call skipgpt.force_routes(model, skip=...), "
                 "or use pipeline='dense'"
             )
+    if name != "dense":
+        _let_dynamo_capture_row_counts()
     for layer in layers:
         layer.pipeline = name
     return model
+
+
+def _let_dynamo_capture_row_counts() -> None:
+    # The sparse pipelines' exact-count form runs ops whose output size is the number of
+    # executing tokens (data-dependent). Dynamo keeps such ops in the graph under
+    # fullgraph=True, but a plain `torch.compile(model)` would try to break the graph there,
+    # which torch.cond (the capacity/exact switch) forbids: the compile fails. Capturing them
+    # (as unbacked sizes) is what the pipelines need, so the switch is turned on, and said so.
+    import torch._dynamo.config as dynamo_config
+
+    if not dynamo_config.capture_dynamic_output_shape_ops:
+        dynamo_config.capture_dynamic_output_shape_ops = True
+        logger.info("skipgpt: set torch._dynamo.config.capture_dynamic_output_shape_ops = True so that "
+                    "torch.compile keeps the sparse pipelines' data-dependent row counts in one graph")
 
 
 def force_routes(model: nn.Module, skip: Optional[float] = 0.25, seed: int = 0) -> nn.Module:

@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0..1), for models without routers; overrides the routers' decisions")
     m.add_argument("--seed", type=int, default=0, help="seed of the --skip routes (default 0)")
     m.add_argument("--compile", action="store_true",
-                   help="wrap the model in torch.compile (experimental; first batches are slow while it compiles)")
+                   help="compile the model with skipgpt.compile.compile_model (one graph for every batch shape; the first batches wait for compilation, which the wall time and tokens/s include)")
     m.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights and activations dtype; auto keeps the checkpoint's (default auto)")
     m.add_argument("--device", metavar="DEVICE",
@@ -223,7 +223,7 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise EvalError(f"--include-path: folder not found: {args.include_path}")
     if args.compile:
-        notes.append("--compile is experimental: plain torch.compile(model); the skipgpt.compile package is not ready")
+        notes.append("--compile: wall time and tokens/s include compilation (a minute or two)")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks:
         if args.tasks is not None:

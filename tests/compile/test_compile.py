@@ -37,6 +37,26 @@ def test_one_graph_for_every_shape_and_route_pattern(pipeline):
         torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pipeline", ["torch-sparse", "triton-sparse"])
+def test_plain_torch_compile_of_the_whole_model(pipeline):
+    """What users type: torch.compile(model), no options. Without fullgraph Dynamo would break
+    the graph at the exact form's data-dependent row count, which torch.cond forbids;
+    set_pipeline turns on capturing such ops, so the compile succeeds."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(capture_dynamic_output_shape_ops=False):
+        model = routed(pipeline)
+        assert dynamo_config.capture_dynamic_output_shape_ops
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model)
+        for i, (B, L, _) in enumerate(SHAPES[:3]):
+            ids, mask = random_batch(model.config.vocab_size, B, L, "left", seed=i)
+            keep = mask.bool()
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(ids, attention_mask=mask).logits[keep],
+                                           eager(ids, attention_mask=mask).logits[keep], atol=1e-5, rtol=0)
+
+
 def test_torch_sparse_compiles_without_breaks():
     """The plain-PyTorch reference compiles whole with plain torch.compile, which specialises
     batch and length on 1: at most one graph per (B == 1, L == 1) combination. (Under

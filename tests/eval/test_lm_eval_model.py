@@ -67,6 +67,17 @@ def test_dense_matches_hf_and_sparse_pipelines_agree(wiki_cache, tiny_llama, tas
     assert ppl["triton-sparse"] == pytest.approx(ppl["torch-sparse"], rel=5e-3)
 
 
+def test_compiled_model_gives_the_eager_perplexity(wiki_cache, tiny_llama, task_manager):
+    """compile=True (what `skipgpt eval --compile` passes) runs lm-eval's varying batch shapes
+    through one compiled forward and computes the same function."""
+    ppl = {}
+    for compile in (False, True):
+        lm = _lm(tiny_llama, pipeline="triton-sparse", skip=0.25, batch_size=2, compile=compile)
+        ppl[compile] = _wiki(lm, task_manager, limit=3)["word_perplexity,none"]
+        assert getattr(lm.skipgpt_model, "_skipgpt_compiled", False) is compile
+    assert ppl[True] == pytest.approx(ppl[False], rel=1e-4)
+
+
 def test_model_args_string_as_the_cli_passes_it(tiny_llama):
     lm = get_model("skipgpt").create_from_arg_string(
         f"pretrained={tiny_llama},pipeline=triton-sparse,skip=0.25,seed=3,dtype=float32",
