@@ -202,7 +202,7 @@ def plan(args: argparse.Namespace) -> Plan:
         model = _default_model()
         if router is None and args.skip is None:
             router = _shipped_router()
-            notes.append(f"router: {router}" if router else "no router shipped for SmolLM2 yet: dense pipeline")
+            notes.append(f"router: {router}" if router else "no router file shipped in this installation: dense pipeline")
     else:
         model = args.model
         if not os.path.isdir(model):
