@@ -13,6 +13,16 @@ from tests.model.tiny import make_pair, random_batch
 SHAPES = [(2, 9, 0.3), (3, 11, 0.3), (1, 1, 0.3), (2, 1, 0.5), (4, 40, 0.0), (4, 40, 1.0), (1, 200, 0.3), (5, 7, 0.6)]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo caches graphs per code object, and every test here compiles the same Hugging Face
+    and skipgpt forwards: without a reset, one test's graphs count towards the next one's
+    recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def routed(pipeline):
     _, model = make_pair("llama")
     skipgpt.force_routes(model, skip=0.3)
