@@ -61,6 +61,13 @@ class RoutedDecoderLayer(nn.Module):
         del attention_mask  # the model's 4-D mask; padding comes from state.padding_mask instead
         if position_embeddings is None:
             raise ValueError("position_embeddings (cos, sin) are required; call the layer through its model")
+        device = self.input_layernorm.weight.device
+        if hidden_states.device != device:
+            # Layers spread over several devices (a device_map): the previous layer's output
+            # arrives from its device. Everything below (RoPE tables, padding mask, KV cache,
+            # route decisions and counts) follows hidden_states onto this layer's device. The
+            # test is a constant for compiled code, so single-device graphs do not change.
+            hidden_states = hidden_states.to(device)
         B, L, H = hidden_states.shape
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
         g = self.geometry
@@ -73,7 +80,8 @@ class RoutedDecoderLayer(nn.Module):
         k_cache, v_cache, start = kv_layer.reserve(B, L, g.num_kv_heads, g.head_dim, hidden_states.dtype, hidden_states.device)
         # [B, L, D] copies: the model shares one row of tables across the batch when it got no
         # position_ids. An explicit copy rather than .contiguous(), whose view-or-copy choice
-        # would make compiled code guard on L == 1.
+        # would make compiled code guard on L == 1. copy_ also brings tables computed on another
+        # device (the model's rotary embedding sits with its first layers) onto this one.
         cos, sin = (hidden_states.new_empty(B, L, g.head_dim, dtype=t.dtype).copy_(t) for t in position_embeddings)
         key_mask, valid = self._padding(B, L, start, hidden_states.device)
         x = hidden_states.contiguous()
@@ -101,6 +109,8 @@ class RoutedDecoderLayer(nn.Module):
             raise ValueError(
                 f"attention_mask: shape {tuple(mask.shape)} does not fit a step of batch {B} with {L} new tokens"
             )
+        # The pre-hook keeps the mask where the caller passed it; a layer on another device
+        # (device_map) reads a copy on its own (a no-op on the same device).
         mask = mask.to(device)
         if mask.dim() == 2:
             mask = mask.bool()
@@ -117,7 +127,8 @@ class RoutedDecoderLayer(nn.Module):
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""
         B, _, H = x.shape
         if self.state.forced_skip is not None:
-            execute = ops.forced_execute(self.state.forced_params, start, B, L, self.layer_idx)
+            params = self.state.forced_params_on(start.device)  # this layer's device's copy
+            execute = ops.forced_execute(params, start, B, L, self.layer_idx)
         else:
             attn_router, mlp_router = self.router_attention, self.router_mlp
             if attn_router is None or mlp_router is None:

@@ -12,6 +12,12 @@ unchanged, adding `--include_path <skipgpt tasks>` when ARGS has no --include_pa
 `--include_path "$(python -c 'import skipgpt.tasks as t; print(t.task_dir())')"` yourself
 together with your own path otherwise). lm-eval releases with entry-point plugins read
 skipgpt's `lm_eval.models` entry point, and there plain `lm_eval --model skipgpt` works too.
+
+Data parallel over N GPUs is accelerate's launcher around this same module; each rank loads
+the model on its own GPU, lm-eval splits the requests and rank 0 prints and writes the results:
+
+    accelerate launch --multi_gpu --num_processes N -m skipgpt.lm_eval --model skipgpt \
+        --model_args pretrained=PATH,... --tasks skipgpt_wiki --batch_size 8 --output_path out/
 """
 from __future__ import annotations
 
@@ -40,6 +46,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+    _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Take down the process group a data-parallel launch set up (SkipGPTLM's Accelerator).
+    Left to the interpreter's exit, its teardown can abort the process after a successful run
+    (seen with gloo: "terminate called without an active exception"), which accelerate's
+    launcher then reports as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still needs the group
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

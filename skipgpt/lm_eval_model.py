@@ -11,6 +11,16 @@ conventions: loglikelihood right-pads and passes no attention mask (causal atten
 padding out of every real token's result), generate_until left-pads and passes a mask (the
 routed layers read it: padding never executes and is never attended to).
 
+Beyond one GPU (both are lm-eval's and accelerate's machinery, not skipgpt's own):
+- data parallel: under `accelerate launch --num_processes N -m skipgpt.lm_eval --model skipgpt
+  ...` every process loads its own copy of the model on cuda:LOCAL_RANK and lm-eval's evaluator
+  gives each rank 1/N of the requests, then gathers the metrics on rank 0. HFLM does this set-up
+  only for models it loads itself, so this class does it for the routed model it loads. Route
+  counts and timings are gathered over the ranks as well (see `accounting`).
+- placement: `device_map=auto` (or HFLM's `parallelize=True`) spreads one model's layers over the
+  visible GPUs through `skipgpt.load(device_map=...)`; inputs go to the device of the first
+  module (the embedding).
+
 Importing this module registers the name `skipgpt` in lm-eval's model registry. lm-eval 0.4.13
 does not look for models outside its own package, so plain `lm_eval --model skipgpt` needs this
 import first: `python -m skipgpt.lm_eval ...` (or the `skipgpt-lm-eval` script) does it, then
@@ -21,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from datetime import timedelta
 from typing import Optional, Union
 
 import torch
@@ -77,7 +89,11 @@ class SkipGPTLM(HFLM):
     compile: compile the model's forward in place with `skipgpt.compile.compile_model` (one graph
         for every batch shape; the first batches wait for compilation).
     dtype: auto (the checkpoint's) or bf16/bfloat16/fp16/float16/fp32/float32.
-    device: cpu, cuda, cuda:N; default cuda when available.
+    device: cpu, cuda, cuda:N; default cuda when available. Ignored under a data-parallel launch
+        (each rank runs on its accelerate device, cuda:LOCAL_RANK) and with device_map.
+    device_map: spread the model over several devices (`skipgpt.load(device_map=...)`): "auto",
+        "balanced", "sequential" or a dict. parallelize=True (HFLM's spelling) means "auto".
+        Not combinable with a data-parallel launch.
     Everything else (batch_size, max_length, add_bos_token, ...) goes to HFLM unchanged.
     """
 
@@ -94,20 +110,49 @@ class SkipGPTLM(HFLM):
         compile: bool = False,
         dtype: Union[str, torch.dtype, None] = "auto",
         device: Optional[str] = None,
+        device_map: Union[str, dict, None] = None,
+        parallelize: bool = False,
         tokenizer=None,
         **kwargs,
     ) -> None:
+        t_start = time.perf_counter()
         pipeline = pipeline or default_pipeline(router, skip)
         if skip is not None:
             skip = float(skip)  # "0.25" from a model_args string arrives as a float already, "1" as an int
+        if parallelize and device_map is None:
+            device_map = "auto"
+        accelerator = _launched_accelerator()
+        if accelerator is not None:
+            if device_map is not None:
+                raise ValueError(
+                    f"device_map={device_map!r} (or parallelize=True) under a data-parallel launch of "
+                    f"{accelerator.num_processes} processes: skipgpt runs one whole copy of the model per rank "
+                    "(on cuda:LOCAL_RANK); use either data parallelism or a device_map, not both"
+                )
+            if not isinstance(pretrained, (str, os.PathLike)):
+                raise ValueError(
+                    "a data-parallel launch needs pretrained=PATH: each rank loads its own copy onto its own device"
+                )
+            if device is not None and torch.device(device) != accelerator.device:
+                logger.info("skipgpt: rank %d runs on %s (its accelerate device), not on device=%s",
+                            accelerator.process_index, accelerator.device, device)
+            device = accelerator.device
         if isinstance(pretrained, (str, os.PathLike)):
             path = os.fspath(pretrained)
+            if device_map is not None:
+                if device is not None:
+                    logger.info("skipgpt: device_map=%r places the model; device=%s is ignored", device_map, device)
+                placement = dict(device=None, device_map=device_map)
+            else:
+                placement = dict(device=_resolve_device(device))
             model = skipgpt_model.load(
                 path, router=router, lora=lora, pipeline="dense", dtype=_resolve_dtype(dtype),
-                device=_resolve_device(device), lora_alpha=lora_alpha, lora_r=lora_r,
+                lora_alpha=lora_alpha, lora_r=lora_r, **placement,
             )
             tokenizer = tokenizer or path
         else:
+            if device_map is not None:
+                raise ValueError("device_map/parallelize: the model passed is loaded already; place it when loading it")
             model = pretrained
             if not _is_routed(model):
                 skipgpt_model.wrap(model, router=router, lora=lora, pipeline="dense", lora_alpha=lora_alpha, lora_r=lora_r)
@@ -123,6 +168,7 @@ class SkipGPTLM(HFLM):
         self.skipgpt_config = {
             "model": model.name_or_path, "router": _str(router), "lora": _str(lora), "pipeline": pipeline,
             "forced_skip": skip, "seed": int(seed) if skip is not None else None, "compile": bool(compile),
+            "device_map": device_map, "data_parallel": accelerator.num_processes if accelerator is not None else 1,
         }
         if compile:
             # In place: one graph for every batch shape lm-eval sends (compile_model's dynamic,
@@ -138,23 +184,145 @@ class SkipGPTLM(HFLM):
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         finally:
             hf_logger.setLevel(level)
+        if accelerator is not None:
+            # What HFLM sets up for the models it loads itself under `accelerate launch`: its
+            # evaluator splits requests by rank and world size, and gathers through accelerator.
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+            self._device = accelerator.device
+        # Devices to synchronize before reading a clock: every device a layer runs on.
+        self._sync_devices = [d for d in skipgpt_model.model_devices(model) if d.type == "cuda"]
+        self._load_seconds = time.perf_counter() - t_start
+        self._requests_seconds = 0.0
+        self._in_request = False
+        self._all_ranks = None  # [world_size, 3 * layers + 2] float64, gathered at lm-eval's barrier
+        self._requests_since_gather = False
 
+    # -- lm-eval's request methods, timed ---------------------------------------------------
+    def loglikelihood(self, requests, *args, **kwargs):
+        return self._timed(super().loglikelihood, requests, *args, **kwargs)
+
+    def loglikelihood_rolling(self, requests, *args, **kwargs):
+        return self._timed(super().loglikelihood_rolling, requests, *args, **kwargs)
+
+    def generate_until(self, requests, *args, **kwargs):
+        return self._timed(super().generate_until, requests, *args, **kwargs)
+
+    def _timed(self, method, *args, **kwargs):
+        """Run a request method, adding its wall time (GPU work included) to requests_seconds."""
+        if self._in_request:  # a request method calling another: time the outer one only
+            return method(*args, **kwargs)
+        self._sync()
+        start = time.perf_counter()
+        self._in_request = True
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._in_request = False
+            self._sync()
+            self._requests_seconds += time.perf_counter() - start
+            self._requests_since_gather = True
+
+    def _sync(self) -> None:
+        for device in self._sync_devices:
+            torch.cuda.synchronize(device)
+
+    def barrier(self) -> None:
+        """lm-eval's evaluator calls this on every rank after each request type (and only when
+        world_size > 1). All ranks are here together, so this is where their route counts and
+        timings are gathered: a collective anywhere else could wait forever for ranks that never
+        come (get_model_info, for one, runs on rank 0 alone)."""
+        super().barrier()
+        if self.world_size > 1:
+            self._all_ranks = self._gather_accounting()
+            self._requests_since_gather = False
+
+    def _gather_accounting(self) -> torch.Tensor:
+        """[world_size, 3 * layers + 2] float64 on the CPU: each rank's flattened route counts
+        (see skipgpt.model.route_counts), load seconds and request seconds. float64 holds counts
+        exactly up to 2**53."""
+        counts = skipgpt_model.route_counts(self.skipgpt_model).to(self.device, torch.float64).flatten()
+        times = torch.tensor([self._load_seconds, self._requests_seconds], dtype=torch.float64, device=self.device)
+        row = torch.cat([counts, times])
+        return self.accelerator.gather(row).view(self.world_size, -1).cpu()
+
+    # -- accounting ---------------------------------------------------------------------------
     def sparsity(self) -> dict:
-        """Realized skip rates since the last `reset_sparsity` (see `skipgpt.sparsity`)."""
+        """Realized skip rates of this process since the last `reset_sparsity` (see
+        `skipgpt.sparsity`); `accounting()["sparsity"]` has them over all data-parallel ranks."""
         return skipgpt_model.sparsity(self.skipgpt_model)
 
     def reset_sparsity(self) -> None:
         skipgpt_model.reset_sparsity(self.skipgpt_model)
+        self._requests_seconds = 0.0
+        self._all_ranks = None
+
+    def accounting(self) -> dict:
+        """Tokens, skip rates and timings of the evaluation, over every data-parallel rank.
+
+        Returns {"ranks", "scope", "tokens", "load_seconds", "requests_seconds", "per_rank",
+        "sparsity"}: tokens and sparsity sum the route counts of all ranks (the requests lm-eval
+        duplicates so that ranks run equal numbers of batches included); load_seconds and
+        requests_seconds are the slowest rank's (ranks run side by side); per_rank lists each
+        rank's tokens and seconds. requests_seconds is the time spent inside loglikelihood,
+        loglikelihood_rolling and generate_until, device work included. "scope" says what was
+        summed: one process, all ranks, or (when requests ran after the last gather, which
+        lm-eval's evaluator never does) rank 0 alone.
+        """
+        layers = skipgpt_model.routed_layers(self.skipgpt_model)
+        n = len(layers)
+        if self.world_size > 1 and self._all_ranks is not None and not self._requests_since_gather:
+            rows = self._all_ranks
+            scope = f"all {self.world_size} ranks"
+        else:
+            counts = skipgpt_model.route_counts(self.skipgpt_model).to("cpu", torch.float64).flatten()
+            rows = torch.cat([counts, torch.tensor([self._load_seconds, self._requests_seconds], dtype=torch.float64)])[None]
+            scope = "one process" if self.world_size == 1 else f"rank {self.rank} of {self.world_size} only"
+        counts = rows[:, : 3 * n].sum(0).view(n, 3).round().long().tolist()
+        sparsity = skipgpt_model.sparsity_from_counts([layer.layer_idx for layer in layers], counts)
+        ranks = range(rows.shape[0]) if rows.shape[0] > 1 else [self.rank]
+        per_rank = [
+            {"rank": r, "tokens": int(row[2]), "load_seconds": float(row[-2]), "requests_seconds": float(row[-1])}
+            for r, row in zip(ranks, rows.tolist())
+        ]
+        return {
+            "ranks": self.world_size,
+            "scope": scope,
+            "tokens": sparsity["tokens"],
+            "load_seconds": max(r["load_seconds"] for r in per_rank),
+            "requests_seconds": max(r["requests_seconds"] for r in per_rank),
+            "per_rank": per_rank,
+            "sparsity": sparsity,
+        }
 
     def get_model_info(self) -> dict:
         # HFLM's version asks the Hugging Face Hub for a commit hash, which for a local folder
-        # only costs network time-outs; report the routing setup instead.
+        # only costs network time-outs; report the routing setup instead, and the run's
+        # accounting (lm-eval calls this on rank 0 once the requests are done; results JSON
+        # files carry it under config.skipgpt_run, which is where `skipgpt eval
+        # --data-parallel` reads it).
         model = self.skipgpt_model
         return {
             "model_num_parameters": sum(p.numel() for p in model.parameters()),
             "model_dtype": str(model.dtype),
             "skipgpt": dict(self.skipgpt_config),
+            "skipgpt_run": self.accounting(),
         }
+
+
+def _launched_accelerator():
+    """An accelerate `Accelerator` when this process is one of several started by `accelerate
+    launch` (or torchrun), else None. Its device is this rank's (cuda:LOCAL_RANK; accelerate
+    also makes it the current CUDA device, where Triton launches kernels)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    # Ranks wait for each other at lm-eval's barriers while the slowest finishes its share of
+    # requests; the default collective time-out (10 to 30 minutes) would end long evaluations.
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(days=7))])
+    return accelerator if accelerator.num_processes > 1 else None
 
 
 def _is_routed(model: nn.Module) -> bool:

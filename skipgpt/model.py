@@ -64,8 +64,15 @@ def wrap(
     router: a router checkpoint (published `.pth` in either key style, or safetensors);
     lora: LoRA weights (flat state dict or PEFT adapter directory) merged into the base weights
     with scale lora_alpha / lora_r. Returns the same model object.
+
+    A model spread over several devices by from_pretrained(device_map=...) works as is: each
+    routed layer runs on the device of its weights and moves its inputs there (the decoder layers
+    replaced here take accelerate's input-moving hooks with them; the modules around them keep
+    theirs).
     """
     family_for(model.config)  # fails first, naming the supported families
+    if hasattr(model, "hf_device_map"):  # placed by from_pretrained(device_map=...)
+        check_placement(model)
     layers = _decoder_layers(model)
     if any(isinstance(layer, RoutedDecoderLayer) for layer in layers):
         raise ValueError("model is already wrapped by skipgpt; use skipgpt.set_pipeline to change its pipeline")
@@ -97,14 +104,33 @@ def load(
     device: Union[torch.device, str, None] = None,
     lora_alpha: float = 32,
     lora_r: int = 16,
+    device_map: Union[str, dict, None] = None,
     **from_pretrained_kwargs,
 ) -> nn.Module:
     """Load a Hugging Face causal LM from a local folder and route it (see `wrap`).
+
+    device: put the whole model on one device ("cpu", "cuda", "cuda:1").
+    device_map: spread it over several instead, through transformers/accelerate placement
+    (`from_pretrained(device_map=...)`): "auto", "balanced", "balanced_low_0", "sequential",
+    or a dict from module names to devices, e.g. {"model.embed_tokens": 0, "model.rotary_emb": 0,
+    "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    (a key covers its submodules; "" is the whole model). Every module must land on a device
+    that computes (a GPU or the CPU): maps that offload weights (to "disk", or to "cpu" next to
+    GPUs, where accelerate keeps them off the device until each forward) are refused, because
+    the routed layers read their weights directly. transformers records the placement in
+    `model.hf_device_map` when it spans several devices.
 
     Returns the transformers model itself (a LlamaForCausalLM, Qwen3ForCausalLM, ...), in eval mode.
     """
     from transformers import AutoModelForCausalLM
 
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"device={device!r} and device_map={device_map!r}: pass one; device puts the whole model on "
+            "one device, device_map spreads it over several"
+        )
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise ValueError(f"device_map: expected a strategy name or a dict of module name -> device, got {device_map!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
     for name, p in (("router", router), ("lora", lora)):
@@ -116,11 +142,37 @@ def load(
         dtype = DTYPES[dtype]
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline: expected one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    if device_map is not None:
+        from_pretrained_kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     if device is not None:
         model.to(device)
+    if device_map is not None:
+        check_placement(model)
     wrap(model, router=router, lora=lora, pipeline=pipeline, lora_alpha=lora_alpha, lora_r=lora_r)
     return model.eval()
+
+
+def check_placement(model: nn.Module) -> None:
+    """Raise ValueError if a parameter or buffer was offloaded (left on the meta device by
+    accelerate, which streams such weights in through hooks at each forward): the routed
+    layers read weights directly, so every one must sit on the device that computes with it."""
+    offloaded = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if offloaded:
+        placement = {str(d) for d in getattr(model, "hf_device_map", {}).values()}
+        # accelerate offloads "disk" entries always, "cpu" entries only when a GPU is in the map.
+        where = [d for d in ("disk", "cpu") if d in placement and (d == "disk" or placement - {"cpu", "disk"})]
+        raise ValueError(
+            f"device_map left {len(offloaded)} weights off the device that computes with them (first: {offloaded[0]}; "
+            f"offloaded to {' and '.join(where) or 'meta'}): accelerate streams such weights in at each forward, but "
+            "skipgpt's routed layers read their weights directly. Put every module on a GPU (give them room: "
+            "max_memory, a smaller dtype, more GPUs), or the whole model on the CPU"
+        )
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The devices of the routed layers, in layer order, each once."""
+    return list(dict.fromkeys(layer.route_counts.device for layer in routed_layers(model)))
 
 
 def set_pipeline(model: nn.Module, name: str) -> nn.Module:
@@ -163,8 +215,8 @@ def force_routes(model: nn.Module, skip: Optional[float] = 0.25, seed: int = 0) 
     the routers."""
     if skip is not None and not 0.0 <= skip <= 1.0:
         raise ValueError(f"skip: expected a rate in [0, 1] or None, got {skip}")
-    layer = routed_layers(model)[0]
-    layer.state.force(skip, seed, layer.route_counts.device)
+    # Every layer's device gets its copy of the parameters now (layers spread by a device_map).
+    routed_layers(model)[0].state.force(skip, seed, model_devices(model))
     return model
 
 
@@ -180,19 +232,32 @@ def sparsity(model: nn.Module) -> dict:
     "mlp"}, ...]}. Reads every layer's device counters in one transfer.
     """
     layers = routed_layers(model)
+    return sparsity_from_counts([layer.layer_idx for layer in layers], route_counts(model).tolist())
+
+
+def route_counts(model: nn.Module) -> torch.Tensor:
+    """[layers, 3] int64 on the first layer's device: per layer, tokens that executed attention,
+    tokens that executed the MLP, and non-padding tokens, since the last `reset_sparsity`. Layers
+    on other devices (device_map) are copied over, so the caller reads them in one transfer."""
+    layers = routed_layers(model)
     device = layers[0].route_counts.device
-    counts = torch.stack([layer.route_counts.to(device) for layer in layers]).tolist()
+    return torch.stack([layer.route_counts.to(device) for layer in layers])
+
+
+def sparsity_from_counts(layer_ids: list[int], counts: list[list[int]]) -> dict:
+    """`sparsity`'s dict from per-layer [attention executed, MLP executed, tokens] counts (one row
+    per entry of layer_ids); also used on counts summed over data-parallel ranks."""
     def skip_rate(executed: int, tokens: int) -> float:
         return (tokens - executed) / tokens if tokens else 0.0
 
     per_layer = [
-        {"layer": layer.layer_idx, "attention": skip_rate(attn, tokens), "mlp": skip_rate(mlp, tokens)}
-        for layer, (attn, mlp, tokens) in zip(layers, counts)
+        {"layer": layer, "attention": skip_rate(attn, tokens), "mlp": skip_rate(mlp, tokens)}
+        for layer, (attn, mlp, tokens) in zip(layer_ids, counts)
     ]
     tokens = sum(c[2] for c in counts)
     return {
         "attention": skip_rate(sum(c[0] for c in counts), tokens),
         "mlp": skip_rate(sum(c[1] for c in counts), tokens),
-        "tokens": counts[0][2],
+        "tokens": int(counts[0][2]) if counts else 0,
         "per_layer": per_layer,
     }

@@ -5,8 +5,8 @@ for tests and benchmarks); padding never executes (DESIGN.md section 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -22,18 +22,53 @@ class RoutingState:
     model: 2-D [B, past + L] (1 = token), or the 4-D causal mask transformers builds for static
     caches; None when the caller passed none (no padding).
     forced_skip: the rate set by `skipgpt.force_routes` (None: the routers decide).
-    forced_params: [2] int64 on the model's device, (seed, skip threshold); a tensor, so a new
-    seed or rate reaches compiled code as data instead of forcing a recompile.
+    forced_params: [2] int64 on the first layer's device, (seed, skip threshold); a tensor, so a
+    new seed or rate reaches compiled code as data instead of forcing a recompile.
+    forced_copies: the same values on the other devices of a model whose layers are spread over
+    several (device_map), keyed by str(device); layers read them through `forced_params_on`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
     forced_skip: Optional[float] = None
     forced_params: Optional[torch.Tensor] = None
+    forced_copies: dict = field(default_factory=dict)
 
-    def force(self, skip: Optional[float], seed: int, device) -> None:
-        """Force seeded random routes at rate `skip` (None: the routers decide again)."""
+    def force(self, skip: Optional[float], seed: int,
+              device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:
+        """Force seeded random routes at rate `skip` (None: the routers decide again).
+
+        device: where the layers run: one device, or every device of a model placed with a
+        device_map (the first holds `forced_params`, the others get their copy now, so no layer
+        copies it during a forward).
+        """
+        devices = [device] if isinstance(device, (torch.device, str)) else list(device)
+        if not devices:
+            raise ValueError("force: expected at least one device")
         self.forced_skip = None if skip is None else float(skip)
-        self.forced_params = None if skip is None else forced_params(int(seed), float(skip), device)
+        self.forced_copies = {}
+        if skip is None:
+            self.forced_params = None
+            return
+        self.forced_params = forced_params(int(seed), float(skip), devices[0])
+        for other in devices[1:]:
+            self.forced_params_on(torch.device(other))
+
+    def forced_params_on(self, device: torch.device) -> torch.Tensor:
+        """`forced_params` on `device`: the tensor itself when it is there already (the
+        single-device case, which compiled code sees as a constant branch), else a copy made
+        once per device and kept."""
+        params = self.forced_params
+        if params is None:
+            raise RuntimeError("no forced routes: call skipgpt.force_routes(model, skip=...) first")
+        if params.device == device:
+            return params
+        key = str(device)
+        copy = self.forced_copies.get(key)
+        if copy is None:
+            copy = params.to(device)
+            torch._dynamo.mark_static(copy, 0)  # as in forced_params(): no duck-sized length
+            self.forced_copies[key] = copy
+        return copy
 
 
 def forced_params(seed: int, rate: float, device) -> torch.Tensor:

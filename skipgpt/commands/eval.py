@@ -2,10 +2,16 @@
 
     skipgpt eval --model PATH [--router PATH] [--lora PATH] [--pipeline P] [--skip RATE]
                  [--compile] --tasks T[,T...] [--batch-size N] [--limit N] [--device D]
-                 [--dtype auto|bf16|fp16|fp32] [--output DIR]
+                 [--dtype auto|bf16|fp16|fp32] [--data-parallel N | --device-map MAP] [--output DIR]
 
 With no --model: SmolLM2-135M-Instruct from `skipgpt setup` on the offline Wikipedia task.
 Every argument is checked (paths, pipeline, task names, device) before a model loads.
+
+Beyond one GPU, through accelerate (as lm-eval itself does), not a launcher of our own:
+--data-parallel N runs `accelerate launch --multi_gpu --num_processes N -m skipgpt.lm_eval ...`
+(one model copy per GPU, lm-eval splits the requests), then reads the results file rank 0 wrote
+and reports as a one-GPU run does; --device-map spreads one model's layers over the GPUs
+(`skipgpt.load(device_map=...)`).
 """
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ import os
 import platform
 import re
 import shlex
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
@@ -40,6 +49,26 @@ TOKENS_COUNTED = (
     "generation step for generate_until. lm-eval right-pads loglikelihood batches without an "
     "attention mask, so that padding is counted; masked (left) padding is not."
 )
+TOKENS_COUNTED_DP = (
+    " With --data-parallel, the counts of all ranks are summed; they include the requests and "
+    "rolling windows lm-eval repeats on ranks with less work so that every rank runs as many "
+    "batches, which on a small run (a few documents) can be a large share of the total. Compare "
+    "wall times, not tokens per second, between runs with different numbers of GPUs."
+)
+TIMINGS_MEASURED = {
+    "one process": (
+        "load_seconds: loading and routing the model; eval_seconds: lm-eval's simple_evaluate (request "
+        "building, model calls, metrics); requests_seconds: the part of it spent in the model's request "
+        "methods (device work included); total_seconds: load + eval."
+    ),
+    "data parallel": (
+        "load_seconds and requests_seconds: the slowest rank's (ranks run side by side); eval_seconds: "
+        "requests_seconds, the time in the model's request methods (device work included); total_seconds: "
+        "the whole `accelerate launch` (starting the processes, imports, task data, load, evaluation, "
+        "gathering results)."
+    ),
+}
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 DESCRIPTION = """\
 Run lm-evaluation-harness on a SkipGPT-routed model, print lm-eval's table, the wall time,
@@ -58,6 +87,8 @@ examples:
   skipgpt eval --model ./llama --router router.pth --pipeline triton-sparse --tasks skipgpt_wiki
   skipgpt eval --model ./llama --skip 0.25 --tasks skipgpt_wiki_tiny --limit 2   # random routes
   skipgpt eval --model ./llama --router router.pth --tasks wikitext,hellaswag --batch-size 8
+  skipgpt eval --model ./llama --router router.pth --tasks skipgpt_wiki --data-parallel 2   # 2 GPUs, a copy each
+  skipgpt eval --model ./llama-70b --router router.pth --tasks skipgpt_wiki --device-map auto   # layers over the GPUs
 """
 
 
@@ -85,6 +116,8 @@ class Plan:
     device: str
     dtype: str
     output: str
+    data_parallel: int = 1  # processes (GPUs) of an `accelerate launch`; 1 runs in this process
+    device_map: Optional[object] = None  # a strategy name or a dict of module -> device
     notes: list[str] = field(default_factory=list)  # what defaults chose, printed before the run
 
     def command(self) -> str:
@@ -106,8 +139,20 @@ class Plan:
         argv += ["--batch-size", str(self.batch_size)]
         if self.limit is not None:
             argv += ["--limit", f"{self.limit:g}"]
-        argv += ["--device", self.device, "--dtype", self.dtype, "--output", self.output]
+        if self.device_map is not None:
+            dm = self.device_map
+            argv += ["--device-map", dm if isinstance(dm, str) else json.dumps(dm, separators=(",", ":"))]
+        else:
+            argv += ["--device", self.device]
+        if self.data_parallel > 1:
+            argv += ["--data-parallel", str(self.data_parallel)]
+        argv += ["--dtype", self.dtype, "--output", self.output]
         return shlex.join(argv)
+
+    @property
+    def cpu_processes(self) -> bool:
+        """--data-parallel on the CPU: the explicit test mode (N processes, no GPU)."""
+        return self.data_parallel > 1 and self.device == "cpu"
 
 
 # ---------------------------------------------------------------------------- flags
@@ -153,6 +198,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype; auto keeps the checkpoint's (default auto)")
     m.add_argument("--device", metavar="DEVICE",
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    g = p.add_argument_group("more than one GPU (through accelerate; choose one)")
+    g.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="data parallel over N GPUs: runs `accelerate launch --multi_gpu --num_processes N -m "
+                        "skipgpt.lm_eval ...`, a copy of the model per GPU (cuda:0..N-1 of the visible ones; "
+                        "pick them with CUDA_VISIBLE_DEVICES), lm-eval splitting the requests; then reports as a "
+                        "one-GPU run does, tokens and skip rates summed over the ranks. With --device cpu, N CPU "
+                        "processes instead: a test mode of the same path, not faster. Default 1 (this process)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help="spread one model's layers over the visible GPUs (transformers/accelerate placement, "
+                        "from_pretrained(device_map=MAP)): auto, balanced, balanced_low_0, sequential, or a JSON "
+                        "object of module name -> device, e.g. '{\"model.embed_tokens\":0,\"model.layers.0\":0,...}'. "
+                        "For models that do not fit one GPU; replaces --device")
     e = p.add_argument_group("evaluation")
     e.add_argument("--tasks", metavar="T[,T...]",
                    help="comma-separated lm-eval task names: skipgpt_wiki and skipgpt_wiki_tiny (offline, "
@@ -177,6 +234,57 @@ def plan(args: argparse.Namespace) -> Plan:
     notes = []
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
+    data_parallel = getattr(args, "data_parallel", 1)
+    device_map = _device_map(getattr(args, "device_map", None))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under someone else's launcher every rank would run this whole command, each writing
+        # its own report; --data-parallel starts the ranks itself, around lm-eval's CLI.
+        raise EvalError(
+            "skipgpt eval is running under a multi-process launcher (WORLD_SIZE is set): run it as a single "
+            "process and pass --data-parallel N, which launches the N ranks itself"
+        )
+    if data_parallel < 1:
+        raise EvalError(f"--data-parallel: expected a number of GPUs >= 1, got {data_parallel}")
+    if device_map is not None:
+        if data_parallel > 1:
+            raise EvalError(
+                "--data-parallel and --device-map: choose one; data parallel runs a whole copy of the model per "
+                "GPU, --device-map spreads one copy over them"
+            )
+        if args.device is not None:
+            raise EvalError(f"--device {args.device} and --device-map: --device-map places the model itself; drop --device")
+        _need_accelerate("--device-map")
+        if not cuda:
+            notes.append("--device-map: no CUDA device here, so the whole model goes to the CPU")
+        elif torch.cuda.device_count() == 1:
+            notes.append("--device-map: one CUDA device is visible, so nothing is spread")
+    if data_parallel > 1:
+        _need_accelerate("--data-parallel")
+        if args.device is None and not cuda:
+            raise EvalError(
+                f"--data-parallel {data_parallel}: this machine has no CUDA device. Data parallelism runs one process "
+                f"per GPU; --device cpu --data-parallel {data_parallel} runs {data_parallel} CPU processes instead "
+                "(a test mode of the same code path: it is not faster)"
+            )
+        if args.device is not None and re.fullmatch(r"cuda:\d+", args.device):
+            raise EvalError(
+                f"--device {args.device} and --data-parallel: rank r runs on cuda:r of the visible devices; "
+                "choose the GPUs with CUDA_VISIBLE_DEVICES and pass --device cuda (or nothing)"
+            )
+        if device.startswith("cuda") and cuda and data_parallel > torch.cuda.device_count():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise EvalError(
+                f"--data-parallel {data_parallel}: only {torch.cuda.device_count()} CUDA device(s) visible"
+                + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            )
+        if device == "cpu":
+            notes.append(f"--data-parallel {data_parallel} --device cpu: {data_parallel} CPU processes (test mode)")
+        if args.skip is not None and args.batch_size > 1:
+            notes.append(
+                "--skip with --data-parallel and --batch-size > 1: forced routes depend on a token's row in its "
+                "batch, and ranks batch differently, so metrics can differ a little from a one-GPU run "
+                "(trained routers and --batch-size 1 do not have this)"
+            )
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise EvalError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda"):
@@ -233,8 +341,39 @@ def plan(args: argparse.Namespace) -> Plan:
         model=str(model), router=router, lora=args.lora, lora_alpha=args.lora_alpha, lora_r=args.lora_r,
         pipeline=pipeline, skip=args.skip, seed=args.seed, compile=args.compile, tasks=tasks,
         include_path=args.include_path,
-        batch_size=args.batch_size, limit=limit, device=device, dtype=args.dtype, output=args.output, notes=notes,
+        batch_size=args.batch_size, limit=limit, device=device, dtype=args.dtype, output=args.output,
+        data_parallel=data_parallel, device_map=device_map, notes=notes,
     )
+
+
+def _device_map(text: Optional[str]):
+    """--device-map's value: a strategy name, or a JSON object parsed to a dict."""
+    if text is None:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"--device-map: not valid JSON ({e.msg} at character {e.pos})") from None
+        bad = [k for k, v in value.items() if not isinstance(v, (int, str)) or isinstance(v, bool)]
+        if not value or bad:
+            raise EvalError(
+                "--device-map: expected a non-empty JSON object of module name -> device (a GPU index or a name "
+                f"such as \"cuda:1\" or \"cpu\"){f'; bad entries: {bad[:3]}' if bad else ''}"
+            )
+        return value
+    raise EvalError(
+        f"--device-map: expected {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object of module name -> device, got {text!r}"
+    )
+
+
+def _need_accelerate(flag: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise EvalError(f"{flag} needs the accelerate package: pip install accelerate (or pip install 'skipgpt[eval]')")
 
 
 def _default_model() -> Path:
@@ -355,20 +494,27 @@ def evaluate(p: Plan) -> dict:
     if not _has_matplotlib():
         print("warning: matplotlib is not installed, so sparsity.png will not be written "
               "(pip install matplotlib, or pip install 'skipgpt[eval]')", file=sys.stderr)
+    if p.data_parallel > 1 and p.include_path is not None:
+        _check_include_path_with_launch(p.tasks)
+    # Built here also under --data-parallel, where the ranks build their own: a task whose data is
+    # missing fails now, with the message below, instead of in N processes at once.
     task_objects = build_tasks(manager, p.tasks)
     output = Path(p.output)
     output.mkdir(parents=True, exist_ok=True)
+    if p.data_parallel > 1:
+        return evaluate_data_parallel(p, output)
 
     from lm_eval import simple_evaluate
 
     from ..lm_eval_model import SkipGPTLM
 
     t_start = time.perf_counter()
+    placement = dict(device=p.device) if p.device_map is None else dict(device_map=p.device_map)
     try:
         lm = SkipGPTLM(
             p.model, router=p.router, lora=p.lora, pipeline=p.pipeline, skip=p.skip, seed=p.seed,
             lora_alpha=p.lora_alpha, lora_r=p.lora_r, compile=p.compile,
-            dtype=p.dtype, device=p.device, batch_size=p.batch_size,
+            dtype=p.dtype, batch_size=p.batch_size, **placement,
         )
     except (ValueError, FileNotFoundError) as e:  # bad checkpoints, unsupported architectures
         raise EvalError(f"loading the model: {e}") from None
@@ -382,20 +528,24 @@ def evaluate(p: Plan) -> dict:
     )
     _sync(p.device)
     eval_s = time.perf_counter() - t_eval
-    sparsity = lm.sparsity()
-    tokens = sparsity["tokens"]
+    run = lm.accounting()
+    tokens = run["tokens"]
+    devices = sorted({str(t.device) for t in lm.skipgpt_model.parameters()})
     summary = {
         "metrics": results["results"],
         "groups": results.get("groups", {}),
-        "timings": {"load_seconds": load_s, "eval_seconds": eval_s, "total_seconds": load_s + eval_s},
+        "timings": {"load_seconds": load_s, "eval_seconds": eval_s, "total_seconds": load_s + eval_s,
+                    "requests_seconds": run["requests_seconds"]},
+        "timings_measured": TIMINGS_MEASURED["one process"],
         "tokens": tokens,
         "tokens_per_second": tokens / eval_s if eval_s > 0 else None,
         "tokens_counted": TOKENS_COUNTED,
-        "sparsity": sparsity,
+        "sparsity": run["sparsity"],
         "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
         "model_dtype": str(lm.skipgpt_model.dtype).replace("torch.", ""),
         "versions": _versions(),
-        "device_name": device_name(p.device),
+        "device_name": _devices_name(p.device, len(devices)),
+        "devices": devices,
         "command": p.command(),
         "argv": sys.argv,
     }
@@ -405,11 +555,168 @@ def evaluate(p: Plan) -> dict:
 
 
 def _sync(device: str) -> None:
-    # Timings must include the GPU work queued by the last batch.
+    # Timings must include the GPU work queued by the last batch, on every GPU (a device_map
+    # model runs on several).
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
+def _devices_name(device: str, count: int) -> str:
+    name = device_name(device)
+    return f"{count} x {name}" if count > 1 else name
+
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+def launch_argv(p: Plan, results_path: str, port: int, python: str = sys.executable) -> tuple[list[str], dict]:
+    """The data-parallel command for `p`: (argv, environment variables to add).
+
+    argv is `accelerate launch` run by `python` (so the launcher and its ranks use this
+    interpreter's packages, whatever is on PATH): --multi_gpu --num_processes N around
+    `-m skipgpt.lm_eval` (lm-eval's own CLI with the skipgpt model registered; rank 0 writes
+    `results_<date>.json` next to `results_path`). Explicit launcher settings (one machine, no
+    mixed precision, no dynamo, this port) keep a user's `accelerate config` file from changing
+    the run. The CPU test mode (--device cpu) adds ACCELERATE_USE_CPU=true, which makes the
+    same launcher start N CPU processes (gloo), each with its share of the cores.
+    """
+    n = p.data_parallel
+    if n < 2:
+        raise ValueError(f"launch_argv: data_parallel must be >= 2, got {n}")
+    model_args = {"pretrained": _model_arg_path(p.model), "pipeline": p.pipeline, "dtype": p.dtype}
+    if p.router is not None:
+        model_args["router"] = _model_arg_path(p.router)
+    if p.lora is not None:
+        model_args.update(lora=_model_arg_path(p.lora), lora_alpha=f"{p.lora_alpha:g}", lora_r=str(p.lora_r))
+    if p.skip is not None:
+        model_args.update(skip=f"{p.skip:g}", seed=str(p.seed))
+    if p.compile:
+        model_args["compile"] = "True"
+    argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    env = {}
+    if p.cpu_processes:
+        env["ACCELERATE_USE_CPU"] = "true"
+        argv += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or n) // n))]
+    argv += ["-m", "skipgpt.lm_eval", "--model", "skipgpt",
+             "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
+             "--tasks", ",".join(p.tasks), "--batch_size", str(p.batch_size),
+             "--device", "cpu" if p.cpu_processes else "cuda", "--output_path", results_path]
+    if p.limit is not None:
+        argv += ["--limit", str(p.limit)]
+    if p.include_path is not None:
+        argv += ["--include_path", p.include_path]
+    return argv, env
+
+
+def launch_display(argv: list[str], env: dict) -> str:
+    """`launch_argv`'s command as a user would type it: `accelerate launch ...`."""
+    prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
+    return prefix + shlex.join(["accelerate", "launch", *argv[3:]])
+
+
+def _model_arg_path(path: str) -> str:
+    """An absolute path for lm-eval's key=value,... model_args string, which splits on commas and
+    would read a relative name such as `1` as a number."""
+    if "," in path:
+        raise EvalError(
+            f"{path}: --data-parallel passes paths to lm-eval as key=value,... model arguments, which cannot hold "
+            "a comma; rename or link the file or folder"
+        )
+    return os.path.abspath(path)
+
+
+def _free_port() -> int:
+    # The launcher's rendezvous port: a free one, so two evaluations can run side by side
+    # (accelerate's default, 29500, would collide).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_include_path_with_launch(tasks: list[str]) -> None:
+    """lm-eval's CLI takes one --include_path; with the user's there, skipgpt's own task folder
+    cannot be passed to the ranks as well."""
+    from lm_eval.tasks import TaskManager
+
+    from .. import tasks as skipgpt_tasks
+
+    ours = set(TaskManager(include_path=skipgpt_tasks.task_dir(), include_defaults=False).all_tasks)
+    clash = [t for t in tasks if t in ours]
+    if clash:
+        raise EvalError(
+            f"--include-path with --data-parallel: lm-eval's command line takes one task folder, so skipgpt's "
+            f"tasks ({', '.join(clash)}) cannot come along with yours; copy their YAML files (from "
+            f"{skipgpt_tasks.task_dir()}) into your folder, or run them in a separate evaluation"
+        )
+
+
+def evaluate_data_parallel(p: Plan, output: Path) -> dict:
+    """Run `p` as an `accelerate launch` of p.data_parallel processes, then report as `evaluate`.
+
+    Only this process writes to `output`; the ranks' lm-eval writes its results file (rank 0
+    only) to a temporary folder, read back here. Tokens, skip rates and timings come from that
+    file's config.skipgpt_run, which SkipGPTLM gathers over all ranks.
+    """
+    with tempfile.TemporaryDirectory(prefix="skipgpt-dp-") as scratch:
+        argv, env = launch_argv(p, os.path.join(scratch, "results.json"), _free_port())
+        display = launch_display(argv, env)
+        print(f"launching: {display}", file=sys.stderr)
+        t_start = time.perf_counter()
+        returncode = _run_launcher(argv, env)
+        launch_s = time.perf_counter() - t_start
+        if returncode != 0:
+            raise EvalError(f"the data-parallel run failed (exit status {returncode}); its messages are above")
+        found = sorted(Path(scratch).glob("results_*.json"))
+        if not found:
+            raise EvalError(f"the data-parallel run wrote no results file (expected results_*.json in {scratch})")
+        results = json.loads(found[-1].read_text(encoding="utf-8"))
+    run = results.get("config", {}).get("skipgpt_run")
+    if run is None:
+        raise EvalError("the data-parallel results carry no config.skipgpt_run (was the model not `skipgpt`?)")
+    eval_s = run["requests_seconds"]
+    summary = {
+        "metrics": results["results"],
+        "groups": results.get("groups", {}),
+        "timings": {"load_seconds": run["load_seconds"], "eval_seconds": eval_s, "total_seconds": launch_s,
+                    "requests_seconds": eval_s},
+        "timings_measured": TIMINGS_MEASURED["data parallel"],
+        "tokens": run["tokens"],
+        "tokens_per_second": run["tokens"] / eval_s if eval_s > 0 else None,
+        "tokens_counted": TOKENS_COUNTED + TOKENS_COUNTED_DP,
+        "sparsity": run["sparsity"],
+        "data_parallel": {"processes": p.data_parallel, "summed_over": run["scope"], "per_rank": run["per_rank"],
+                          "launch_command": display},
+        "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
+        "model_dtype": str(results["config"].get("model_dtype", "")).replace("torch.", ""),
+        "versions": _versions(),
+        "device_name": _devices_name(p.device, p.data_parallel),
+        "devices": ["cpu"] * p.data_parallel if p.cpu_processes else [f"cuda:{i}" for i in range(p.data_parallel)],
+        "command": p.command(),
+        "argv": sys.argv,
+    }
+    _write(output, results, summary)
+    _print_report(results, summary)
+    return summary
+
+
+def _run_launcher(argv: list[str], env: dict) -> int:
+    """Run the launcher, wait for it, return its exit status. The ranks' stdout (lm-eval prints
+    its table there) goes to stderr, so stdout carries the same report as a one-GPU run."""
+    return subprocess.run(argv, env={**os.environ, **env}, stdout=_stderr_fd(), check=False).returncode
+
+
+def _stderr_fd():
+    """This process's stderr as a file descriptor for a child's output, or None (inherit stdout)
+    where stderr is not a real file (captured by a test runner)."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------- output
@@ -439,6 +746,10 @@ def _print_report(results: dict, summary: dict) -> None:
     print(f"tokens: {summary['tokens']} in {t['eval_seconds']:.1f} s = {tps:.1f} tokens/s "
           "(non-padding token positions through the decoder; see summary.json 'tokens_counted')"
           if tps is not None else f"tokens: {summary['tokens']}")
+    dp = summary.get("data_parallel")
+    if dp:
+        print(f"data parallel: {dp['processes']} processes (accelerate launch); tokens and skip rates summed over "
+              f"{dp['summed_over']}; wall time includes starting them")
     print(f"realized skip rate ({summary['setup']['pipeline']}): attention {s['attention']:.1%}, MLP {s['mlp']:.1%}")
     rows = s["per_layer"]
     for i in range(0, len(rows), 16):  # 16 layers a line keeps it under 100 columns

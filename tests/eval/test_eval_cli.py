@@ -34,7 +34,8 @@ def test_help_explains_every_flag(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--router", "--lora", "--pipeline", "--skip", "--compile", "--tasks", "--batch-size",
-                 "--limit", "--device", "--dtype", "--output", "--include-path", "skipgpt setup"):
+                 "--limit", "--device", "--dtype", "--output", "--include-path", "skipgpt setup",
+                 "--data-parallel", "--device-map", "accelerate launch"):
         assert flag in out, flag
 
 
