@@ -1,4 +1,4 @@
-"""Shared by every op family: input validation and Triton availability.
+"""Shared by every op family: input validation, the launch device, and Triton availability.
 
 Every op validates on the host before anything launches, so a kernel never sees an argument
 it could index out of bounds with. Messages name the argument, what was expected and what came.
@@ -117,6 +117,32 @@ def check_kernel_head_dim(name: str, t: torch.Tensor, what: str, size: int, low:
         )
 
 
+def on_input_device(cuda_impl):
+    """Run the CUDA implementation `cuda_impl` with its first argument's device current.
+
+    Triton launches on the *current* CUDA device and its current stream (so does an event's
+    `record()`, which `compact(host_counts=True)` uses), so a tensor on cuda:1 while cuda:0 is
+    current would be handed to a kernel running on the wrong GPU. The dispatcher gives no help: only ATen's generated kernel wrappers install a
+    DeviceGuard; a Python kernel registered with torch.library is called as it is (PyTorch's
+    PythonKernelHolder), and `eager_entry` bypasses the dispatcher altogether. Eager decode is
+    bound by host time, so the device is switched only when it differs: the common single-GPU
+    case pays one integer comparison. The validation inside `cuda_impl` makes every other
+    tensor argument live on the same device as the first.
+    """
+
+    @functools.wraps(cuda_impl)
+    def run(*args, **kwargs):
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.is_cuda:
+            index = first.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return cuda_impl(*args, **kwargs)
+        return cuda_impl(*args, **kwargs)
+
+    return run
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -128,7 +154,8 @@ def eager_entry(op, cuda_impl):
     of host time per call (measured on the device machine), which made decode steps host-bound.
     Under torch.compile, and on CPU, calls go through the op (torch.ops.skipgpt.*), so tracing,
     fake tensors and opcheck see the registered op. Validation is identical either way: it lives
-    in the implementations. The op itself stays reachable as `entry.op`.
+    in the implementations. The op itself stays reachable as `entry.op`. The CUDA
+    implementations carry `on_input_device`, so the fast path launches on the inputs' GPU too.
     Calls whose first argument is not a tensor, or that pass it by keyword, go through the op,
     whose schema check names the argument.
     """

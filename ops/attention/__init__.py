@@ -15,6 +15,7 @@ from .._common import (
     check_scalar,
     check_tensor,
     eager_entry,
+    on_input_device,
 )
 from .reference import sparse_attention_reference
 
@@ -115,6 +116,7 @@ if HAS_TRITON:
     from . import kernels
 
     @sparse_attention.register_kernel("cuda")
+    @on_input_device
     def _sparse_attention_cuda(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
         _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
         # tl.arange tiles the head dim and tl.dot needs at least 16 on it.

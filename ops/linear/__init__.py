@@ -23,6 +23,7 @@ from .._common import (
     check_scalar,
     check_tensor,
     eager_entry,
+    on_input_device,
 )
 from .reference import ACTIVATIONS, gated_mlp_reference, linear_residual_reference, linear_rows_reference
 
@@ -144,6 +145,7 @@ if HAS_TRITON:
     from . import kernels
 
     @linear_rows.register_kernel("cuda")
+    @on_input_device
     def _linear_rows_cuda(x, weight, bias=None, count=None):
         _check_linear_rows(x, weight, bias, count)
         if count is None:
@@ -151,6 +153,7 @@ if HAS_TRITON:
         return kernels.rows_gemm(x, weight, count, bias=bias)
 
     @gated_mlp.register_kernel("cuda")
+    @on_input_device
     def _gated_mlp_cuda(x, w_gate, w_up, activation, count=None):
         _check_gated(x, w_gate, w_up, activation, count)
         if count is None:
@@ -158,6 +161,7 @@ if HAS_TRITON:
         return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation)
 
     @linear_residual.register_kernel("cuda")
+    @on_input_device
     def _linear_residual_cuda(residual, x, weight, slot=None, count=None):
         _check_residual(residual, x, weight, slot, count)
         if count is None:

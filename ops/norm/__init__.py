@@ -17,6 +17,7 @@ from .._common import (
     check_scalar,
     check_tensor,
     eager_entry,
+    on_input_device,
 )
 from .reference import rms_norm_reference, rms_norm_split_reference
 
@@ -94,11 +95,13 @@ if HAS_TRITON:
     from . import kernels
 
     @rms_norm.register_kernel("cuda")
+    @on_input_device
     def _rms_norm_cuda(x, weight, eps, rows=None, count=None):
         _check_rms_norm(x, weight, eps, rows, count)
         return kernels.rms_norm(x, weight, eps, rows, count)
 
     @rms_norm_split.register_kernel("cuda")
+    @on_input_device
     def _rms_norm_split_cuda(x, weight, eps, slot, num_rows):
         _check_split(x, weight, eps, slot, num_rows)
         return kernels.rms_norm_split(x, weight, eps, slot, num_rows)

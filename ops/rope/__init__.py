@@ -17,6 +17,7 @@ from .._common import (
     check_same_dtype,
     check_tensor,
     eager_entry,
+    on_input_device,
 )
 from .reference import rope_kv_write_reference, rope_reference
 
@@ -115,6 +116,7 @@ if HAS_TRITON:
     from . import kernels
 
     @rope.register_kernel("cuda")
+    @on_input_device
     def _rope_cuda(x, cos, sin, rows=None, count=None):
         _check_rope(x, cos, sin, rows, count)
         # The kernel tiles each half of the head dim with tl.arange.
@@ -122,6 +124,7 @@ if HAS_TRITON:
         return kernels.rope(x, cos, sin, rows, count)
 
     @rope_kv_write.register_kernel("cuda")
+    @on_input_device
     def _rope_kv_write_cuda(k, v, cos, sin, k_cache, v_cache, start):
         _check_kv_write(k, v, cos, sin, k_cache, v_cache, start)
         check_kernel_head_dim("k", k, "half the head dim", k.shape[3] // 2, 1, 1 << 16)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_scalar, check_tensor, eager_entry
+from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_scalar, check_tensor, eager_entry, on_input_device
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
 __all__ = [
@@ -115,16 +115,19 @@ if HAS_TRITON:
     from . import kernels
 
     @router_execute.register_kernel("cuda")
+    @on_input_device
     def _router_execute_cuda(x, weight, bias):
         _check_router(x, weight, bias)
         return kernels.router_execute(x, weight, bias)
 
     @forced_execute.register_kernel("cuda")
+    @on_input_device
     def _forced_execute_cuda(params, start, batch, seq_len, layer_idx):
         _check_forced(params, start, batch, seq_len, layer_idx)
         return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
 
     @compact.register_kernel("cuda")
+    @on_input_device
     def _compact_cuda(execute: Tensor, host_counts: bool = False):
         _check_execute(execute, host_counts)
         rows, slot, seq_offsets = kernels.compact(execute)
@@ -132,7 +135,7 @@ if HAS_TRITON:
             pinned = torch.empty(seq_offsets.shape[0], dtype=torch.int32, pin_memory=True)
             pinned.copy_(seq_offsets[:, -1], non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record()  # on the current stream of seq_offsets' device (on_input_device)
             # Kept on the tensor itself: exact_rows trusts it only for this very tensor, unmodified.
             seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
         return rows, slot, seq_offsets
