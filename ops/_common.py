@@ -65,6 +65,8 @@ def check_scalar(name: str, value, kind: type) -> None:
     """A Python scalar argument (int, float, bool or str). The dispatcher checks these against
     the schema, but `eager_entry` calls CUDA implementations directly, so they check themselves.
     Symbolic sizes (torch.SymInt, under torch.compile) count as ints."""
+    if type(value) is kind or (kind is float and type(value) is int):
+        return  # the common case, without the slower abstract-class checks below
     if kind is int:
         ok = isinstance(value, (numbers.Integral, torch.SymInt))
     elif kind is float:
