@@ -16,8 +16,8 @@ their range (negative, past B*L, positions past the cache). Each call then goes 
 
 Index values in device tensors are never synced to the host for checking (DESIGN.md section 4);
 the ops document what an out-of-range value does, and this file checks that the kernels do it.
-Examples are few, sizes tiny and the search derandomized, so the file runs in well under a
-minute under the interpreter.
+Examples are few (60 per op; SKIPGPT_PROPERTY_EXAMPLES=N asks for more), sizes tiny and the
+search derandomized, so the file runs in seconds under the interpreter.
 """
 from __future__ import annotations
 
