@@ -1,11 +1,19 @@
-"""Shared by every op family: input validation and Triton availability.
+"""Shared by every op family: input validation, the launch device, and Triton availability.
 
 Every op validates on the host before anything launches, so a kernel never sees an argument
 it could index out of bounds with. Messages name the argument, what was expected and what came.
+
+What is checked where: everything the host knows without reading device memory (types, dtypes,
+shapes, strides, devices) is checked on every call. Index *values* held in device tensors (rows,
+slot, count, seq_offsets, start) are data: checking them would cost a host sync per op, which
+the capacity form exists to avoid (DESIGN.md section 4). The kernels clamp or mask such values
+instead, so a bad index never reads or writes outside a tensor; each op's docstring says what
+an out-of-range value does, and the PyTorch references follow the same rule.
 """
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -28,8 +36,12 @@ def check_tensor(
     ndim: Optional[int] = None,
     dtypes: Optional[Sequence[torch.dtype]] = None,
     device: Optional[torch.device] = None,
+    device_of: Optional[str] = None,
     contiguous: bool = True,
 ) -> None:
+    """Raise TypeError/ValueError unless `t` (the argument called `name`) is a tensor with `ndim`
+    dims, a dtype in `dtypes`, on `device` (that of argument `device_of`, named in the message)
+    and, with `contiguous`, laid out densely in row-major order."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -38,12 +50,31 @@ def check_tensor(
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: expected dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+        # Every tensor of one op must live on one device: a kernel launched for one device
+        # cannot dereference another device's memory.
+        like = f" like {device_of}" if device_of else ""
+        raise ValueError(f"{name}: expected a tensor on {device}{like}, got one on {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(
             f"{name}: expected a contiguous tensor, got shape {tuple(t.shape)} with strides "
             f"{tuple(t.stride())}; call .contiguous() first"
         )
+
+
+def check_scalar(name: str, value, kind: type) -> None:
+    """A Python scalar argument (int, float, bool or str). The dispatcher checks these against
+    the schema, but `eager_entry` calls CUDA implementations directly, so they check themselves.
+    Symbolic sizes (torch.SymInt, under torch.compile) count as ints."""
+    if type(value) is kind or (kind is float and type(value) is int):
+        return  # the common case, without the slower abstract-class checks below
+    if kind is int:
+        ok = isinstance(value, (numbers.Integral, torch.SymInt))
+    elif kind is float:
+        ok = isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
+    else:
+        ok = isinstance(value, kind)
+    if not ok or (kind is not bool and isinstance(value, bool)):
+        raise TypeError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
 
 
 def check_dim(name: str, t: torch.Tensor, dim: int, expected, what: str) -> None:
@@ -56,23 +87,62 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise TypeError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
 
 
-def check_count(count: Optional[torch.Tensor], device: torch.device) -> None:
-    """`count` holds the number of valid rows of a capacity-sized tensor, on the device."""
+def check_count(count: Optional[torch.Tensor], device: torch.device, device_of: Optional[str] = None) -> None:
+    """`count` holds the number of valid rows of a capacity-sized tensor, on the device: [1] (or
+    a scalar) int32. Its value is data: kernels clamp it to [0, rows], never sync to check it."""
     if count is None:
         return
-    check_tensor("count", count, dtypes=INDEX_DTYPES, device=device, contiguous=False)
-    if count.numel() != 1:
-        raise ValueError(f"count: expected a single element, got shape {tuple(count.shape)}")
+    check_tensor("count", count, dtypes=INDEX_DTYPES, device=device, device_of=device_of, contiguous=False)
+    # A [1, 1] count would broadcast `arange(M) < count` to a matrix in the references.
+    if count.numel() != 1 or count.dim() > 1:
+        raise ValueError(f"count: expected a single element, of shape (1,) or (), got shape {tuple(count.shape)}")
 
 
-def check_rows(name: str, rows: Optional[torch.Tensor], device: torch.device) -> None:
+def check_rows(name: str, rows: Optional[torch.Tensor], device: torch.device, device_of: Optional[str] = None) -> None:
     """`rows` hold flat token indices. Their values are data: kernels mask indices outside the
     indexed tensor instead of syncing with the host to check them."""
     if rows is None:
         return
-    check_tensor(name, rows, ndim=1, dtypes=INDEX_DTYPES, device=device, contiguous=False)
+    check_tensor(name, rows, ndim=1, dtypes=INDEX_DTYPES, device=device, device_of=device_of, contiguous=False)
     if rows.stride(0) != 1:
         raise ValueError(f"{name}: expected unit stride, got stride {rows.stride(0)}")
+
+
+def check_kernel_head_dim(name: str, t: torch.Tensor, what: str, size: int, low: int, high: int) -> None:
+    """The Triton kernels tile a head dim with `tl.arange`, which needs a power of two: `size`
+    (the head dim, or half of it for rotary embeddings) must be one in [low, high]. Checked in
+    the CUDA implementations only; the PyTorch (CPU) implementations take any size."""
+    if size < low or size > high or size & (size - 1):
+        raise ValueError(
+            f"{name}: the Triton kernels need {what} to be a power of two in [{low}, {high}], "
+            f"got shape {tuple(t.shape)}"
+        )
+
+
+def on_input_device(cuda_impl):
+    """Run the CUDA implementation `cuda_impl` with its first argument's device current.
+
+    Triton launches on the *current* CUDA device and its current stream (so does an event's
+    `record()`, which `compact(host_counts=True)` uses), so a tensor on cuda:1 while cuda:0 is
+    current would be handed to a kernel running on the wrong GPU. The dispatcher gives no help: only ATen's generated kernel wrappers install a
+    DeviceGuard; a Python kernel registered with torch.library is called as it is (PyTorch's
+    PythonKernelHolder), and `eager_entry` bypasses the dispatcher altogether. Eager decode is
+    bound by host time, so the device is switched only when it differs: the common single-GPU
+    case pays one integer comparison. The validation inside `cuda_impl` makes every other
+    tensor argument live on the same device as the first.
+    """
+
+    @functools.wraps(cuda_impl)
+    def run(*args, **kwargs):
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor) and first.is_cuda:
+            index = first.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return cuda_impl(*args, **kwargs)
+        return cuda_impl(*args, **kwargs)
+
+    return run
 
 
 def next_power_of_2(n: int) -> int:
@@ -86,11 +156,20 @@ def eager_entry(op, cuda_impl):
     of host time per call (measured on the device machine), which made decode steps host-bound.
     Under torch.compile, and on CPU, calls go through the op (torch.ops.skipgpt.*), so tracing,
     fake tensors and opcheck see the registered op. Validation is identical either way: it lives
-    in the implementations. The op itself stays reachable as `entry.op`.
+    in the implementations. The op itself stays reachable as `entry.op`. The CUDA
+    implementations carry `on_input_device`, so the fast path launches on the inputs' GPU too.
+    Calls whose first argument is not a tensor, or that pass it by keyword, go through the op,
+    whose schema check names the argument.
     """
 
     def entry(*args, **kwargs):
-        if cuda_impl is not None and args[0].is_cuda and not torch.compiler.is_compiling():
+        if (
+            cuda_impl is not None
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].is_cuda
+            and not torch.compiler.is_compiling()
+        ):
             return cuda_impl(*args, **kwargs)
         return op(*args, **kwargs)
 

@@ -6,6 +6,10 @@ Checkpoints come from the internet, so every reader here fails safe:
 - Missing, truncated or corrupted files, missing/unexpected keys, wrong shapes, NaN/Inf values
   and checkpoints saved for another model raise `CheckpointError` (a `ValueError`) whose
   message names the file and the key.
+- Corruption: torch's zip reader ignores the CRC-32 each record of a `.pth` carries, so a
+  flipped bit in a tensor loads silently; `read_state_dict` checks the CRCs first. safetensors
+  has no checksum: damage to its header is caught, damage to tensor bytes only when it yields
+  NaN/Inf or breaks a shape (as do legacy, non-zip `torch.save` files).
 
 Key styles (DESIGN.md section 1):
 - routers, stage 1: `model.layers.{i}.router_{attention,mlp}.weight_predictor.{weight,bias}`
@@ -21,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -77,6 +82,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file "
                                   f"(truncated or corrupted?): {e}") from e
     elif suffix in TORCH_SUFFIXES:
+        _check_zip_records(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -93,6 +99,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r}; expected "
                               f"{SAFETENSORS_SUFFIX} or one of {', '.join(TORCH_SUFFIXES)}")
     return _as_tensor_dict(state, path)
+
+
+def _check_zip_records(path: Path) -> None:
+    """Verify the CRC-32 of every record of a zip-format `torch.save` file (torch.load does not).
+
+    Streams each record once (1 MiB at a time). Records whose stored CRC is 0 are skipped:
+    `torch.serialization.set_crc32_options(False)` saves files that way. Legacy (non-zip) files
+    carry no checksum and pass unchecked; a file that is not a valid zip is left to torch.load,
+    which reports it.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as record:  # raises BadZipFile at EOF on a CRC mismatch
+                    while record.read(1 << 20):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def _as_tensor_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
@@ -261,6 +290,24 @@ def load_routers(path: str | os.PathLike) -> RouterCheckpoint:
     return ckpt
 
 
+def check_routers_fit(model: nn.Module, ckpt: RouterCheckpoint) -> None:
+    """Raise CheckpointError, naming the file and a key, unless the routers of `ckpt` match the
+    model's hidden size and layer count (a checkpoint saved for another model)."""
+    layers = decoder_layers(model)
+    hidden = _hidden_size(model)
+    first_param = _ROUTER_PARAMS[ckpt.kind][0]
+    if ckpt.hidden_size != hidden:
+        raise CheckpointError(
+            f"{ckpt.source}: routers have hidden size {ckpt.hidden_size} (key "
+            f"'model.layers.0.router_attention.weight_predictor.{first_param}'), but the model has "
+            f"hidden size {hidden}: the checkpoint was saved for another model")
+    if ckpt.num_layers != len(layers):
+        raise CheckpointError(
+            f"{ckpt.source}: routers cover {ckpt.num_layers} layers (last key "
+            f"'model.layers.{ckpt.num_layers - 1}.router_mlp.weight_predictor.{first_param}'), but "
+            f"the model has {len(layers)} layers: the checkpoint was saved for another model")
+
+
 def attach_routers(model: nn.Module, routers: str | os.PathLike | RouterCheckpoint,
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """Set `router_attention` and `router_mlp` (`Router` modules in `dtype`, on each layer's
@@ -269,18 +316,9 @@ def attach_routers(model: nn.Module, routers: str | os.PathLike | RouterCheckpoi
     The checkpoint must match the model's hidden size and layer count. Returns `model`.
     """
     ckpt = routers if isinstance(routers, RouterCheckpoint) else load_routers(routers)
+    check_routers_fit(model, ckpt)
     layers = decoder_layers(model)
     hidden = _hidden_size(model)
-    if ckpt.hidden_size != hidden:
-        raise CheckpointError(
-            f"{ckpt.source}: routers have hidden size {ckpt.hidden_size} (key "
-            f"'model.layers.0.router_attention.weight_predictor...'), but the model has hidden "
-            f"size {hidden}: the checkpoint was saved for another model")
-    if ckpt.num_layers != len(layers):
-        raise CheckpointError(
-            f"{ckpt.source}: routers cover {ckpt.num_layers} layers (last key "
-            f"'model.layers.{ckpt.num_layers - 1}.router_...'), but the model has {len(layers)} "
-            f"layers: the checkpoint was saved for another model")
     for i, layer in enumerate(layers):
         device = _device_of(layer)
         for name in ROUTER_NAMES:

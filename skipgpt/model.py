@@ -63,7 +63,9 @@ def wrap(
 
     router: a router checkpoint (published `.pth` in either key style, or safetensors);
     lora: LoRA weights (flat state dict or PEFT adapter directory) merged into the base weights
-    with scale lora_alpha / lora_r. Returns the same model object.
+    with scale lora_alpha / lora_r. Returns the same model object. Both files are read and
+    checked against the model before it changes: a bad file raises CheckpointError and leaves
+    the model as it was.
 
     A model spread over several devices by from_pretrained(device_map=...) works as is: each
     routed layer runs on the device of its weights and moves its inputs there (the decoder layers
@@ -78,10 +80,18 @@ def wrap(
         raise ValueError("model is already wrapped by skipgpt; use skipgpt.set_pipeline to change its pipeline")
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline: expected one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    if router is not None:
+        # Read and match the routers before anything changes: a router file for another model
+        # must not leave the model half-converted (LoRA merged, layers wrapped).
+        from .checkpoint import RouterCheckpoint, check_routers_fit, load_routers
+
+        if not isinstance(router, RouterCheckpoint):
+            router = load_routers(router)
+        check_routers_fit(model, router)
     if lora is not None:
         from .checkpoint import merge_lora
 
-        merge_lora(model, lora, alpha=lora_alpha, r=lora_r)
+        merge_lora(model, lora, alpha=lora_alpha, r=lora_r)  # checks everything before merging
     state = RoutingState()
     for i, layer in enumerate(layers):
         layers[i] = RoutedDecoderLayer(layer, i, model.config, state)

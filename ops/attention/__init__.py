@@ -6,16 +6,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_rows, check_same_dtype, check_tensor
+from .._common import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_kernel_head_dim,
+    check_rows,
+    check_same_dtype,
+    check_scalar,
+    check_tensor,
+    eager_entry,
+    on_input_device,
+)
 from .reference import sparse_attention_reference
 
 __all__ = ["sparse_attention", "sparse_attention_reference"]
 
 
-def _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask):
+def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_scalar("seq_len", seq_len, int)
+    check_scalar("scale", scale, float)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, ndim=4, device=q.device)
+        check_tensor(name, t, ndim=4, device=q.device, device_of="q")
         check_same_dtype(name, t, "q", q)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
@@ -25,27 +37,29 @@ def _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask):
         raise ValueError(f"q: head dim {Dq} differs from the cache's {D}")
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"q: {Hq} query heads is not a multiple of the cache's {Hk} KV heads")
-    check_tensor("start", start, ndim=1, dtypes=(torch.int64,), device=q.device)
+    check_tensor("start", start, ndim=1, dtypes=(torch.int64,), device=q.device, device_of="q")
     if start.shape[0] != 1:
         raise ValueError(f"start: expected one element, got shape {tuple(start.shape)}")
-    if seq_len < 1 and B * seq_len:
-        raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
-    check_rows("rows", rows, q.device)
+    # Queries locate their sequence and slot as r // L and r % L: L = 0 leaves no token for a
+    # query to be (B * 0 = 0 rows without `rows`; with rows, any query would divide by zero).
+    if seq_len < 0 or (seq_len == 0 and M > 0):
+        raise ValueError(f"seq_len: must be >= 1 (>= 0 when q has no rows), got {seq_len} with {M} query rows")
+    check_rows("rows", rows, q.device, device_of="q")
     if rows is None:
         if seq_offsets is not None:
             raise ValueError("seq_offsets: given without rows")
         if M != B * seq_len:
-            raise ValueError(f"q: without rows, expected B*L = {B}*{seq_len} rows, got {M}")
+            raise ValueError(f"q: without rows, expected B*seq_len = {B}*{seq_len} rows, got {M}")
     else:
         if seq_offsets is None:
             raise ValueError("seq_offsets: required with rows (per-sequence query ranges)")
-        check_tensor("seq_offsets", seq_offsets, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_tensor("seq_offsets", seq_offsets, ndim=1, dtypes=(torch.int32,), device=q.device, device_of="q")
         if seq_offsets.shape[0] != B + 1:
             raise ValueError(f"seq_offsets: expected B+1 = {B + 1} entries, got {seq_offsets.shape[0]}")
         if rows.shape[0] != M:
             raise ValueError(f"rows: expected {M} entries like q, got {rows.shape[0]}")
     if key_mask is not None:
-        check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=q.device)
+        check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=q.device, device_of="q")
         if key_mask.shape[0] != B:
             raise ValueError(f"key_mask: expected {B} sequences, got shape {tuple(key_mask.shape)}")
 
@@ -76,14 +90,25 @@ def sparse_attention(
     The query of token b*L + l sits at slot p = start + l and attends to the keys of sequence b
     at slots <= p that the mask keeps. Returns [M, Hq, D]; a query that sees no key gets zeros.
     L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel.
+
+    Index values (rows, seq_offsets, start) live on the device and are not checked on the host
+    (that would sync); the kernels stay inside every tensor whatever they hold:
+    - a row outside [0, B*L) is a query that sees no key: zeros;
+    - start may be anything: keys exist at slots [0, S) only (a slot past S sees every key up
+      to S; a negative slot sees none);
+    - the count is clamped to [0, M];
+    - seq_offsets must list each sequence's queries as `compact` does; if they do not, the
+      affected outputs are unspecified, but every read and write stays inside q, rows, the caches
+      and the output.
+    The CUDA implementation needs D to be a power of two in [16, 256] (ValueError otherwise).
     """
-    _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
     return sparse_attention_reference(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
-    _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
     return torch.empty_like(q)
 
 
@@ -91,8 +116,11 @@ if HAS_TRITON:
     from . import kernels
 
     @sparse_attention.register_kernel("cuda")
+    @on_input_device
     def _sparse_attention_cuda(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
-        _check(q, k_cache, v_cache, start, seq_len, rows, seq_offsets, key_mask)
+        _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+        # tl.arange tiles the head dim and tl.dot needs at least 16 on it.
+        check_kernel_head_dim("q", q, "the head dim", q.shape[2], 16, 256)
         launch = kernels.decode if seq_len == 1 else kernels.prefill
         return launch(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
 

@@ -45,10 +45,10 @@ def _attend_block(
 # Index pointers (rows, seq_offsets, counts, start) may be views at offsets that move with the
 # batch or token count; like the per-call ints they are not specialised on (alignment), so a
 # new batch or length never recompiles.
-@triton.jit(do_not_specialize=["L", "S", "SM", "TILES", "rows_ptr", "offsets_ptr", "start_ptr"])
+@triton.jit(do_not_specialize=["M", "L", "S", "SM", "TILES", "rows_ptr", "offsets_ptr", "start_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, rows_ptr, offsets_ptr, start_ptr, kmask_ptr,
-    L, S, SM, TILES, qk_scale,
+    M, L, S, SM, TILES, qk_scale,
     HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -58,8 +58,10 @@ def _prefill_kernel(
     b = pid // TILES
     tile = pid % TILES
     if HAS_ROWS:
-        q_begin = tl.load(offsets_ptr + b)
-        q_end = tl.load(offsets_ptr + b + 1)
+        # seq_offsets are device data: clamped to [0, M], so whatever they hold, rows, q and
+        # the output are only touched inside their M rows.
+        q_begin = tl.minimum(tl.maximum(tl.load(offsets_ptr + b), 0), M)
+        q_end = tl.minimum(tl.load(offsets_ptr + b + 1), M)
     else:
         q_begin = b * L
         q_end = q_begin + L
@@ -88,14 +90,15 @@ def _prefill_kernel(
         pos_min = tl.min(tl.where(m_ok, pos, 2147483647), axis=0)
         pos_max = tl.max(pos, axis=0)
         # Keys below every query's slot need no causal mask; the rest (a band around the
-        # diagonal, widened by skipped tokens) do.
-        full_end = tl.maximum(pos_min + 1, 0) // BLOCK_N * BLOCK_N
+        # diagonal, widened by skipped tokens) do. Both loops stop at the cache's S slots: a
+        # start past the cache (bad data) must not spin through slots that hold no key.
+        full_end = tl.minimum(tl.maximum(pos_min + 1, 0), S) // BLOCK_N * BLOCK_N
         for n0 in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, k_base, v_base, kmask_base, n0, pos, S, SM, qk_scale,
                 HK * HEAD_DIM, HEAD_DIM, BLOCK_N, False, HAS_KMASK, DOT_PRECISION,
             )
-        for n0 in range(full_end, pos_max + 1, BLOCK_N):
+        for n0 in range(full_end, tl.minimum(pos_max + 1, S), BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, k_base, v_base, kmask_base, n0, pos, S, SM, qk_scale,
                 HK * HEAD_DIM, HEAD_DIM, BLOCK_N, True, HAS_KMASK, DOT_PRECISION,
@@ -190,12 +193,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _no_keys(q, B, S, seq_len):
+    """No token or no key slot: every query sees no key (zeros). None when there is work."""
+    if q.numel() == 0:
+        return torch.empty_like(q)
+    if B * seq_len == 0 or S == 0:  # rows then all fall outside [0, B*L), or no key exists
+        return torch.zeros_like(q)
+    return None
+
+
 def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
     M, HQ, D = q.shape
     B, S, HK, _ = k_cache.shape
+    done = _no_keys(q, B, S, seq_len)
+    if done is not None:
+        return done
     out = torch.empty_like(q)
-    if M == 0 or B * seq_len == 0:
-        return out
     block_m, block_n = (64, 64) if D <= 64 or q.device.type != "cuda" else (128, 64)
     if q.device.type != "cuda":
         block_m, block_n = 16, 16
@@ -207,7 +220,7 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
         seq_offsets if seq_offsets is not None else dummy,
         start,
         key_mask.view(torch.uint8) if key_mask is not None else dummy,
-        seq_len, S, key_mask.shape[1] if key_mask is not None else 0, tiles, scale * LOG2E,
+        M, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, tiles, scale * LOG2E,
         HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ROWS=rows is not None, HAS_KMASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
@@ -219,9 +232,10 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
 def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
     M, HQ, D = q.shape
     B, S, HK, _ = k_cache.shape
+    done = _no_keys(q, B, S, seq_len)  # also keeps S = 0 from dividing by a zero chunk below
+    if done is not None:
+        return done
     out = torch.empty_like(q)
-    if M == 0 or B * seq_len == 0:
-        return out
     block_n = 64 if q.device.type == "cuda" else 16
     # Enough chunks to fill the machine twice over; a function of static shapes only, so a
     # captured CUDA graph stays valid as the cache fills.

@@ -5,10 +5,19 @@ from typing import Optional
 import torch
 
 
-def query_positions(rows: Optional[torch.Tensor], num_queries: int, seq_len: int, start: torch.Tensor, device):
-    """Sequence index and cache slot of each query row: (b [M], slot [M]) as int64."""
-    r = torch.arange(num_queries, device=device) if rows is None else rows.clamp(min=0).long()
-    return r // seq_len, start.reshape(-1)[0].long() + r % seq_len
+def query_positions(rows: Optional[torch.Tensor], num_queries: int, seq_len: int, start: torch.Tensor, device,
+                    num_tokens: Optional[int] = None):
+    """Sequence index and cache slot of each query row: (b [M], slot [M]) as int64. A row
+    outside [0, num_tokens) gets b = -1: it belongs to no sequence and sees no key."""
+    if rows is None:
+        r = torch.arange(num_queries, device=device)
+        b = r // seq_len
+    else:
+        r = rows.long()
+        valid = r >= 0 if num_tokens is None else (r >= 0) & (r < num_tokens)
+        r = torch.where(valid, r, 0)
+        b = torch.where(valid, r // seq_len, -1)
+    return b, start.reshape(-1)[0].long() + r % seq_len
 
 
 def sparse_attention_reference(
@@ -22,8 +31,8 @@ def sparse_attention_reference(
     seq_offsets: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """See `skipgpt.ops.attention.sparse_attention`. Computes in fp32; queries that see no key and
-    capacity rows at or past the count come out zero."""
+    """See `skipgpt.ops.attention.sparse_attention`. Computes in fp32; queries that see no key
+    (rows outside [0, B*L) included) and capacity rows at or past the count come out zero."""
     M, Hq, D = q.shape
     B, S, Hk, _ = k_cache.shape
     group = Hq // Hk
@@ -31,7 +40,7 @@ def sparse_attention_reference(
     count = M if seq_offsets is None else int(seq_offsets[-1])
     if count == 0:
         return out.to(q.dtype)
-    b, slot = query_positions(rows, M, seq_len, start, q.device)
+    b, slot = query_positions(rows, M, seq_len, start, q.device, num_tokens=B * seq_len)
     keys = torch.arange(S, device=q.device)
     if key_mask is not None:
         padded = torch.zeros(B, S, dtype=torch.bool, device=q.device)

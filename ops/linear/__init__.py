@@ -13,7 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._common import eager_entry, FLOAT_DTYPES, HAS_TRITON, check_count, check_dim, check_rows, check_same_dtype, check_tensor
+from .._common import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_count,
+    check_dim,
+    check_rows,
+    check_same_dtype,
+    check_scalar,
+    check_tensor,
+    eager_entry,
+    on_input_device,
+)
 from .reference import ACTIVATIONS, gated_mlp_reference, linear_residual_reference, linear_rows_reference
 
 __all__ = [
@@ -28,21 +39,21 @@ __all__ = [
 
 
 def _check_weight(name: str, w: Tensor, x: Tensor) -> None:
-    check_tensor(name, w, ndim=2, device=x.device)
+    check_tensor(name, w, ndim=2, device=x.device, device_of="x")
     check_same_dtype(name, w, "x", x)
     check_dim(name, w, 1, x.shape[1], "x's feature size")
 
 
 def _check_x(x: Tensor, count: Optional[Tensor]) -> None:
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_count(count, x.device)
+    check_count(count, x.device, device_of="x")
 
 
 def _check_linear_rows(x, weight, bias, count):
     _check_x(x, count)
     _check_weight("weight", weight, x)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_tensor("bias", bias, ndim=1, device=x.device, device_of="x")
         check_same_dtype("bias", bias, "x", x)
         check_dim("bias", bias, 0, weight.shape[0], "weight's output size")
 
@@ -52,7 +63,8 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, count:
     """x [M, K] @ weight [N, K].T + bias [N] -> [M, N].
 
     count: optional [1] int32 on the device (capacity form): rows m >= count are not computed
-    (unspecified in the output) and a zero count reads no weights.
+    (unspecified in the output) and a zero count reads no weights. The count is data, never
+    synced to the host: a value outside [0, M] is clamped to it.
     """
     _check_linear_rows(x, weight, bias, count)
     return linear_rows_reference(x, weight, bias, count)
@@ -70,6 +82,7 @@ def _check_gated(x, w_gate, w_up, activation, count):
     _check_weight("w_up", w_up, x)
     if w_up.shape != w_gate.shape:
         raise ValueError(f"w_up: shape {tuple(w_up.shape)} differs from w_gate's {tuple(w_gate.shape)}")
+    check_scalar("activation", activation, str)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
@@ -94,10 +107,10 @@ def _gated_mlp_fake(x, w_gate, w_up, activation, count=None):
 def _check_residual(residual, x, weight, slot, count):
     _check_x(x, count)
     _check_weight("weight", weight, x)
-    check_tensor("residual", residual, ndim=2, device=x.device)
+    check_tensor("residual", residual, ndim=2, device=x.device, device_of="x")
     check_same_dtype("residual", residual, "x", x)
     check_dim("residual", residual, 1, weight.shape[0], "weight's output size")
-    check_rows("slot", slot, x.device)
+    check_rows("slot", slot, x.device, device_of="x")
     if slot is None:
         if count is not None:
             raise ValueError("count: given without slot; the capacity form needs slot")
@@ -115,6 +128,8 @@ def linear_residual(
     residual: [T, N]; x: [M, K] compacted rows (M = N_exec, or capacity T with `count`);
     weight: [N, K]; slot: [T] int32 from `compact` (None: dense, x row t belongs to token t).
     Returns a new [T, N]: skipping tokens keep their residual row bit for bit.
+    slot and count are device data, not checked on the host: a token whose slot falls outside
+    [0, M) (or [0, count) in the capacity form) keeps its residual row, as a skipping token does.
     """
     _check_residual(residual, x, weight, slot, count)
     return linear_residual_reference(residual, x, weight, slot, count)
@@ -130,6 +145,7 @@ if HAS_TRITON:
     from . import kernels
 
     @linear_rows.register_kernel("cuda")
+    @on_input_device
     def _linear_rows_cuda(x, weight, bias=None, count=None):
         _check_linear_rows(x, weight, bias, count)
         if count is None:
@@ -137,6 +153,7 @@ if HAS_TRITON:
         return kernels.rows_gemm(x, weight, count, bias=bias)
 
     @gated_mlp.register_kernel("cuda")
+    @on_input_device
     def _gated_mlp_cuda(x, w_gate, w_up, activation, count=None):
         _check_gated(x, w_gate, w_up, activation, count)
         if count is None:
@@ -144,6 +161,7 @@ if HAS_TRITON:
         return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation)
 
     @linear_residual.register_kernel("cuda")
+    @on_input_device
     def _linear_residual_cuda(residual, x, weight, slot=None, count=None):
         _check_residual(residual, x, weight, slot, count)
         if count is None:

@@ -40,4 +40,5 @@ def linear_residual_reference(residual, x, weight, slot=None, count=None):
         return residual.clone()
     limit = x.shape[0] if count is None else torch.clamp(count.to(x.device), max=x.shape[0])
     take = (slot >= 0) & (slot < limit)
-    return torch.where(take[:, None], residual + y[slot.clamp(min=0).long()], residual)
+    # Gather at a valid row for tokens that do not take one: a slot past M would index out of y.
+    return torch.where(take[:, None], residual + y[torch.where(take, slot, 0).long()], residual)

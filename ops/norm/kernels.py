@@ -42,7 +42,7 @@ def _rms_norm_kernel(
 
 def _launch(x, weight, eps, out, rows=None, count=None, slot=None, outq=None):
     M, H = out.shape
-    if M == 0:
+    if M == 0 or H == 0:  # nothing to write (and tl.arange cannot tile H = 0)
         return
     block_h = triton.next_power_of_2(H)
     num_warps = min(16, max(1, block_h // 256))

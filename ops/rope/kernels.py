@@ -73,7 +73,7 @@ def _rope_kv_write_kernel(
 def rope(x, cos, sin, rows=None, count=None):
     M, num_heads, head_dim = x.shape
     out = torch.empty_like(x)
-    if M == 0:
+    if out.numel() == 0:  # no rows, heads or dims: nothing to write (tl.arange cannot tile 0)
         return out
     dummy = out
     _rope_kernel[(M,)](
@@ -88,7 +88,7 @@ def rope(x, cos, sin, rows=None, count=None):
 
 def rope_kv_write(k, v, cos, sin, k_cache, v_cache, start):
     B, L, num_heads, head_dim = k.shape
-    if B * L == 0:
+    if k.numel() == 0:  # no tokens, heads or dims: nothing to write (tl.arange cannot tile 0)
         return
     _rope_kv_write_kernel[(B * L,)](
         k, v, cos, sin, k_cache, v_cache, start, L, k_cache.shape[1],

@@ -18,8 +18,12 @@ def rope_reference(
     count: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x [M, Hx, D], cos/sin [T, D] -> [M, Hx, D]; row m rotates with cos/sin[rows[m]] (row m
-    without rows). With `count`, rows m >= count are zero (unspecified in Triton)."""
-    src = slice(None) if rows is None else rows.clamp(min=0).long()
+    without rows; table row 0 for an index outside [0, T), as the kernel does). With `count`,
+    rows m >= count are zero (unspecified in Triton)."""
+    if rows is None:
+        src = slice(None)
+    else:
+        src = torch.where((rows >= 0) & (rows < cos.shape[0]), rows, 0).long()
     c, s = cos[src][:, None, :], sin[src][:, None, :]
     # cos/sin may be wider than x (fp32 tables): the result keeps x's dtype, as the fake and
     # the Triton kernel do.

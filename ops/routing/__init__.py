@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_tensor, eager_entry
+from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_scalar, check_tensor, eager_entry, on_input_device
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
 __all__ = [
@@ -31,8 +31,8 @@ __all__ = [
 
 def _check_router(x: Tensor, weight: Tensor, bias: Tensor) -> None:
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_tensor("bias", bias, ndim=1, device=x.device)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device, device_of="x")
+    check_tensor("bias", bias, ndim=1, device=x.device, device_of="x")
     check_same_dtype("bias", bias, "weight", weight)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight: expected {x.shape[1]} columns like x, got shape {tuple(weight.shape)}")
@@ -62,9 +62,11 @@ def _router_execute_fake(x, weight, bias):
     return x.new_empty((weight.shape[0] // 2, x.shape[0]), dtype=torch.bool)
 
 
-def _check_forced(params: Tensor, start: Tensor, batch: int, seq_len: int) -> None:
-    check_tensor("params", params, ndim=1, dtypes=(torch.int64,), device=start.device)
+def _check_forced(params: Tensor, start: Tensor, batch: int, seq_len: int, layer_idx: int) -> None:
     check_tensor("start", start, ndim=1, dtypes=(torch.int64,))
+    check_tensor("params", params, ndim=1, dtypes=(torch.int64,), device=start.device, device_of="start")
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("layer_idx", layer_idx)):
+        check_scalar(name, value, int)
     if params.shape[0] != 2 or start.shape[0] != 1:
         raise ValueError(f"params/start: expected 2 and 1 elements, got {params.shape[0]} and {start.shape[0]}")
     if batch < 0 or seq_len < 0:
@@ -76,32 +78,36 @@ def forced_execute(params: Tensor, start: Tensor, batch: int, seq_len: int, laye
     """Seeded pseudo-random routes for benchmarks and tests: [2, B, L] bool, True = execute.
 
     params: [2] int64 (seed, skip threshold); start: [1] int64 cache slot of token column 0.
-    See `forced_execute_reference` for the hash; identical on every device and pipeline.
+    See `forced_execute_reference` for the hash; identical on every device and pipeline, for any
+    int64 values of params and start (negative ones included: both reduce modulo 2^31 - 1 the
+    way torch's `%` does) and any layer_idx.
     """
-    _check_forced(params, start, batch, seq_len)
+    _check_forced(params, start, batch, seq_len, layer_idx)
     return forced_execute_reference(params, start, batch, seq_len, layer_idx)
 
 
 @forced_execute.register_fake
 def _forced_execute_fake(params, start, batch, seq_len, layer_idx):
-    _check_forced(params, start, batch, seq_len)
+    _check_forced(params, start, batch, seq_len, layer_idx)
     return start.new_empty((2, batch, seq_len), dtype=torch.bool)
 
 
-def _check_execute(execute: Tensor) -> None:
+def _check_execute(execute: Tensor, host_counts: bool) -> None:
     check_tensor("execute", execute, ndim=3, dtypes=(torch.bool,))
+    check_scalar("host_counts", host_counts, bool)
 
 
 @torch.library.custom_op("skipgpt::compact", mutates_args=())
 def compact(execute: Tensor, host_counts: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Capacity-form compaction of R route sets.
 
-    execute: [R, B, L] bool (True = the token executes the module).
+    execute: [R, B, L] bool (True = the token executes the module; any nonzero byte counts as
+    True, as in PyTorch).
     Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
     `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
     host_counts: start copying the counts to the host for a following `exact_rows` (CUDA only).
     """
-    _check_execute(execute)
+    _check_execute(execute, host_counts)
     return compact_reference(execute)
 
 
@@ -109,24 +115,27 @@ if HAS_TRITON:
     from . import kernels
 
     @router_execute.register_kernel("cuda")
+    @on_input_device
     def _router_execute_cuda(x, weight, bias):
         _check_router(x, weight, bias)
         return kernels.router_execute(x, weight, bias)
 
     @forced_execute.register_kernel("cuda")
+    @on_input_device
     def _forced_execute_cuda(params, start, batch, seq_len, layer_idx):
-        _check_forced(params, start, batch, seq_len)
+        _check_forced(params, start, batch, seq_len, layer_idx)
         return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
 
     @compact.register_kernel("cuda")
+    @on_input_device
     def _compact_cuda(execute: Tensor, host_counts: bool = False):
-        _check_execute(execute)
+        _check_execute(execute, host_counts)
         rows, slot, seq_offsets = kernels.compact(execute)
         if host_counts and not torch.cuda.is_current_stream_capturing():
             pinned = torch.empty(seq_offsets.shape[0], dtype=torch.int32, pin_memory=True)
             pinned.copy_(seq_offsets[:, -1], non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record()  # on the current stream of seq_offsets' device (on_input_device)
             # Kept on the tensor itself: exact_rows trusts it only for this very tensor, unmodified.
             seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
         return rows, slot, seq_offsets
@@ -134,7 +143,7 @@ if HAS_TRITON:
 
 @compact.register_fake
 def _compact_fake(execute: Tensor, host_counts: bool = False):
-    _check_execute(execute)
+    _check_execute(execute, host_counts)
     R, B, L = execute.shape
     rows = execute.new_empty((R, B * L), dtype=torch.int32)
     return rows, torch.empty_like(rows), execute.new_empty((R, B + 1), dtype=torch.int32)
@@ -142,11 +151,22 @@ def _compact_fake(execute: Tensor, host_counts: bool = False):
 
 def _check_exact(rows: Tensor, seq_offsets: Tensor) -> None:
     check_tensor("rows", rows, ndim=2, dtypes=(torch.int32,))
-    check_tensor("seq_offsets", seq_offsets, ndim=2, dtypes=(torch.int32,), device=rows.device)
+    check_tensor("seq_offsets", seq_offsets, ndim=2, dtypes=(torch.int32,), device=rows.device, device_of="rows")
     if seq_offsets.shape[0] != rows.shape[0]:
         raise ValueError(
             f"seq_offsets: expected {rows.shape[0]} route sets like rows, got shape {tuple(seq_offsets.shape)}"
         )
+    if seq_offsets.shape[1] == 0:
+        raise ValueError("seq_offsets: expected B+1 >= 1 columns (the last one holds the count), got 0")
+
+
+def _check_counts(counts: list, rows: Tensor) -> None:
+    # The counts are on the host here anyway (this is the one sync of the exact form), so unlike
+    # the capacity form they are checked: a negative count would slice rows[r, :-n] from the end.
+    T = rows.shape[1]
+    for r, n in enumerate(counts):
+        if not 0 <= n <= T:
+            raise ValueError(f"seq_offsets: route set {r} counts {n} executing rows, expected 0..{T} (rows' T)")
 
 
 @torch.library.custom_op("skipgpt::exact_rows", mutates_args=())
@@ -155,6 +175,7 @@ def exact_rows(rows: Tensor, seq_offsets: Tensor) -> list[Tensor]:
     R tensors [N_r] int32 holding each route set's executing rows.
 
     Reads every count in one host sync: the only sync a routed layer makes, and only at prefill.
+    Having the counts on the host, it checks them: a count outside [0, T] raises ValueError.
     """
     _check_exact(rows, seq_offsets)
     pending = getattr(seq_offsets, "_skipgpt_host_counts", None)
@@ -164,12 +185,20 @@ def exact_rows(rows: Tensor, seq_offsets: Tensor) -> list[Tensor]:
         counts = pinned.tolist()
     else:
         counts = seq_offsets[:, -1].tolist()
+    _check_counts(counts, rows)
     return [rows[r, :n].clone() for r, n in enumerate(counts)]
 
 
 @exact_rows.register_fake
 def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
     _check_exact(rows, seq_offsets)
+    # Plain meta tensors (not the fake tensors of tracing, which may wrap meta storage) have no
+    # data to size the outputs with; PyTorch's own error for this names no argument.
+    if rows.device.type == "meta" and not isinstance(rows, torch._subclasses.FakeTensor):
+        raise ValueError(
+            "seq_offsets: exact_rows sizes its outputs by the counts' values, which meta tensors do not "
+            "hold; trace it with fake tensors (torch.compile) instead"
+        )
     ctx = torch.library.get_ctx()
     out = []
     for _ in range(rows.shape[0]):

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import layer_term
+
 
 @triton.jit(do_not_specialize=["T", "L", "B"])
 def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: tl.constexpr):
@@ -16,7 +18,10 @@ def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: t
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         in_range = t < T
-        e = tl.load(exec_ptr + t, mask=in_range, other=0).to(tl.int32)
+        # A bool tensor may hold bytes other than 0/1 (say viewed from uint8): any nonzero byte
+        # is True, as in PyTorch. Summing raw bytes would push slots past T and the store below
+        # out of bounds.
+        e = (tl.load(exec_ptr + t, mask=in_range, other=0) != 0).to(tl.int32)
         inclusive = tl.cumsum(e, axis=0) + carry
         slot = tl.where(e != 0, inclusive - 1, -1)
         tl.store(slot_ptr + t, slot, mask=in_range)
@@ -47,17 +52,22 @@ def compact(execute: torch.Tensor):
     return rows, slot, offsets
 
 
-@triton.jit(do_not_specialize=["L", "start_ptr"])
-def _forced_execute_kernel(params_ptr, start_ptr, out_ptr, L, layer_idx, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["L", "start_ptr", "layer_term"])  # one compile for every layer
+def _forced_execute_kernel(params_ptr, start_ptr, out_ptr, L, layer_term, BLOCK: tl.constexpr):
     # One program per (module, sequence) row of L tokens; the same hash as the reference.
+    # layer_term = (layer_idx * 131 + 1) mod prime, computed on the host (no int32 overflow).
     row = tl.program_id(0).to(tl.int64)  # module * B + b
     prime = 2147483647
-    base = (tl.load(params_ptr) * 7919 + layer_idx * 131 + 1) % prime
+    # Triton's % truncates (C); torch's takes the divisor's sign. Lift negative remainders so
+    # negative seeds and slots hash as in the reference.
+    base = (tl.load(params_ptr) * 7919 + layer_term) % prime
+    base = tl.where(base < 0, base + prime, base)
     threshold = tl.load(params_ptr + 1)
     start = tl.load(start_ptr)
     for l0 in range(0, L, BLOCK):
         l = l0 + tl.arange(0, BLOCK)
         h = (row * 104729 + (start + l) * 7919 + base) % prime
+        h = tl.where(h < 0, h + prime, h)
         h = (h * 48271) % prime
         h = h ^ (h >> 15)
         h = (h * 69621) % prime
@@ -95,7 +105,9 @@ def forced_execute(params, start, batch, seq_len, layer_idx):
     out = torch.empty(2, batch, seq_len, dtype=torch.bool, device=start.device)
     if batch * seq_len:
         block = min(1024, triton.next_power_of_2(seq_len))
-        _forced_execute_kernel[(2 * batch,)](params, start, out.view(torch.int8), seq_len, layer_idx, BLOCK=block)
+        _forced_execute_kernel[(2 * batch,)](
+            params, start, out.view(torch.int8), seq_len, layer_term(layer_idx), BLOCK=block
+        )
     return out
 
 
@@ -107,6 +119,6 @@ def router_execute(x, weight, bias):
         block_t = 16
         _router_execute_kernel[(triton.cdiv(T, block_t),)](
             x, weight, bias, out.view(torch.int8), T, H=H, R=R, BLOCK_T=block_t,
-            BLOCK_H=min(128, triton.next_power_of_2(H)),
+            BLOCK_H=max(1, min(128, triton.next_power_of_2(H))),  # H == 0: bias only, arange needs >= 1
         )
     return out

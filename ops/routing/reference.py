@@ -8,17 +8,26 @@ HASH_PRIME = 2147483647  # 2^31 - 1: keeps every product below 2^62, so int64 ne
 HASH_MULTIPLIERS = (48271, 69621, 16807)
 
 
+def layer_term(layer_idx: int) -> int:
+    """The layer's share of the hash seed, in [0, 2^31 - 1)."""
+    return (int(layer_idx) * 131 + 1) % HASH_PRIME
+
+
 def forced_execute_reference(params: torch.Tensor, start: torch.Tensor, batch: int, seq_len: int, layer_idx: int):
     """Seeded pseudo-random routes: [2, B, L] bool (row 0 attention, row 1 MLP), True = execute.
 
     params: [2] int64 (seed, skip threshold = rate * (2^31 - 1)); start: [1] int64, the cache
     slot of token column 0. Token (b, l) at slot start + l of module m skips when
-    hash(seed, layer, m, b, slot) < threshold: a pure function of those five numbers.
+    hash(seed, layer, m, b, slot) < threshold: a pure function of those five numbers. `%` is
+    torch's (the result takes the divisor's sign), so negative seeds and slots hash too; int64
+    products wrap around the same way on every device.
     """
     device = start.device
     params = params.to(device)
     slots = start.reshape(1) + torch.arange(seq_len, device=device)
-    base = (params[0] * 7919 + layer_idx * 131 + 1) % HASH_PRIME
+    # (layer * 131 + 1) reduced first (the same value mod the prime) so that any int layer_idx
+    # fits the int64 arithmetic; the kernel receives this very number.
+    base = (params[0] * 7919 + layer_term(layer_idx)) % HASH_PRIME
     module_and_seq = torch.arange(2 * batch, device=device, dtype=torch.int64).view(2, batch, 1)
     h = (module_and_seq * 104729 + slots * 7919 + base) % HASH_PRIME
     for mult in HASH_MULTIPLIERS:
@@ -33,7 +42,8 @@ def router_execute_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     weight [2R, H], bias [2R]: router r's logits are rows 2r (EXECUTE) and 2r+1 (SKIP),
     computed in the weight's dtype (x is cast to it); a tie executes, as argmax picks index 0.
     """
-    logits = F.linear(x.to(weight.dtype), weight, bias).view(x.shape[0], -1, 2)
+    # R spelled out: with T = 0 a -1 could be any size (view refuses it).
+    logits = F.linear(x.to(weight.dtype), weight, bias).view(x.shape[0], weight.shape[0] // 2, 2)
     return (logits.argmax(-1) == 0).t().contiguous()  # argmax: NaN counts as the maximum
 
 

@@ -2,6 +2,7 @@
 bad files (DESIGN.md section 1, issues 3 and 10). Tiny random Llama models built here."""
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -499,3 +500,233 @@ def test_help(capsys):
     text = capsys.readouterr().out
     assert e.value.code == 0
     assert all(flag in text for flag in ("--ckpt", "--output", "--stage", "--format"))
+
+
+# ----------------------------------------------------------------------------- corrupted files (issue 10)
+
+def _record_data_offset(path: Path, suffix: str) -> tuple[str, int]:
+    """(name, byte offset of the data) of the zip record of a torch.save file ending in `suffix`."""
+    import struct
+    import zipfile
+
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    return info.filename, info.header_offset + 30 + name_len + extra_len
+
+
+def _flip_byte(src: Path, dst: Path, offset: int) -> Path:
+    raw = bytearray(src.read_bytes())
+    raw[offset] ^= 0x40
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+@pytest.mark.parametrize("record", ["data/0", "data.pkl"])
+def test_corrupted_pth_record_fails_its_crc(tmp_path, record):
+    # torch.load itself ignores the zip CRCs: a flipped bit in tensor bytes would load silently.
+    good = save(router_state(), tmp_path / "good.pth")
+    name, offset = _record_data_offset(good, record)
+    bad = _flip_byte(good, tmp_path / "bad.pth", offset + 5)
+    with pytest.raises(CheckpointError, match=rf"bad\.pth.*corrupted.*CRC-32.*{re.escape(name)}"):
+        load_routers(bad)
+    model = tiny_llama()
+    lora = save(_flat_lora(model), tmp_path / "lora.pth")
+    name, offset = _record_data_offset(lora, "data/3")
+    bad_lora = _flip_byte(lora, tmp_path / "bad_lora.pth", offset + 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"bad_lora\.pth.*CRC-32.*{re.escape(name)}"):
+        merge_lora(model, bad_lora)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_pth_saved_without_crcs_still_loads(tmp_path):
+    # torch.save can skip CRCs (records then store 0); those files stay readable.
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = save(router_state(), tmp_path / "nocrc.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_routers(path).num_layers == 2
+
+
+def test_corrupted_safetensors_header(tmp_path):
+    good = save(router_state(), tmp_path / "good.safetensors")
+    # The header's length field, then the JSON header's opening brace.
+    for offset, name in ((3, "len.safetensors"), (8, "json.safetensors")):
+        bad = _flip_byte(good, tmp_path / name, offset)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)}.*truncated or corrupted"):
+            load_routers(bad)
+    # A flip inside a key name reads as a key that does not belong, named with the file.
+    header = good.read_bytes()[:2000]
+    bad = _flip_byte(good, tmp_path / "key.safetensors", header.index(b"model.layers.1") + 5)
+    with pytest.raises(CheckpointError, match=r"key\.safetensors: unexpected key 'model.layers.1.router_"):
+        load_routers(bad)
+
+
+def test_corrupted_safetensors_data_is_caught_as_nan(tmp_path):
+    # safetensors has no checksum; damage that turns a weight into NaN is still refused, naming
+    # the key it hit.
+    key = "model.layers.1.router_mlp.weight_predictor.bias"
+    state = {key: torch.ones(2)}
+    state.update({k: v for k, v in router_state().items() if k != key})
+    good = save(state, tmp_path / "good.safetensors")
+    raw = bytearray(good.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    begin, _ = json.loads(raw[8: 8 + header_len])[key]["data_offsets"]
+    raw[8 + header_len + begin: 8 + header_len + begin + 4] = b"\x00\x00\xc0\x7f"  # float32 NaN
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: key '{re.escape(key)}' contains NaN"):
+        load_routers(bad)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_lora_leaves_model_untouched(tmp_path, suffix):
+    model = tiny_llama()
+    good = save(_flat_lora(model), tmp_path / f"good{suffix}")
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"bad\{suffix}.*truncated or corrupted"):
+        merge_lora(model, bad)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- malicious pickles (issue 10)
+
+class _RunsCode:
+    """Unpickling this calls `_write_marker`, a function (not a class) that writes a file: the
+    stand-in for arbitrary code a .pth could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
+
+
+def _write_marker(path):
+    Path(path).write_text("code ran")
+    return torch.zeros(2)
+
+
+def _evil_state(marker):
+    state = router_state()
+    state["model.layers.0.router_attention.weight_predictor.bias"] = _RunsCode(marker)
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_malicious_pickle_function_call_refused(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save(_evil_state(marker), path, _use_new_zipfile_serialization=(fmt == "zip"))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load"):
+        load_routers(path)
+    assert not marker.exists()
+
+
+def test_malicious_pickle_refused_everywhere(tmp_path, capsys):
+    """The PEFT adapter's .bin, `skipgpt convert` and `skipgpt.wrap` all refuse it unrun."""
+    import skipgpt
+
+    marker = tmp_path / "pwned"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16, "r": 4}))
+    torch.save(_evil_state(marker), adapter / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin: refused"):
+        merge_lora(tiny_llama(), adapter)
+
+    evil = tmp_path / "evil.bin"
+    torch.save(_evil_state(marker), evil)
+    assert main(["convert", "--ckpt", str(evil), "--output", str(tmp_path / "out"), "--stage", "stage1"]) == 1
+    assert "evil.bin: refused" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"evil\.bin: refused"):
+        skipgpt.wrap(tiny_llama(), router=evil)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- malformed contents (issue 10)
+
+def test_non_tensor_entry(tmp_path):
+    state = router_state()
+    state["model.layers.0.router_mlp.weight_predictor.bias"] = [0.0, 1.0]
+    with pytest.raises(CheckpointError, match=r"r\.pth: entry 'model\.layers\.0\.router_mlp\.weight_predictor"
+                                              r"\.bias' is a list, not a tensor"):
+        load_routers(save(state, tmp_path / "r.pth"))
+
+
+def test_integer_router_tensor(tmp_path):
+    state = router_state()
+    key = "model.layers.1.router_attention.weight_predictor.weight"
+    state[key] = torch.ones(2, HIDDEN, dtype=torch.int64)
+    with pytest.raises(CheckpointError, match=rf"r\.safetensors: key '{re.escape(key)}' has dtype torch\.int64"):
+        load_routers(save(state, tmp_path / "r.safetensors"))
+
+
+@pytest.mark.parametrize("kind, key, bad", [
+    ("linear", "model.layers.1.router_mlp.weight_predictor.weight", torch.zeros(2, HIDDEN // 2)),
+    ("linear", "model.layers.0.router_mlp.weight_predictor.weight", torch.zeros(2 * HIDDEN)),
+    ("linear", "model.layers.1.router_attention.weight_predictor.bias", torch.tensor(0.0)),
+    ("mlp", "model.layers.1.router_mlp.weight_predictor.0.weight", torch.zeros(HIDDEN // 2, HIDDEN)),
+    ("mlp", "model.layers.0.router_attention.weight_predictor.2.weight", torch.zeros(3, HIDDEN // 4)),
+])
+def test_wrong_router_shapes(tmp_path, kind, key, bad):
+    state = router_state(kind=kind)
+    state[key] = bad
+    with pytest.raises(CheckpointError, match=rf"r\.pth: key '{re.escape(key)}' has shape {re.escape(str(tuple(bad.shape)))}"):
+        load_routers(save(state, tmp_path / "r.pth"))
+
+
+@pytest.mark.parametrize("kind, key, where", [
+    ("linear", "model.layers.0.router_attention.weight_predictor.bias", (1,)),
+    ("mlp", "model.layers.1.router_mlp.weight_predictor.0.weight", (3, 5)),
+    ("mlp", "model.layers.0.router_attention.weight_predictor.2.bias", (0,)),
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_router_values(tmp_path, kind, key, where, bad):
+    state = router_state(kind=kind, prefix="base_model.model.")
+    state["base_model.model." + key][where] = bad
+    with pytest.raises(CheckpointError, match=rf"r\.pth: key 'base_model\.model\.{re.escape(key)}' contains NaN or Inf"):
+        load_routers(save(state, tmp_path / "r.pth"))
+
+
+@pytest.mark.parametrize("matrix", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_lora_values(tmp_path, matrix, bad):
+    model = tiny_llama()
+    state = _flat_lora(model)
+    key = f"model.layers.1.mlp.down_proj.{matrix}.weight"
+    state[key][0, 1] = bad
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"l\.pth: key '{re.escape(key)}' contains NaN or Inf"):
+        merge_lora(model, save(state, tmp_path / "l.pth"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- another model's routers (issue 10)
+
+@pytest.mark.parametrize("other, what", [(dict(hidden=32), "hidden size 32"), (dict(layers=3), "cover 3 layers")])
+def test_routers_of_another_model_leave_it_untouched(tmp_path, other, what):
+    """skipgpt.wrap checks the routers before it merges LoRA or wraps a layer: a router file of
+    another model fails, naming the file and a key, and the model is as it was."""
+    import skipgpt
+    from skipgpt.layer import RoutedDecoderLayer
+
+    model = tiny_llama()
+    routers = save(router_state(**other), tmp_path / "other.pth")
+    lora = save(_flat_lora(model), tmp_path / "lora.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        skipgpt.wrap(model, router=routers, lora=lora, pipeline="torch-sparse")
+    msg = str(err.value)
+    assert "other.pth" in msg and what in msg and "model.layers." in msg and "weight_predictor.weight" in msg
+    assert "saved for another model" in msg
+    assert not any(isinstance(layer, RoutedDecoderLayer) for layer in model.model.layers)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # The same files fit the model they were made for.
+    skipgpt.wrap(tiny_llama(**other), router=routers, pipeline="torch-sparse")

@@ -1,4 +1,5 @@
-"""Shared by the op tests: random routes in both forms, and poisoned kernel allocations."""
+"""Shared by the op tests: random routes in both forms, poisoned kernel allocations, and guard
+bands that catch reads and writes outside a tensor."""
 from __future__ import annotations
 
 import contextlib
@@ -90,3 +91,85 @@ def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "")
         return
     err = rel_err(out.cpu(), ref.cpu())
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# guard bands: memory-safety checks for kernels
+
+
+class Guards:
+    """Places tensors inside larger buffers whose margins (`width` elements on each side) hold
+    poison: NaN for floating tensors, -7 for integer ones, True for bool. A kernel that reads
+    past a tensor pulls poison into its result (NaN shows in float outputs); one that writes
+    past it changes a margin, which `check()` reports. Triton's interpreter hands kernels the
+    whole storage, so on CPU the margins are real neighbouring memory, as on the GPU."""
+
+    def __init__(self, width: int = 64):
+        self.width = width
+        self._bands = []  # (name, buffer, numel, margins' bytes before)
+
+    def wrap(self, t: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+        """A contiguous copy of `t` that lives between two poisoned margins."""
+        n, w = t.numel(), self.width
+        buf = poison(torch.empty(n + 2 * w, dtype=t.dtype, device=t.device))
+        buf[w : w + n] = t.reshape(-1)
+        self._bands.append((name, buf, n, self._margins(buf, n).clone()))
+        return buf[w : w + n].view(t.shape)
+
+    def empty(self, shape, dtype, device, name="output") -> torch.Tensor:
+        """A poisoned tensor between poisoned margins (a kernel output)."""
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return self.wrap(poison(t), name)
+
+    def _margins(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        raw = buf.view(torch.uint8).view(-1, buf.element_size())
+        return torch.cat([raw[: self.width], raw[self.width + n :]])
+
+    def check(self) -> None:
+        for name, buf, n, before in self._bands:
+            after = self._margins(buf, n)
+            if not torch.equal(after, before):
+                raise AssertionError(f"{name}: a kernel wrote outside the tensor (guard band changed)")
+
+
+class _GuardingTorch(types.ModuleType):
+    """Stands in for `torch` inside a kernels module: `empty`, `empty_like`, `zeros` and
+    `zeros_like` return tensors inside guard bands (poisoned, except zeros' interiors)."""
+
+    def __init__(self, guards: Guards):
+        super().__init__("torch")
+        self._guards = guards
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _alloc(self, like: torch.Tensor, fill_zero: bool) -> torch.Tensor:
+        # Contiguous, as the kernels assume for their outputs.
+        out = self._guards.empty(like.shape, like.dtype, like.device)
+        return out.zero_() if fill_zero else out
+
+    def empty(self, *args, **kwargs):
+        return self._alloc(torch.empty(*args, **kwargs), False)
+
+    def empty_like(self, t, **kwargs):
+        return self._alloc(torch.empty_like(t, **kwargs), False)
+
+    def zeros(self, *args, **kwargs):
+        return self._alloc(torch.empty(*args, **kwargs), True)
+
+    def zeros_like(self, t, **kwargs):
+        return self._alloc(torch.empty_like(t, **kwargs), True)
+
+
+@contextlib.contextmanager
+def guarded_outputs(guards: Guards, *modules):
+    """Within the block, the kernels modules given allocate their outputs and scratch inside
+    `guards`' bands (poisoned, so unwritten rows show as NaN); call `guards.check()` after."""
+    saved = [m.torch for m in modules]
+    try:
+        for m in modules:
+            m.torch = _GuardingTorch(guards)
+        yield guards
+    finally:
+        for m, t in zip(modules, saved):
+            m.torch = t

@@ -282,7 +282,7 @@ def _bad_cases():
         ((q, k, v, start, L, scale, rows, offsets[:-1]), ValueError, f"seq_offsets: expected B\\+1 = {B + 1}"),
         ((q, k, v, start, L, scale, torch.cat([rows, rows]), offsets), ValueError, "rows: expected"),
         ((qd, kd, vd, sd, L, scale, None, offsets), ValueError, "seq_offsets: given without rows"),
-        ((qd[:-1].contiguous(), kd, vd, sd, L, scale), ValueError, "q: without rows, expected B\\*L"),
+        ((qd[:-1].contiguous(), kd, vd, sd, L, scale), ValueError, "q: without rows, expected B\\*seq_len"),
         ((qd, kd, vd, sd, L, scale, None, None, maskd.int()), TypeError, "key_mask: expected dtype bool"),
         ((qd, kd, vd, sd, L, scale, None, None, maskd[:1]), ValueError, "key_mask: expected 2 sequences"),
         ((qd, kd, vd, sd, L, scale, None, None, maskd[0]), ValueError, "key_mask: expected a 2-d tensor"),
