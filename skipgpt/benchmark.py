@@ -151,7 +151,8 @@ class LayerBench:
                 model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             self.hf = model.model.layers[0].eval()
             self.rotary = model.model.rotary_emb
-        self.state = RoutingState()
+        # Its compiled providers mirror compile_model's default: one graph for every point.
+        self.state = RoutingState(single_graph=True)
         self.routed = RoutedDecoderLayer(self.hf, 0, self.config, self.state).eval()
         self.reference = RoutedDecoderLayer(copy.deepcopy(self.hf).float(), 0, self.config, self.state).eval()
         self.reference.pipeline = "torch-sparse"
@@ -332,6 +333,8 @@ class ModelBench:
         skipgpt.set_pipeline(model, pipeline)
         forward = model.model
         if provider in COMPILED:
+            # As compile_model's default: one graph for every point (torch.cond).
+            model.model.skipgpt_routing.single_graph = True
             if self._compiled_model is None:
                 self._compiled_model = compile_module(self.routed.model)
             forward = self._compiled_model

@@ -24,11 +24,18 @@ class RoutingState:
     forced_skip: the rate set by `skipgpt.force_routes` (None: the routers decide).
     forced_params: [2] int64 on the model's device, (seed, skip threshold); a tensor, so a new
     seed or rate reaches compiled code as data instead of forcing a recompile.
+    single_graph: how compiled triton-sparse layers pick the capacity or exact form. True:
+    `torch.cond`, so with a symbolic token count one graph serves every count, but Inductor never
+    captures a graph holding torch.cond in a CUDA graph. False (the default): a Python branch,
+    i.e. a guard on a symbolic count, so steps of at most 64 tokens (decode) and longer ones
+    (prefill) get a graph each, and the decode graph is CUDA-graph safe.
+    `skipgpt.compile.compile_model` sets it from its `mode`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
     forced_skip: Optional[float] = None
     forced_params: Optional[torch.Tensor] = None
+    single_graph: bool = False
 
     def force(self, skip: Optional[float], seed: int, device) -> None:
         """Force seeded random routes at rate `skip` (None: the routers decide again)."""
