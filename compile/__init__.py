@@ -152,7 +152,9 @@ def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if cache is not None and hasattr(cache, "layers") and layers is not None:
+    # Once per cache object (a decode step would otherwise walk every layer again).
+    if cache is not None and hasattr(cache, "layers") and layers is not None and \
+            not getattr(cache, "_skipgpt_prepared", False):
         dtype = model.get_input_embeddings().weight.dtype
         for layer in layers:
             if not isinstance(layer, RoutedDecoderLayer):
@@ -161,6 +163,7 @@ def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
             if isinstance(kv, StaticSeqFirstLayer) and not kv.is_initialized:
                 g = layer.geometry
                 kv.allocate(ids.shape[0], g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
+        cache._skipgpt_prepared = True
     return ids.shape[0] * ids.shape[1]
 
 
