@@ -7,9 +7,47 @@ sequence length (1 included) and route pattern:
   (plain `torch.compile` compiles a second graph the first time a batch or a step of size 1
   arrives). Unbacked marks (`mark_unbacked`) would do the same but break on Hugging Face's own
   shape checks in its masking code;
-- the routed layers pick the capacity or exact form with `torch.cond` when compiled, and the
-  forced-route parameters are tensors, so neither token counts nor skip rates recompile.
-Plain `torch.compile(model)` also works, with at most those size-1 recompiles.
+- the routed layers pick the capacity or exact form with `torch.cond` (RoutingState.single_graph,
+  which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
+  are tensors, so neither token counts nor skip rates recompile.
+Plain `torch.compile(model)` also works, with at most those size-1 recompiles and one more graph
+the first time a step crosses 64 tokens: without compile_model the layers branch in Python, which
+keeps decode graphs CUDA-graph capturable (below).
+
+Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
+
+    # 1. transformers' own (recommended): on CUDA, generate() compiles the decode step with its
+    #    CompileConfig (Inductor, mode="reduce-overhead": CUDA graphs); the prefill runs eagerly.
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=128, cache_implementation="static")
+    #    Optional: compile_config=transformers.CompileConfig(fullgraph=True) makes a graph break an
+    #    error (skipgpt's layers have none). Serving many calls: pass one cache and reset it,
+    #    cache = transformers.StaticCache(config=model.config, max_cache_len=4096), then per call
+    #    cache.reset(); model.generate(..., past_key_values=cache) (newer transformers: cache=cache).
+
+    # 2. skipgpt's: prefill and decode both compiled, dynamic shapes from the first call.
+    compile_model(model, mode="reduce-overhead")
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=128, cache_implementation="static")
+
+Recompiles (checked on CPU by tests/compile/test_generate.py; fail_on_recompile after warm-up):
+- both: new prompts of the same length and batch never recompile;
+- 1: the decode graph is static-shaped. generate() sizes a new cache each call as the largest
+  prompt + max_new_tokens so far, so the first call that grows it, and the first with another
+  batch size, recompile once; torch then makes that dim symbolic and later calls do not (batch
+  1 gets its own graph). With one reused cache: no recompile for any prompt that fits. Each
+  new cache also has new addresses, so its CUDA graphs are recorded again (once per call);
+- 2: after the first generate(), no recompile for other prompt lengths or batch sizes > 1;
+  batch 1 gets its own pair of graphs once, and a prefill of more than 64 tokens (batch x
+  length) a graph of its own the first time. The compiled prefill is CUDA-graphed too where
+  it can be (dense; triton-sparse up to 64 tokens): one recording per prompt shape.
+The decode graph holds no torch.cond, host sync or data-dependent shape, so Inductor captures
+it: `CudaGraphCheck` applies Inductor's tests on any device, tests/compile/test_gpu_compile.py
+checks on CUDA that no graph is skipped. Not captured, by design: triton-sparse's exact-form
+prefill (more than 64 tokens: one host sync per layer to size cuBLAS GEMMs) and every step of
+torch-sparse (the plain-PyTorch reference gathers rows with data-dependent shapes); recipe 2
+logs which (INFO for the former, WARNING for anything else Inductor declines). `compile_model`
+sets `generation_config.disable_compile`, so generate() does not compile the compiled forward
+again. Plain `torch.compile(model, mode="reduce-overhead")` captures decode steps called on the
+compiled module, but its `.generate()` runs the uncompiled model (transformers calls `self`).
 
 `explain(model, inputs)` reports graphs, graph breaks and recompiles in plain words.
 """
@@ -24,7 +62,16 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 
-__all__ = ["compile_model", "explain", "CompileReport"]
+__all__ = ["compile_model", "explain", "CompileReport", "CudaGraphCheck", "CUDA_GRAPH_MODES"]
+
+logger = logging.getLogger("skipgpt")
+
+# torch.compile modes under which Inductor captures CUDA graphs (cudagraph trees).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _routing_state(model: nn.Module):
+    return getattr(getattr(model, "model", None), "skipgpt_routing", None)
 
 
 def compile_model(
@@ -32,30 +79,228 @@ def compile_model(
     mode: Optional[str] = None,
     dynamic: bool = True,
     fullgraph: bool = True,
-    backend: str = "inductor",
+    backend="inductor",
     options: Optional[dict] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> nn.Module:
     """Compile a routed (or plain) Hugging Face causal LM's forward in place and return the model.
 
     `generate()` and every other caller of `model(...)` then run the compiled forward. `mode`
-    is torch.compile's ("reduce-overhead" captures CUDA graphs). `fullgraph=True` turns any
-    graph break into an error instead of a silent slowdown.
+    is torch.compile's: "reduce-overhead" (or "max-autotune") captures CUDA graphs, and then the
+    routed layers branch on the step's token count in Python (a decode graph and a prefill
+    graph, the decode one capturable) instead of using torch.cond (one graph, never captured).
+    `fullgraph=True` turns any graph break into an error instead of a silent slowdown.
+    `cuda_graphs` (default: from `mode`) says whether compiled code must be CUDA-graph
+    capturable; pass True with `backend=CudaGraphCheck()` to check what reduce-overhead gets.
+    transformers' own auto-compile in generate() is turned off for this model: it would wrap
+    the compiled forward in a second torch.compile.
     """
     if getattr(model, "_skipgpt_compiled", False):
         raise ValueError("model is already compiled by skipgpt.compile.compile_model")
+    if cuda_graphs is None:
+        cuda_graphs = mode in CUDA_GRAPH_MODES or bool((options or {}).get("triton.cudagraphs"))
+    if cuda_graphs and mode is not None and not any(p.is_cuda for p in model.parameters()):
+        logger.warning("skipgpt: mode=%r captures CUDA graphs, and this model is not on a CUDA device: "
+                       "Inductor compiles it without them", mode)
+    state = _routing_state(model)
+    if state is not None:
+        state.single_graph = not cuda_graphs
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.disable_compile = True
     compiled = torch.compile(model.forward, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend,
                              options=options)
+    warned = set()
+
+    def on_cuda() -> bool:  # Inductor counts every CPU graph as skipped too
+        return model.get_input_embeddings().weight.is_cuda
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
+        tokens = _prepare_static_cache(model, args, kwargs)
+        _logits_positions(args, kwargs)
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if cuda_graphs else 0
         # Tracing happens inside this call on first use (and on a recompile), so the setting is
         # in force exactly when shapes are being specialised.
         with fx_config.patch(backed_size_oblivious=True):
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
+        if cuda_graphs and torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] > skips and on_cuda():
+            _report_cudagraph_skip(model, tokens, warned)
+        return out
 
     model.forward = forward
     model._skipgpt_compiled = True
     return model
+
+
+def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
+    """Allocate the static seq-first layers of the call's cache eagerly, before the compiled
+    forward runs (see StaticSeqFirstLayer.allocate), swapping fresh transformers static layers
+    for them. Returns the step's token count B*L, when the call shows it."""
+    from skipgpt.cache import StaticSeqFirstLayer, seq_first_layer
+    from skipgpt.layer import RoutedDecoderLayer
+
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1:
+        # transformers' 4-D masks broadcast over heads: [B, 1, L, S]. Under dynamic=True that
+        # 1 would be symbolic, and every op on the mask would guard on it.
+        torch._dynamo.mark_static(mask, 1)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor):
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    # Once per cache object (a decode step would otherwise walk every layer again).
+    if cache is not None and hasattr(cache, "layers") and layers is not None and \
+            not getattr(cache, "_skipgpt_prepared", False):
+        dtype = model.get_input_embeddings().weight.dtype
+        for layer in layers:
+            if not isinstance(layer, RoutedDecoderLayer):
+                continue
+            kv = seq_first_layer(cache, layer.layer_idx)
+            if isinstance(kv, StaticSeqFirstLayer) and not kv.is_initialized:
+                g = layer.geometry
+                kv.allocate(ids.shape[0], g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
+        cache._skipgpt_prepared = True
+    return ids.shape[0] * ids.shape[1]
+
+
+def _logits_positions(args, kwargs) -> None:
+    """Replace an int `logits_to_keep` (generate() passes 1) by the positions it keeps, a 1-D
+    tensor (transformers' other accepted form), in place in `kwargs`. Under dynamic=True the int
+    is symbolic, and the open-ended slice `h[:, -k:]` gets a data-dependent length, which keeps
+    the graph out of CUDA graphs; indexing positions has a plain size."""
+    keep = kwargs.get("logits_to_keep")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 and isinstance(ids, torch.Tensor):
+        length = ids.shape[1]
+        kwargs["logits_to_keep"] = _positions(max(length - keep, 0), length, ids.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    # Cached: a decode step asks for the same [0] every time (no new tensor, no launch).
+    return torch.arange(start, stop, device=device)
+
+
+def _report_cudagraph_skip(model: nn.Module, tokens: Optional[int], warned: set) -> None:
+    """Inductor declined to capture a graph this call compiled; say so once per kind (its own
+    message goes to the `cudagraphs` log artifact, off by default)."""
+    from skipgpt.layer import CAPACITY_MAX_TOKENS, RoutedDecoderLayer
+
+    pipelines = {m.pipeline for m in model.modules() if isinstance(m, RoutedDecoderLayer)}
+    if pipelines == {"triton-sparse"} and tokens is not None and tokens > CAPACITY_MAX_TOKENS:
+        kind, level = "exact", logging.INFO
+        text = (f"skipgpt: steps of more than {CAPACITY_MAX_TOKENS} tokens (prefill) take the exact form, one host "
+                "sync per layer, which CUDA graphs cannot hold: Inductor runs that graph without one")
+    else:
+        kind, level = "other", logging.WARNING
+        text = ("skipgpt: Inductor did not capture a compiled step in a CUDA graph"
+                + (" (torch-sparse, the plain-PyTorch reference, gathers rows with data-dependent shapes; "
+                   "use triton-sparse)" if "torch-sparse" in pipelines else "")
+                + "; TORCH_LOGS=cudagraphs prints its reason")
+    if kind not in warned:
+        warned.add(kind)
+        logger.log(level, text)
+
+
+class CudaGraphCheck:
+    """A torch.compile backend that reports what would keep Inductor from capturing each graph
+    in a CUDA graph under mode="reduce-overhead", on any device (CPU included), and then runs
+    the graph as traced (no Inductor).
+
+    It runs the tests Inductor runs on the graph Inductor would receive (after AOT autograd):
+    Inductor's own function for ops it refuses to capture or with data-dependent shapes
+    (`.item()`, `nonzero`, unbacked sizes), and equivalents of its other tests: control flow
+    (torch.cond, while_loop), inputs the graph mutates that are not static addresses
+    (parameters, buffers, `mark_static_address`), and on CUDA, CPU tensors in the graph. A
+    CUDA run with mode="reduce-overhead" remains the final word (Inductor's skip counter,
+    `torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]`). Use it as `torch.compile(fn, backend=check)` or through
+    generate's `compile_config=CompileConfig(backend=check, mode=None)`. `blockers` lists the
+    reasons of every graph compiled so far; `graphs` counts them.
+    """
+
+    def __init__(self):
+        self.reasons: list[list[str]] = []
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies its CompileConfig (backend included) before compiling; the
+        # copy must record into this object.
+        return self
+
+    @property
+    def graphs(self) -> int:
+        return len(self.reasons)
+
+    @property
+    def blockers(self) -> list[str]:
+        return [r for graph in self.reasons for r in graph]
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+
+        def inspect(graph: torch.fx.GraphModule, inputs):
+            # Recorded here, once AOT has produced the graph: dynamo may restart an analysis
+            # (and call the backend again) before that.
+            self.reasons.append(_cudagraph_blockers(graph, names))
+            return make_boxed_func(graph.forward)
+
+        # keep_inference_input_mutations: mutations stay in the graph as Inductor sees them.
+        return aot_autograd(fw_compiler=inspect, keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def _where(node: torch.fx.Node) -> str:
+    """`, at FILE:LINE: code` of the user code that produced `node`, when traced with it."""
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [i for i, line in enumerate(trace) if line.lstrip().startswith("File ")]
+    if not frames:
+        return ""
+    last = frames[-1]
+    code = trace[last + 1].strip() if last + 1 < len(trace) else ""
+    return f", at {trace[last].strip()}: {code}"
+
+
+def _cudagraph_blockers(graph: torch.fx.GraphModule, dynamo_names: list) -> list[str]:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    reasons = []
+    placeholders = graph.graph.find_nodes(op="placeholder")
+    names = dynamo_names if len(dynamo_names) == len(placeholders) else [n.name for n in placeholders]
+    context = torch._guards.TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None)
+    if meta is not None:
+        static = set(meta.static_input_indices or ())
+        for i, info in enumerate(meta.input_info):
+            if info.mutates_data and i not in static:
+                reasons.append(f"mutated input {names[i] if i < len(names) else i} (not a static address)")
+    try:  # Inductor's own test: forbidden ops, cudagraph_unsafe tags, unbacked (data-dependent) sizes
+        from torch._inductor.utils import get_first_incompatible_cudagraph_node as first_incompatible
+    except ImportError:  # pragma: no cover - older torch: the unbacked-size part only
+        def first_incompatible(gm):
+            return next((n for n in gm.graph.nodes if free_unbacked_symbols(n.meta.get("val"))), None)
+    node = first_incompatible(graph)
+    if node is not None:
+        data_dependent = bool(free_unbacked_symbols(node.meta.get("val")))
+        reasons.append(f"incompatible op {node.target}" + (" (data-dependent shape)" if data_dependent else "")
+                       + _where(node))
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.higher_order.cond, torch.ops.higher_order.while_loop):
+            reasons.append(f"control flow operator {node.target.__name__}")
+    # Inductor refuses a CUDA graph that touches a CPU tensor anywhere (input or intermediate).
+    tensors = [n for n in graph.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    if any(n.meta["val"].device.type == "cuda" for n in tensors):
+        cpu = next((n for n in tensors if n.meta["val"].device.type == "cpu"), None)
+        if cpu is not None:
+            name = names[placeholders.index(cpu)] if cpu.op == "placeholder" and cpu in placeholders else cpu.name
+            reasons.append(f"cpu tensor {name}" + _where(cpu))
+    return reasons
 
 
 @dataclass
@@ -66,6 +311,8 @@ class CompileReport:
     calls: int = 0
     compilations: int = 0
     recompile_reasons: list[str] = field(default_factory=list)
+    cuda_graphs: bool = False  # whether the report was made for a CUDA-graph mode
+    cudagraph_blockers: list[str] = field(default_factory=list)  # see CudaGraphCheck
 
     @property
     def recompiles(self) -> int:
@@ -81,7 +328,13 @@ class CompileReport:
                      f"{self.recompiles} recompilation(s) after the first call.")
         for reason in self.recompile_reasons:
             lines.append(f"  recompiled because: {reason}")
-        if not self.graph_breaks and not self.recompiles:
+        if self.cuda_graphs:
+            if self.cudagraph_blockers:
+                lines.append("Not capturable in a CUDA graph:")
+                lines += [f"  {reason}" for reason in dict.fromkeys(self.cudagraph_blockers)]
+            else:
+                lines.append("Every graph is capturable in a CUDA graph.")
+        if not self.graph_breaks and not self.recompiles and not self.cudagraph_blockers:
             lines.append("One graph serves every input given: nothing to fix.")
         return "\n".join(lines)
 
@@ -97,47 +350,54 @@ class _RecompileLog(logging.Handler):
             self.reasons.append(" ".join(text.split("\n")[2:4]).strip() or text.strip())
 
 
-def explain(model: nn.Module, inputs: Iterable[dict], dynamic: bool = True) -> CompileReport:
+def explain(model: nn.Module, inputs: Iterable[dict], dynamic: bool = True, mode: Optional[str] = None) -> CompileReport:
     """Compile a fresh view of `model.forward` and run it on each dict of keyword inputs.
 
     Reports graphs and graph breaks of the first call (torch._dynamo.explain), then how many
-    graphs all calls compiled, with the guard that failed for each recompilation. Runs under
-    no_grad; the model itself is left uncompiled.
+    graphs all calls compiled, with the guard that failed for each recompilation. `mode` is
+    compile_model's: the routed layers trace as they would under it, and for a CUDA-graph mode
+    ("reduce-overhead") the report also lists what would keep each graph out of a CUDA graph
+    (CudaGraphCheck). Runs under no_grad; the model itself is left uncompiled.
     """
     inputs = list(inputs)
     if not inputs:
         raise ValueError("inputs: give at least one dict of keyword arguments for model(...)")
-    report = CompileReport(calls=len(inputs))
+    cuda_graphs = mode in CUDA_GRAPH_MODES
+    report = CompileReport(calls=len(inputs), cuda_graphs=cuda_graphs)
+    state = _routing_state(model)
+    saved = state.single_graph if state is not None else None
+    if state is not None:
+        state.single_graph = not cuda_graphs
     torch._dynamo.reset()
     # explain() traces without fullgraph, where an op with a data-dependent output shape (the
     # exact-form row narrowing) needs this switch to stay in the graph.
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), \
-            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        first = torch._dynamo.explain(model.forward)(**inputs[0])
-        report.graphs = first.graph_count
-        report.graph_breaks = first.graph_break_count
-        report.break_reasons = [str(b.reason) for b in first.break_reasons]
+    try:
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), \
+                torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            first = torch._dynamo.explain(model.forward)(**inputs[0])
+            report.graphs = first.graph_count
+            report.graph_breaks = first.graph_break_count
+            report.break_reasons = [str(b.reason) for b in first.break_reasons]
+            torch._dynamo.reset()
+
+            check = CudaGraphCheck()  # also counts the graphs compiled
+            compiled = torch.compile(model.forward, backend=check, dynamic=dynamic)
+            log = _RecompileLog()
+            guards_logger = logging.getLogger("torch._dynamo")
+            guards_logger.addHandler(log)
+            torch._logging.set_logs(recompiles=True)
+            try:
+                for kwargs in inputs:
+                    compiled(**kwargs)
+            finally:
+                torch._logging.set_logs()
+                guards_logger.removeHandler(log)
+    finally:
+        if state is not None:
+            state.single_graph = saved
         torch._dynamo.reset()
-
-        compilations = 0
-
-        def counting_backend(gm, example_inputs):
-            nonlocal compilations
-            compilations += 1
-            return gm.forward
-
-        compiled = torch.compile(model.forward, backend=counting_backend, dynamic=dynamic)
-        log = _RecompileLog()
-        guards_logger = logging.getLogger("torch._dynamo")
-        guards_logger.addHandler(log)
-        torch._logging.set_logs(recompiles=True)
-        try:
-            for kwargs in inputs:
-                compiled(**kwargs)
-        finally:
-            torch._logging.set_logs()
-            guards_logger.removeHandler(log)
-    torch._dynamo.reset()
-    report.compilations = compilations
+    report.compilations = check.graphs
     report.recompile_reasons = log.reasons
+    if cuda_graphs:
+        report.cudagraph_blockers = check.blockers
     return report

@@ -11,9 +11,19 @@ Providers:
   published-triton-sparse  the published SkipGPT code's Triton layer, with --baseline-published
                    (skipgpt/published_baseline.py; layer scope only)
 
+Modes: prefill (one forward), decode (DECODE_STEPS one-token steps over a cached context), and
+generate (`model.generate()`, greedy, a whole model: `ModelBench.generation`). In generate mode
+the compiled providers are transformers' own compiled generation, which skipgpt.compile
+documents: a static cache, with generate() compiling the decode step (mode "reduce-overhead":
+CUDA graphs on CUDA) while the prefill runs eagerly; the eager providers use the default
+(dynamic) cache.
+
 Before it is timed, every provider's output is compared with torch-sparse run in float32 on an
 fp32 copy of the weights (the ground truth) under the same routes; hf, dense and compiled-dense
-only at skip 0, where they compute the same function. A provider whose relative error exceeds
+only at skip 0, where they compute the same function. In generate mode the check is on the
+generated tokens (`ModelBench.greedy_gap`): each must be the ground truth's greedy choice given
+the sequence so far, up to rounding; dense providers are checked against the ground truth run
+with every token executing, at every skip rate. A provider whose relative error exceeds
 the tolerance is reported as wrong and not timed. The tolerance is `tolerance` or, in a
 low-precision run, three times the error of torch-sparse in that precision, whichever is larger
 (rounding grows with depth; a broken kernel is off by far more). Each point records its error.
@@ -26,6 +36,7 @@ skipgpt.benchmark` runs the same command with its original flag spellings.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import time
@@ -74,6 +85,11 @@ class Point:
     status: str = "ok"  # ok | wrong | out of memory | not capturable | failed
     note: str = ""  # why a point failed or was not checked
     scope: str = "layer"
+    # generate mode: seqlen is the prompt length and ms the median time of one generate() call
+    new_tokens: Optional[int] = None  # tokens generated per sequence
+    tokens_per_s: Optional[float] = None  # batch * new_tokens / median generate time
+    prefill_ms: Optional[float] = None  # median time of generate(max_new_tokens=1): prefill + first token
+    decode_step_ms: Optional[float] = None  # (ms - prefill_ms) / (new_tokens - 1): one decode step
 
 
 def dense_flops(geometry, mode: str, batch: int, seqlen: int, layers: int = 1) -> float:
@@ -151,7 +167,8 @@ class LayerBench:
                 model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             self.hf = model.model.layers[0].eval()
             self.rotary = model.model.rotary_emb
-        self.state = RoutingState()
+        # Its compiled providers mirror compile_model's default: one graph for every point.
+        self.state = RoutingState(single_graph=True)
         self.routed = RoutedDecoderLayer(self.hf, 0, self.config, self.state).eval()
         self.reference = RoutedDecoderLayer(copy.deepcopy(self.hf).float(), 0, self.config, self.state).eval()
         self.reference.pipeline = "torch-sparse"
@@ -256,7 +273,8 @@ class ModelBench:
 
     A step is what generation runs: the decoder stack with a KV cache (skipgpt.SeqFirstCache for
     the routed model; transformers' own for hf), then the LM head on the last position. Outputs
-    compared are the final hidden states of every position (logits of a random model say less)."""
+    compared are the final hidden states of every position (logits of a random model say less).
+    Generate mode (`generation`, `greedy_gap`) runs `model.generate()` itself and checks tokens."""
 
     scope = "model"
 
@@ -332,6 +350,8 @@ class ModelBench:
         skipgpt.set_pipeline(model, pipeline)
         forward = model.model
         if provider in COMPILED:
+            # As compile_model's default: one graph for every point (torch.cond).
+            model.model.skipgpt_routing.single_graph = True
             if self._compiled_model is None:
                 self._compiled_model = compile_module(self.routed.model)
             forward = self._compiled_model
@@ -386,6 +406,92 @@ class ModelBench:
             return h
 
         return run
+
+    # -- generate mode ----------------------------------------------------------------------
+    def prompts(self, batch: int, prompt_len: int) -> torch.Tensor:
+        """[batch, prompt_len] random token ids (seeded, the same for every provider), no padding."""
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        return torch.randint(0, self.config.vocab_size, (batch, prompt_len), generator=gen, device=self.device)
+
+    def generation(self, provider: str, batch: int, prompt_len: int, skip: float, new_tokens: int):
+        """A closure `run(n=new_tokens)` returning `model.generate()`'s ids [batch, prompt_len + n]:
+        greedy, exactly n new tokens (min_new_tokens = max_new_tokens, so EOS never stops it early).
+
+        hf: the Hugging Face model (dense), eager, transformers' default cache. dense,
+        torch-sparse, triton-sparse: the routed model, eager, its default (seq-first dynamic)
+        cache. compiled-dense, compiled-sparse: the routed model with a static cache, generate()
+        compiling the decode step (transformers' CompileConfig: Inductor, "reduce-overhead",
+        fullgraph here so a graph break fails the point); the prefill stays eager."""
+        import skipgpt
+
+        if provider == PUBLISHED:
+            raise ValueError(f"provider {PUBLISHED} times one layer: use --scope layer --mode prefill|decode")
+        if provider == "hf":
+            model = self.hf
+        else:
+            model = self.routed
+            pipeline = provider
+            if provider in COMPILED:
+                pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
+            skipgpt.force_routes(model, skip=skip, seed=0)
+            skipgpt.set_pipeline(model, pipeline)
+            # generate()'s decode step must stay CUDA-graph capturable when the batch becomes
+            # symbolic: a Python branch on the step's token count, not torch.cond.
+            model.model.skipgpt_routing.single_graph = False
+        ids = self.prompts(batch, prompt_len)
+        eos = self.config.eos_token_id
+        kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False,
+                      pad_token_id=(eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0)
+        if provider in COMPILED:
+            kwargs.update(cache_implementation="static", compile_config=self._compile_config())
+
+        def run(n: int = new_tokens) -> torch.Tensor:
+            with torch.no_grad():
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+        return run
+
+    def _compile_config(self):
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=True)  # transformers' defaults otherwise: Inductor, reduce-overhead
+        if self.device.type != "cuda":
+            # generate() compiles on CUDA only unless told to (CPU: tests; Inductor, no CUDA graphs).
+            config._compile_all_devices = True
+        return config
+
+    def greedy_gap(self, tokens: torch.Tensor, prompt_len: int, skip: float) -> float:
+        """How far the generated tokens are from greedy under the ground truth.
+
+        tokens: [B, prompt_len + N] from `generation`. The ground truth (see the class) reads the
+        whole sequence in one forward, with routes forced at `skip` (0: every token executes,
+        the dense function); for each generated token, the gap between the highest logit and the
+        chosen token's, over the standard deviation of that position's logits. Returns the
+        largest gap: 0 when every token is the greedy choice, ~0 when a near-tie flipped in
+        rounding, of order 1 when tokens are wrong. EOS is left out, as min_new_tokens did."""
+        import skipgpt
+
+        model = self.reference if self.reference is not None else self.routed
+        state = model.model.skipgpt_routing
+        saved = (model.model.layers[0].pipeline, state.forced_skip, state.forced_params)
+        new = tokens.shape[1] - prompt_len
+        skipgpt.force_routes(model, skip=skip, seed=0)
+        skipgpt.set_pipeline(model, "torch-sparse")
+        try:
+            with torch.no_grad():
+                logits = model(tokens[:, :-1], attention_mask=torch.ones_like(tokens[:, :-1]),
+                               logits_to_keep=new).logits.float()  # [B, N, V]: predictions of tokens[:, prompt_len:]
+        finally:
+            if model is self.routed:  # put the provider's routes back (the same tensor: no copy)
+                state.forced_skip, state.forced_params = saved[1:]
+                skipgpt.set_pipeline(model, saved[0])
+        scale = logits.std(-1).clamp(min=1e-30)
+        eos = self.config.eos_token_id
+        for e in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos]):
+            logits[..., e] = -math.inf
+        chosen = logits.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
+        gap = (logits.max(-1).values - chosen) / scale
+        return float(gap.max()) if torch.isfinite(gap).all() else math.inf
 
 
 def _hf_twin(routed: torch.nn.Module) -> torch.nn.Module:
@@ -551,6 +657,77 @@ def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: 
         _free_memory()
 
 
+def run_generate_grid(bench: "ModelBench", batches, prompt_lens, skips, providers, new_tokens: int, tolerance: float,
+                      warmup_ms: float = 25, rep_ms: float = 100,
+                      progress: Optional[Callable[[Point], None]] = None) -> list[Point]:
+    """Generate mode: check, then time, `model.generate()` of every provider at every (batch,
+    prompt length, skip). Per point: the median (20/80% quantiles) time of one generate() of
+    `new_tokens` tokens, tokens/s, the prefill time (generate() of one token) and from both the
+    time of one decode step, timed by `wall_timer` with these budgets. The check:
+    `ModelBench.greedy_gap` of the tokens of the first call (which also compiles, and counts as
+    warm-up) must not exceed `tolerance`. Failures are reported per point."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens: expected at least 2 (a decode step after the prefill's token), got {new_tokens}")
+    points = []
+    broken: dict[str, str] = {}
+    for batch in batches:
+        for prompt_len in prompt_lens:
+            for skip in skips:
+                group = []
+                for provider in providers:
+                    point = Point(provider, "generate", batch, prompt_len, skip, scope="model", new_tokens=new_tokens)
+                    group.append(point)
+                    _measure_generate(bench, point, tolerance, warmup_ms, rep_ms, broken)
+                    if progress:
+                        progress(point)
+                hf = next((p for p in group if p.provider == "hf" and p.ms), None)
+                for p in group:
+                    if hf and p.ms:
+                        p.speedup = hf.ms / p.ms
+                points.extend(group)
+    return points
+
+
+def _measure_generate(bench: "ModelBench", point: Point, tol: float, warmup_ms: float, rep_ms: float,
+                      broken: dict) -> None:
+    p = point
+    if p.provider in broken:
+        p.status, p.note = "failed", f"failed at an earlier point: {broken[p.provider]}"
+        return
+    run = None
+    try:
+        run = bench.generation(p.provider, p.batch, p.seqlen, p.skip, p.new_tokens)
+        t0 = time.perf_counter()
+        tokens = run()  # compiles, for the compiled providers
+        first_ms = (time.perf_counter() - t0) * 1e3
+        if tuple(tokens.shape) != (p.batch, p.seqlen + p.new_tokens):
+            raise RuntimeError(f"generate() returned shape {tuple(tokens.shape)}, expected "
+                               f"{(p.batch, p.seqlen + p.new_tokens)}")
+        # Dense providers compute the dense function: judged by the ground truth with every token executing.
+        p.rel_err = bench.greedy_gap(tokens, p.seqlen, 0.0 if p.provider in DENSE_PROVIDERS else p.skip)
+        p.tolerance = tol
+        del tokens
+        if p.rel_err > tol:
+            p.status, p.note = "wrong", f"greedy gap {p.rel_err:.2e} > {tol:.1e}: not timed"
+            return
+        # The checked call was the first warm-up call: the warm-up budget counts it.
+        p.ms, p.ms_q20, p.ms_q80 = wall_timer(run, max(0.0, warmup_ms - first_ms), rep_ms)
+        p.prefill_ms = wall_timer(functools.partial(run, 1), warmup_ms, rep_ms)[0]
+        p.tokens_per_s = p.batch * p.new_tokens / (p.ms / 1e3)
+        p.decode_step_ms = (p.ms - p.prefill_ms) / (p.new_tokens - 1)
+    except torch.cuda.OutOfMemoryError:
+        p.status, p.note = "out of memory", ""
+        p.ms = p.ms_q20 = p.ms_q80 = None
+    except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
+        p.ms = p.ms_q20 = p.ms_q80 = None
+        p.status, p.note = "failed", _short(e)
+        if p.provider in COMPILED:
+            broken[p.provider] = p.note
+    finally:
+        del run
+        _free_memory()
+
+
 # ---------------------------------------------------------------------------- timers
 # Each takes a step closure and returns (median, 20% quantile, 80% quantile) in milliseconds.
 
@@ -597,6 +774,27 @@ def cpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3)
     while len(times) < min_reps or time.perf_counter() < end:
         t0 = time.perf_counter()
         fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q20, med, q80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return med, q20, q80
+
+
+def wall_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3):
+    """For calls that take long and sync with the host anyway (whole generate() calls), where
+    do_bench would first run 5 of them just to estimate their time: warm-up calls until
+    `warmup_ms` have passed (none if it is 0), then timed calls for `rep_ms` (at least
+    `min_reps`), each between two torch.cuda.synchronize() when there is a CUDA device."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    end = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < end:
+        fn()
+    times = []
+    end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or time.perf_counter() < end:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     q20, med, q80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
     return med, q20, q80

@@ -137,14 +137,31 @@ class StaticSeqFirstLayer(SeqFirstLayer):
         self.max_cache_len = int(max_cache_len)
         self.fill = torch.zeros(1, dtype=torch.int64)
 
+    def allocate(self, batch: int, num_heads: int, head_dim: int, dtype, device) -> None:
+        """Allocate the `[batch, max_cache_len, num_heads, head_dim]` buffers now (no-op once
+        allocated). Done outside compiled code, the buffers are marked as static addresses, so
+        compiled steps and their CUDA graphs update them in place; buffers first allocated while
+        tracing would be graph outputs instead, and later CUDA-graphed steps that write them would
+        be skipped (mutated inputs). `skipgpt.compile.compile_model` calls this before its
+        compiled forward; generate()'s eager prefill allocates before the compiled decode steps."""
+        if self.is_initialized:
+            return
+        self._allocate(batch, self.max_cache_len, num_heads, head_dim, dtype, device)
+        self.fill = self.fill.to(self.keys.device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.fill):
+                torch._dynamo.mark_static_address(t)
+            # Under dynamic=True every dim of an input is symbolic unless marked. Batch and
+            # capacity may vary (no recompile for a new prompt length); heads and head dim are
+            # the model's. fill's length 1 must be static: size-oblivious tracing would not let
+            # a symbolic length broadcast against the step's positions.
+            for t in (self.keys, self.values):
+                torch._dynamo.mark_static(t, 2)
+                torch._dynamo.mark_static(t, 3)
+            torch._dynamo.mark_static(self.fill, 0)
+
     def reserve(self, batch: int, new_tokens: int, num_heads: int, head_dim: int, dtype, device):
-        if not self.is_initialized:
-            self._allocate(batch, self.max_cache_len, num_heads, head_dim, dtype, device)
-            self.fill = self.fill.to(self.keys.device)
-            if not torch.compiler.is_compiling():
-                # Fixed addresses let compiled code and CUDA graphs update the cache in place.
-                for t in (self.keys, self.values, self.fill):
-                    torch._dynamo.mark_static_address(t)
+        self.allocate(batch, num_heads, head_dim, dtype, device)
         got = (self.keys.shape[0], self.keys.shape[2], self.keys.shape[3])
         if got != (batch, num_heads, head_dim) or self.keys.dtype != dtype:
             raise ValueError(
@@ -158,7 +175,7 @@ class StaticSeqFirstLayer(SeqFirstLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, num_heads, _, head_dim = key_states.shape
-        self.reserve(batch, 0, num_heads, head_dim, key_states.dtype, key_states.device)
+        self.allocate(batch, num_heads, head_dim, key_states.dtype, key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise NotImplementedError("StaticSeqFirstLayer is written by skipgpt's routed layers only")

@@ -228,11 +228,18 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        compiling = torch.compiler.is_compiling()
-        capacity = T <= CAPACITY_MAX_TOKENS
-        # In eager the form is known here; compiled code may take either (see below), so it
-        # always asks for the early count copy (skipped while a CUDA graph is being captured).
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=compiling or not capacity)
+        capacity = T <= CAPACITY_MAX_TOKENS  # symbolic when compiled with a symbolic T
+        # torch.cond traces both forms and picks at run time, so a new token count never
+        # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
+        # so only where asked for (state.single_graph, compile_model's default). Otherwise a
+        # Python branch: free for a static T (generate's auto-compiled decode step), a guard
+        # on T <= 64 for a symbolic one (a graph for each side).
+        use_cond = torch.compiler.is_compiling() and self.state.single_graph
+        if not use_cond:
+            capacity = bool(capacity)
+        # The exact form reads the counts on the host: start copying them early (skipped while
+        # a CUDA graph is being captured). With torch.cond either form may run, so always.
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
@@ -257,9 +264,7 @@ class RoutedDecoderLayer(nn.Module):
                                         seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L)
 
         operands = (x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start)
-        if compiling:
-            # torch.cond traces both forms and picks at run time, so a new token count never
-            # recompiles (a Python branch would guard on T).
+        if use_cond:
             out = torch.cond(capacity, capacity_form, exact_form, operands)
         else:
             out = (capacity_form if capacity else exact_form)(*operands)

@@ -207,10 +207,10 @@ def set_pipeline(model: nn.Module, name: str) -> nn.Module:
 
 def _let_dynamo_capture_row_counts() -> None:
     # The sparse pipelines' exact-count form runs ops whose output size is the number of
-    # executing tokens (data-dependent). Dynamo keeps such ops in the graph under
-    # fullgraph=True, but a plain `torch.compile(model)` would try to break the graph there,
-    # which torch.cond (the capacity/exact switch) forbids: the compile fails. Capturing them
-    # (as unbacked sizes) is what the pipelines need, so the switch is turned on, and said so.
+    # executing tokens (data-dependent). Without this switch Dynamo breaks the graph at each of
+    # them in a plain `torch.compile(model)` (30 layers: dozens of graphs), and fails outright
+    # inside torch.cond (compile_model's single-graph mode). Capturing them as unbacked sizes is
+    # what the pipelines need, so the switch is turned on, and said so.
     import torch._dynamo.config as dynamo_config
 
     if not dynamo_config.capture_dynamic_output_shape_ops:

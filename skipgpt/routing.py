@@ -26,12 +26,19 @@ class RoutingState:
     new seed or rate reaches compiled code as data instead of forcing a recompile.
     forced_copies: the same values on the other devices of a model whose layers are spread over
     several (device_map), keyed by str(device); layers read them through `forced_params_on`.
+    single_graph: how compiled triton-sparse layers pick the capacity or exact form. True:
+    `torch.cond`, so with a symbolic token count one graph serves every count, but Inductor never
+    captures a graph holding torch.cond in a CUDA graph. False (the default): a Python branch,
+    i.e. a guard on a symbolic count, so steps of at most 64 tokens (decode) and longer ones
+    (prefill) get a graph each, and the decode graph is CUDA-graph safe.
+    `skipgpt.compile.compile_model` sets it from its `mode`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
     forced_skip: Optional[float] = None
     forced_params: Optional[torch.Tensor] = None
     forced_copies: dict = field(default_factory=dict)
+    single_graph: bool = False
 
     def force(self, skip: Optional[float], seed: int,
               device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:

@@ -1,8 +1,9 @@
 """`skipgpt bench`: time every pipeline, eager and compiled, on one decoder layer or a whole
 model, check each against a float32 ground truth first, and write a table, CSV, JSON and plots.
 
-    skipgpt bench --mode prefill|decode --scope layer|model --batch-size N[,N...]
+    skipgpt bench --mode prefill|decode|generate --scope layer|model --batch-size N[,N...]
                   --sparsity S[,S...] --seqlens L[,L...] --providers P[,P...]
+                  [--prompt-len L[,L...] --new-tokens N] (generate)
                   [--model PATH | --config NAME] [--layers N] [--cuda-graph]
                   [--baseline-published PATH] [--warmup MS] [--rep MS] [--output DIR]
 
@@ -34,6 +35,9 @@ DEFAULT_OUTPUT = "skipgpt-bench-out"
 # finish in seconds on the tiny geometry.
 GPU_DEFAULTS = dict(batches=[1, 4, 8], seqlens=[512, 2048, 8192], skips=[0.0, 0.25, 0.5])
 CPU_DEFAULTS = dict(batches=[1, 2], seqlens=[16, 64, 256], skips=[0.0, 0.25, 0.5])
+# --mode generate: batch sizes, prompt length and tokens generated per sequence.
+GPU_GENERATE = dict(batches=[1, 8], prompt_len=[128], new_tokens=128)
+CPU_GENERATE = dict(batches=[1, 2], prompt_len=[16], new_tokens=16)
 EAGER_PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse")
 ALL_PROVIDERS = (*B.PROVIDERS, B.PUBLISHED)
 
@@ -61,6 +65,18 @@ written to --output as SCOPE-MODE.csv, SCOPE-MODE.json (with device, versions, g
 command line and date), SCOPE-MODE-time.png and SCOPE-MODE-tflops.png (vs sequence length, one
 line per provider, one panel per batch size and skip rate).
 
+--mode generate times model.generate() on a whole model (--scope model): greedy, --new-tokens
+tokens after a random prompt of --prompt-len tokens (min_new_tokens = max_new_tokens, so EOS
+never stops it early). Eager providers use the default cache; compiled-dense and compiled-sparse
+are transformers' compiled generation: a static cache, the decode step compiled by generate()
+(mode "reduce-overhead": CUDA graphs), the prefill eager (see skipgpt.compile). Per point:
+tokens/s (batch * new tokens / median generate time), generate time, prefill time (generate() of
+one token) and one decode step ((generate - prefill) / (new tokens - 1)), speedup over hf. The
+check before timing: every generated token must be the float32 ground truth's greedy choice
+given the sequence so far, up to rounding ("greedy gap": logit margin to the best token over the
+logits' standard deviation). Files: model-generate.csv/.json, -tokens.png (tokens/s) and
+-step.png (decode step ms), one panel per skip rate, batch sizes on the x axis.
+
 On a CUDA device: bfloat16, timed with triton.testing.do_bench. Without CUDA it says so and runs
 the tiny geometry in float32 on the CPU paths (a small grid, eager providers, wall-clock timing)
 unless told otherwise.
@@ -72,6 +88,8 @@ examples:
   skipgpt bench --mode decode --cuda-graph --batch-size 1,8,64 --seqlens 2048,16384 --providers hf,dense,triton-sparse
   skipgpt bench --scope model --layers 4 --mode decode --batch-size 1,8 --seqlens 2048 --sparsity 0.25
   skipgpt bench --scope model --model ./llama-3.1-8b --mode prefill --batch-size 1 --seqlens 2048
+  skipgpt bench --mode generate --batch-size 1,8 --prompt-len 128 --new-tokens 128 --sparsity 0.25 \
+      --providers hf,dense,triton-sparse,compiled-dense,compiled-sparse
 """
 
 
@@ -130,12 +148,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
+    w.add_argument("--mode", choices=("prefill", "decode", "generate"), default="prefill",
                    help="prefill: one forward over SEQLEN new tokens per sequence; decode: "
-                        f"{B.DECODE_STEPS} one-token steps after a cached context of SEQLEN tokens (default prefill)")
-    w.add_argument("--scope", choices=("layer", "model"), default="layer",
+                        f"{B.DECODE_STEPS} one-token steps after a cached context of SEQLEN tokens; generate: "
+                        "model.generate() of --new-tokens tokens after --prompt-len (whole model) (default prefill)")
+    w.add_argument("--scope", choices=("layer", "model"), default=None,
                    help="layer: one decoder layer; model: a whole forward/decode step of a multi-layer model "
-                        "(decoder stack, KV cache, LM head on the last position) (default layer)")
+                        "(decoder stack, KV cache, LM head on the last position) (default layer; model for generate)")
     w.add_argument("--batch-size", "--batch-sizes", dest="batches", type=_positive_ints, metavar="N[,N...]",
                    help="batch sizes (default 1,4,8 on CUDA, 1,2 on CPU)")
     w.add_argument("--sparsity", "--skips", dest="skips", type=_rates, metavar="S[,S...]",
@@ -143,6 +162,10 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
     w.add_argument("--seqlens", type=_positive_ints, metavar="L[,L...]",
                    help="prefill: tokens per sequence; decode: KV length before the step "
                         "(default 512,2048,8192 on CUDA, 16,64,256 on CPU)")
+    w.add_argument("--prompt-len", dest="prompt_len", type=_positive_ints, metavar="L[,L...]",
+                   help="--mode generate: prompt tokens per sequence (default 128 on CUDA, 16 on CPU)")
+    w.add_argument("--new-tokens", dest="new_tokens", type=positive_int, metavar="N",
+                   help="--mode generate: tokens generated per sequence, at least 2 (default 128 on CUDA, 16 on CPU)")
     w.add_argument("--providers", type=_providers, metavar="P[,P...]",
                    help=f"any of {', '.join(B.PROVIDERS)} (default: all on CUDA, the eager ones on CPU); "
                         "speedups need hf")
@@ -161,9 +184,11 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                    help="capture each step in a CUDA graph and time its replays (no host overhead, as a "
                         "graph-captured decode loop); steps that sync with the host are reported not capturable")
     t.add_argument("--warmup", type=_milliseconds, default=25, metavar="MS",
-                   help="warm-up time per point in ms, as triton.testing.do_bench (default 25)")
+                   help="warm-up time per point in ms, as triton.testing.do_bench (default 25; generate: the checked "
+                        "first call counts)")
     t.add_argument("--rep", type=_milliseconds, default=100, metavar="MS",
-                   help="timed repeats per point for about this many ms (default 100; at least 3 calls on CPU)")
+                   help="timed repeats per point for about this many ms (default 100; at least 3 calls on CPU and "
+                        "in generate mode)")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
@@ -202,11 +227,14 @@ class Plan:
     notes: list = field(default_factory=list)
     published: object = None  # the imported published classes (published_baseline.load)
     model_config: object = None  # --model's transformers config
+    new_tokens: Optional[int] = None  # generate mode (seqlens then holds the prompt lengths)
 
     def command(self) -> str:
         """The canonical `skipgpt bench` command line of this run, every choice explicit."""
+        lengths = (["--prompt-len", _join(self.seqlens), "--new-tokens", str(self.new_tokens)]
+                   if self.mode == "generate" else ["--seqlens", _join(self.seqlens)])
         argv = ["skipgpt", "bench", "--scope", self.scope, "--mode", self.mode,
-                "--batch-size", _join(self.batches), "--sparsity", _join(self.skips), "--seqlens", _join(self.seqlens),
+                "--batch-size", _join(self.batches), "--sparsity", _join(self.skips), *lengths,
                 "--providers", ",".join(p for p in self.providers if p != B.PUBLISHED)]
         argv += ["--model", self.model] if self.model else ["--config", self.config]
         if self.layers and self.scope == "model":
@@ -230,6 +258,21 @@ def plan(args: argparse.Namespace) -> Plan:
 
     cuda = torch.cuda.is_available()
     notes = []
+    generate = args.mode == "generate"
+    if args.scope is None:
+        args.scope = "model" if generate else "layer"
+    if generate:
+        if args.scope != "model":
+            raise BenchError("--mode generate runs model.generate() on a whole model: use --scope model (the default)")
+        if args.seqlens:
+            raise BenchError("--seqlens: with --mode generate, give the prompt length as --prompt-len")
+        if args.cuda_graph:
+            raise BenchError("--cuda-graph captures one step; in --mode generate the compiled providers capture "
+                             "CUDA graphs themselves (mode reduce-overhead)")
+        if args.new_tokens is not None and args.new_tokens < 2:
+            raise BenchError("--new-tokens: at least 2 (the decode step time needs one step after the prefill's token)")
+    elif args.prompt_len or args.new_tokens:
+        raise BenchError("--prompt-len and --new-tokens apply to --mode generate")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None
@@ -242,6 +285,9 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise BenchError(f"--output: {args.output} exists and is not a folder")
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    if generate:
+        gen = GPU_GENERATE if cuda else CPU_GENERATE
+        defaults = {**defaults, "batches": gen["batches"], "seqlens": gen["prompt_len"]}
     config = args.config
     if not cuda:
         what = f"--model {args.model}" if args.model else "the tiny geometry"
@@ -273,12 +319,13 @@ def plan(args: argparse.Namespace) -> Plan:
         notes.append(f"--scope layer: one decoder layer with {args.model}'s geometry and random weights")
     return Plan(
         scope=args.scope, mode=args.mode,
-        batches=args.batches or defaults["batches"], seqlens=args.seqlens or defaults["seqlens"],
+        batches=args.batches or defaults["batches"], seqlens=args.prompt_len or args.seqlens or defaults["seqlens"],
         skips=args.skips if args.skips is not None else defaults["skips"], providers=providers,
         config=config, model=args.model, layers=args.layers, cuda_graph=args.cuda_graph,
         warmup=args.warmup, rep=args.rep, baseline_published=args.baseline_published,
         output=args.output, json=args.json, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", notes=notes, published=published, model_config=model_config,
+        new_tokens=(args.new_tokens or (GPU_GENERATE if cuda else CPU_GENERATE)["new_tokens"]) if generate else None,
     )
 
 
@@ -365,7 +412,13 @@ def execute(p: Plan) -> dict:
         print(f"note: {note}", file=sys.stderr)
     print(f"running: {p.command()}", file=sys.stderr)
     bench = build_bench(p)
-    if p.dtype == "float32":
+    generate = p.mode == "generate"
+    if generate:
+        # On the greedy gap (logit margin over the logits' standard deviation): float32 runs
+        # pick the ground truth's tokens; bf16 rounding flips only near-ties (a few 1e-2), while
+        # a broken kernel's tokens sit of order 1 below the best.
+        tolerance = 1e-3 if p.dtype == "float32" else 0.5
+    elif p.dtype == "float32":
         tolerance = 1e-4
     else:
         # Against a same-precision reference (a model too big for an fp32 copy) only broken
@@ -380,15 +433,38 @@ def execute(p: Plan) -> dict:
     timer = functools.partial(timer_fn, warmup_ms=p.warmup, rep_ms=p.rep)
     total = len(p.batches) * len(p.seqlens) * len(p.skips) * len(p.providers)
     done = [0]
+    finished: list = []
+    partial = Path(p.output) / f"{p.scope}-{p.mode}.csv" if p.output else None
 
     def progress(point: B.Point) -> None:
         done[0] += 1
+        if partial is not None:
+            # Written as points complete, so a run stopped by a time limit keeps what it measured
+            # (speedups are filled in per point group, and in the final file).
+            finished.append(point)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            write_csv(finished, partial)
         what = f"{point.ms:.3f} ms" if point.ms is not None else point.status
+        if point.tokens_per_s is not None:
+            what += f", {point.tokens_per_s:.1f} tokens/s"
         extra = f" ({point.note})" if point.note and point.status != "ok" else ""
         print(f"[{done[0]}/{total}] {point.provider} B={point.batch} L={point.seqlen} skip={point.skip:g}: {what}{extra}",
               file=sys.stderr, flush=True)
 
-    points = B.run_grid(bench, p.mode, p.batches, p.seqlens, p.skips, p.providers, tolerance, timer, progress)
+    if generate:
+        points = B.run_generate_grid(bench, p.batches, p.seqlens, p.skips, p.providers, p.new_tokens, tolerance,
+                                     p.warmup, p.rep, progress)
+    else:
+        points = B.run_grid(bench, p.mode, p.batches, p.seqlens, p.skips, p.providers, tolerance, timer, progress)
+    if generate:
+        method = ("wall clock around whole generate() calls" + (" (torch.cuda.synchronize)" if on_gpu else "")
+                  + "; the checked first call counts as warm-up")
+        reference = (f"greedy gap of the generated tokens under {bench.reference_note} "
+                     "(dense providers: with every token executing)")
+    else:
+        method = ("CUDA graph replay, " if p.cuda_graph else "") + (
+            "triton.testing.do_bench" if on_gpu else "wall clock (time.perf_counter)")
+        reference = bench.reference_note
     document = {
         "scope": p.scope,
         "mode": p.mode,
@@ -400,12 +476,13 @@ def execute(p: Plan) -> dict:
         "layers": bench.num_layers,
         "cuda_graph": p.cuda_graph,
         "decode_steps": B.DECODE_STEPS if p.mode == "decode" else None,
-        "timing": {"method": ("CUDA graph replay, " if p.cuda_graph else "") + (
-            "triton.testing.do_bench" if on_gpu else "wall clock (time.perf_counter)"),
-            "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES)},
-        "reference": bench.reference_note,
+        "prompt_len": p.seqlens if generate else None,
+        "new_tokens": p.new_tokens,
+        "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES)},
+        "reference": reference,
         "tolerance": tolerance,
-        "flops": "dense-equivalent: projections, attention and MLP of every layer (skipgpt.benchmark.dense_flops)",
+        "flops": None if generate else
+        "dense-equivalent: projections, attention and MLP of every layer (skipgpt.benchmark.dense_flops)",
         "versions": _versions(),
         "git": _git_commit(),
         "command": p.command(),
@@ -414,7 +491,7 @@ def execute(p: Plan) -> dict:
         "notes": p.notes,
         "points": [asdict(pt) for pt in points],
     }
-    print(format_table(points, title=_title(document)))
+    print((format_generate_table if generate else format_table)(points, title=_title(document)))
     written = []
     if p.output:
         out = Path(p.output)
@@ -422,7 +499,7 @@ def execute(p: Plan) -> dict:
         stem = out / f"{p.scope}-{p.mode}"
         written.append(_write_json(document, stem.with_suffix(".json")))
         written.append(write_csv(points, stem.with_suffix(".csv")))
-        written += plot(points, stem, _title(document))
+        written += (plot_generate if generate else plot)(points, stem, _title(document))
     if p.json:
         written.append(_write_json(document, Path(p.json)))
     if written:
@@ -437,7 +514,8 @@ def _title(doc: dict) -> str:
     what = doc["model"] or doc["config"]
     layers = f", {doc['layers']} layers" if doc["scope"] == "model" else ""
     graph = ", CUDA graph" if doc["cuda_graph"] else ""
-    return f"{doc['scope']} {doc['mode']} · {what}{layers} · {doc['dtype']} · {doc['device']}{graph}"
+    tokens = f" · {doc['new_tokens']} new tokens" if doc.get("new_tokens") else ""
+    return f"{doc['scope']} {doc['mode']} · {what}{layers}{tokens} · {doc['dtype']} · {doc['device']}{graph}"
 
 
 # ---------------------------------------------------------------------------- output
@@ -455,6 +533,23 @@ def format_table(points: list, title: str = "") -> str:
         err = f"{p.rel_err:8.1e}" if p.rel_err is not None else f"{'-':>8}"
         status = p.status + (f": {p.note}" if p.note and p.status != "ok" else "")
         lines.append(f"{p.provider:<24} {p.batch:>4} {p.seqlen:>6} {p.skip:>5.2f} {ms} {spread} {tf} {sp} {err}  {status}")
+    return "\n".join(lines)
+
+
+def format_generate_table(points: list, title: str = "") -> str:
+    head = (f"{'provider':<16} {'B':>3} {'prompt':>6} {'new':>4} {'skip':>5} {'tokens/s':>9} {'generate ms':>11} "
+            f"{'q20-q80 ms':>19} {'prefill ms':>10} {'step ms':>8} {'vs hf':>6} {'gap':>8}  status")
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+
+    def num(value, width, fmt):
+        return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+    for p in points:
+        spread = f"{p.ms_q20:9.1f}-{p.ms_q80:<9.1f}" if p.ms is not None else f"{'-':>19}"
+        status = p.status + (f": {p.note}" if p.note and p.status != "ok" else "")
+        lines.append(f"{p.provider:<16} {p.batch:>3} {p.seqlen:>6} {p.new_tokens:>4} {p.skip:>5.2f} "
+                     f"{num(p.tokens_per_s, 9, '.1f')} {num(p.ms, 11, '.1f')} {spread} {num(p.prefill_ms, 10, '.2f')} "
+                     f"{num(p.decode_step_ms, 8, '.3f')} {num(p.speedup, 6, '.2f')} {num(p.rel_err, 8, '.1e')}  {status}")
     return "\n".join(lines)
 
 
@@ -534,6 +629,56 @@ def plot(points: list, stem: Path, title: str) -> list:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(providers), 4), fontsize=8, frameon=False)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(providers) - 1) // 4), 1, 0.97))
+        path = Path(f"{stem}-{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_generate(points: list, stem: Path, title: str) -> list:
+    """Two PNGs for --mode generate: `STEM-tokens.png` (tokens/s) and `STEM-step.png` (decode
+    step ms): grouped bars, batch sizes on the x axis, one bar per provider, one panel per
+    (prompt length, skip rate). Points without a time are left out."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("warning: matplotlib is not installed, so no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    batches = sorted({p.batch for p in points})
+    panels = sorted({(p.seqlen, p.skip) for p in points})
+    providers = list(dict.fromkeys(p.provider for p in points))
+    colors = {prov: plt.get_cmap("tab10")(i % 10) for i, prov in enumerate(providers)}
+    width = 0.8 / max(len(providers), 1)
+    written = []
+    for metric, ylabel, suffix in (("tokens_per_s", "generated tokens/s", "tokens"),
+                                   ("decode_step_ms", "decode step (ms)", "step")):
+        fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(1.2 + 0.9 * len(batches) * len(panels)
+                                                                         + 0.3 * len(providers), 3.6))
+        for c, (prompt_len, skip) in enumerate(panels):
+            ax = axes[0][c]
+            for i, prov in enumerate(providers):
+                xs, ys = [], []
+                for j, batch in enumerate(batches):
+                    point = next((p for p in points if (p.provider, p.batch, p.seqlen, p.skip) == (prov, batch, prompt_len, skip)
+                                  and getattr(p, metric) is not None), None)
+                    if point is not None:
+                        xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                        ys.append(getattr(point, metric))
+                ax.bar(xs, ys, width=width, color=colors[prov], label=prov)
+            ax.set_xticks(range(len(batches)), labels=[f"B={b}" for b in batches], fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_title(f"prompt {prompt_len}, skip {skip:.0%}", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+            if c == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[prov]) for prov in providers]
+        fig.legend(handles, providers, loc="lower center", ncol=min(len(providers), 3), fontsize=8, frameon=False)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(providers) - 1) // 3), 1, 0.95))
         path = Path(f"{stem}-{suffix}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -14,21 +14,6 @@ EAGER = "hf,dense,torch-sparse,triton-sparse"
 QUICK = ["--warmup", "1", "--rep", "1"]  # a few calls per point: these tests check plumbing, not speed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from threads, and on a busy machine OpenMP's spinning workers make
-    # each call take up to ~100 ms instead of ~1 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cpu_only(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
 def bench(tmp_path, *args):
     return main(["bench", *args, *QUICK, "--output", str(tmp_path)])
 
@@ -192,15 +177,6 @@ def test_python_m_skipgpt_benchmark_keeps_its_flags(tmp_path, cpu_only):
     doc = json.loads(out.read_text())
     assert [p["provider"] for p in doc["points"]] == ["hf", "triton-sparse"]
     assert sorted(q.name for q in tmp_path.rglob("*") if q.is_file()) == ["x.json"]
-
-
-@pytest.fixture
-def nothing_built(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built before the flags were checked")
-
-    monkeypatch.setattr(B.LayerBench, "__init__", refuse)
-    monkeypatch.setattr(B.ModelBench, "__init__", refuse)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -49,9 +49,9 @@ def test_one_graph_for_every_shape_and_route_pattern(pipeline):
 
 @pytest.mark.parametrize("pipeline", ["torch-sparse", "triton-sparse"])
 def test_plain_torch_compile_of_the_whole_model(pipeline):
-    """What users type: torch.compile(model), no options. Without fullgraph Dynamo would break
-    the graph at the exact form's data-dependent row count, which torch.cond forbids;
-    set_pipeline turns on capturing such ops, so the compile succeeds."""
+    """What users type: torch.compile(model), no options. Dynamo would break the graph at the
+    exact form's data-dependent row counts (and fail inside torch.cond); set_pipeline turns on
+    capturing such ops, so the model compiles and computes what eager does."""
     import torch._dynamo.config as dynamo_config
 
     with dynamo_config.patch(capture_dynamic_output_shape_ops=False):
@@ -113,3 +113,23 @@ def test_compile_model_refuses_twice():
     model = compile_model(routed("dense"))
     with pytest.raises(ValueError, match="already compiled"):
         compile_model(model)
+
+
+def test_explain_reports_what_cuda_graphs_cannot_hold():
+    """With a CUDA-graph mode, explain() traces as compile_model would (a Python branch on the
+    token count) and lists the blockers: none up to 64 tokens per step, the exact form's
+    data-dependent sizes above."""
+    model = routed("triton-sparse")
+    def step(B, L):
+        ids, mask = random_batch(97, B, L, "left")
+        return dict(input_ids=ids, attention_mask=mask)
+
+    short = [step(2, 9), step(3, 1)]
+    report = explain(model, short, mode="reduce-overhead")
+    assert report.cudagraph_blockers == [] and report.recompiles == 0
+    assert "Every graph is capturable in a CUDA graph" in str(report)
+    report = explain(model, short + [step(1, 70)], mode="reduce-overhead")
+    assert report.recompiles == 1 and "<= 64" in " ".join(report.recompile_reasons)
+    assert report.cudagraph_blockers and all("data-dependent" in r for r in report.cudagraph_blockers)
+    assert "Not capturable in a CUDA graph" in str(report)
+    assert model.model.skipgpt_routing.single_graph is False  # explain restores the model's setting
