@@ -575,17 +575,26 @@ def _write_json(document: dict, path: Path) -> Path:
     return path
 
 
-def plot(points: list, stem: Path, title: str) -> list:
-    """Two PNGs, `STEM-time.png` (median ms, log-log) and `STEM-tflops.png`: vs sequence length
-    (log x), one line per provider, one panel per (batch size, skip rate). Points without a time
-    (wrong, failed) are left out."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
         print("warning: matplotlib is not installed, so no plots (pip install matplotlib)", file=sys.stderr)
-        return []
+        return None
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(points: list, stem: Path, title: str) -> list:
+    """Two PNGs, `STEM-time.png` (median ms, log-log) and `STEM-tflops.png`: vs sequence length
+    (log x), one line per provider, one panel per (batch size, skip rate). Points without a time
+    (wrong, failed) are left out."""
+    plt = _pyplot()
+    if plt is None:
+        return []
     import matplotlib.ticker
 
     batches = sorted({p.batch for p in points})
@@ -640,13 +649,9 @@ def plot_generate(points: list, stem: Path, title: str) -> list:
     """Two PNGs for --mode generate: `STEM-tokens.png` (tokens/s) and `STEM-step.png` (decode
     step ms): grouped bars, batch sizes on the x axis, one bar per provider, one panel per
     (prompt length, skip rate). Points without a time are left out."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("warning: matplotlib is not installed, so no plots (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return []
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
 
     batches = sorted({p.batch for p in points})
     panels = sorted({(p.seqlen, p.skip) for p in points})
