@@ -124,8 +124,8 @@ def on_input_device(cuda_impl):
 
     Triton launches on the *current* CUDA device and its current stream (so does an event's
     `record()`, which `compact(host_counts=True)` uses), so a tensor on cuda:1 while cuda:0 is
-    current would be handed to a kernel running on the wrong GPU. The dispatcher gives no help: only ATen's generated kernel wrappers install a
-    DeviceGuard; a Python kernel registered with torch.library is called as it is (PyTorch's
+    current would be handed to a kernel running on the wrong GPU. The dispatcher gives no help:
+    only ATen's generated kernel wrappers install a DeviceGuard; a Python kernel registered with torch.library is called as it is (PyTorch's
     PythonKernelHolder), and `eager_entry` bypasses the dispatcher altogether. Eager decode is
     bound by host time, so the device is switched only when it differs: the common single-GPU
     case pays one integer comparison. The validation inside `cuda_impl` makes every other
