@@ -33,6 +33,7 @@ pack)
   du -sh .assets/a .assets/b .whl ;;
 unpack1)
   cp .assets/a/part00 /tmp/llm.part00
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ;;
 unpack2)
   mkdir -p /tmp/wh /tmp/sgc
