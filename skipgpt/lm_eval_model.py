@@ -170,10 +170,13 @@ class SkipGPTLM(HFLM):
             "forced_skip": skip, "seed": int(seed) if skip is not None else None, "compile": bool(compile),
             "device_map": device_map, "data_parallel": accelerator.num_processes if accelerator is not None else 1,
         }
+        self._compile_seconds = 0.0
         if compile:
             # In place: one graph for every batch shape lm-eval sends (compile_model's dynamic,
-            # size-oblivious tracing); the first batches wait for compilation.
+            # size-oblivious tracing), compiled here by a warm-up call so that the evaluation's
+            # time and tokens/s measure the compiled model, not the compiler.
             compile_model(model)
+            self._compile_seconds = _warm_up(model)
         # HFLM takes an instantiated model as is: it keeps its device and dtype, and ignores its
         # own device/dtype/parallelize arguments. It warns that such arguments "may be ignored";
         # here they were not (they went to skipgpt.load above), so those warnings are held back.
@@ -193,10 +196,10 @@ class SkipGPTLM(HFLM):
             self._device = accelerator.device
         # Devices to synchronize before reading a clock: every device a layer runs on.
         self._sync_devices = [d for d in skipgpt_model.model_devices(model) if d.type == "cuda"]
-        self._load_seconds = time.perf_counter() - t_start
+        self._load_seconds = time.perf_counter() - t_start - self._compile_seconds
         self._requests_seconds = 0.0
         self._in_request = False
-        self._all_ranks = None  # [world_size, 3 * layers + 2] float64, gathered at lm-eval's barrier
+        self._all_ranks = None  # [world_size, 3 * layers + 3] float64, gathered at lm-eval's barrier
         self._requests_since_gather = False
 
     # -- lm-eval's request methods, timed ---------------------------------------------------
@@ -238,12 +241,15 @@ class SkipGPTLM(HFLM):
             self._all_ranks = self._gather_accounting()
             self._requests_since_gather = False
 
+    def _times(self) -> list:
+        return [self._load_seconds, self._compile_seconds, self._requests_seconds]
+
     def _gather_accounting(self) -> torch.Tensor:
-        """[world_size, 3 * layers + 2] float64 on the CPU: each rank's flattened route counts
-        (see skipgpt.model.route_counts), load seconds and request seconds. float64 holds counts
+        """[world_size, 3 * layers + 3] float64 on the CPU: each rank's flattened route counts
+        (see skipgpt.model.route_counts), load, compile and request seconds. float64 holds counts
         exactly up to 2**53."""
         counts = skipgpt_model.route_counts(self.skipgpt_model).to(self.device, torch.float64).flatten()
-        times = torch.tensor([self._load_seconds, self._requests_seconds], dtype=torch.float64, device=self.device)
+        times = torch.tensor(self._times(), dtype=torch.float64, device=self.device)
         row = torch.cat([counts, times])
         return self.accelerator.gather(row).view(self.world_size, -1).cpu()
 
@@ -261,10 +267,11 @@ class SkipGPTLM(HFLM):
     def accounting(self) -> dict:
         """Tokens, skip rates and timings of the evaluation, over every data-parallel rank.
 
-        Returns {"ranks", "scope", "tokens", "load_seconds", "requests_seconds", "per_rank",
-        "sparsity"}: tokens and sparsity sum the route counts of all ranks (the requests lm-eval
-        duplicates so that ranks run equal numbers of batches included); load_seconds and
-        requests_seconds are the slowest rank's (ranks run side by side); per_rank lists each
+        Returns {"ranks", "scope", "tokens", "load_seconds", "compile_seconds", "requests_seconds",
+        "per_rank", "sparsity"}: tokens and sparsity sum the route counts of all ranks (the requests lm-eval
+        duplicates so that ranks run equal numbers of batches included); load_seconds,
+        compile_seconds (the warm-up call that compiles, with compile=True) and requests_seconds
+        are the slowest rank's (ranks run side by side); per_rank lists each
         rank's tokens and seconds. requests_seconds is the time spent inside loglikelihood,
         loglikelihood_rolling and generate_until, device work included. "scope" says what was
         summed: one process, all ranks, or (when requests ran after the last gather, which
@@ -277,13 +284,14 @@ class SkipGPTLM(HFLM):
             scope = f"all {self.world_size} ranks"
         else:
             counts = skipgpt_model.route_counts(self.skipgpt_model).to("cpu", torch.float64).flatten()
-            rows = torch.cat([counts, torch.tensor([self._load_seconds, self._requests_seconds], dtype=torch.float64)])[None]
+            rows = torch.cat([counts, torch.tensor(self._times(), dtype=torch.float64)])[None]
             scope = "one process" if self.world_size == 1 else f"rank {self.rank} of {self.world_size} only"
         counts = rows[:, : 3 * n].sum(0).view(n, 3).round().long().tolist()
         sparsity = skipgpt_model.sparsity_from_counts([layer.layer_idx for layer in layers], counts)
         ranks = range(rows.shape[0]) if rows.shape[0] > 1 else [self.rank]
         per_rank = [
-            {"rank": r, "tokens": int(row[2]), "load_seconds": float(row[-2]), "requests_seconds": float(row[-1])}
+            {"rank": r, "tokens": int(row[2]), "load_seconds": float(row[-3]), "compile_seconds": float(row[-2]),
+             "requests_seconds": float(row[-1])}
             for r, row in zip(ranks, rows.tolist())
         ]
         return {
@@ -291,6 +299,7 @@ class SkipGPTLM(HFLM):
             "scope": scope,
             "tokens": sparsity["tokens"],
             "load_seconds": max(r["load_seconds"] for r in per_rank),
+            "compile_seconds": max(r["compile_seconds"] for r in per_rank),
             "requests_seconds": max(r["requests_seconds"] for r in per_rank),
             "per_rank": per_rank,
             "sparsity": sparsity,
@@ -309,6 +318,23 @@ class SkipGPTLM(HFLM):
             "skipgpt": dict(self.skipgpt_config),
             "skipgpt_run": self.accounting(),
         }
+
+
+def _warm_up(model: nn.Module) -> float:
+    """Seconds of one forward of a [2, 80] batch without an attention mask (how lm-eval's
+    loglikelihood requests call the model), which compiles a model just compiled lazily. The
+    route counters are reset afterwards, so the warm-up tokens are not counted. Requests with
+    another call signature (generate_until passes a mask) still compile at their first call."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros(2, 80, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    skipgpt_model.reset_sparsity(model)
+    return seconds
 
 
 def _launched_accelerator():

@@ -57,12 +57,13 @@ TOKENS_COUNTED_DP = (
 )
 TIMINGS_MEASURED = {
     "one process": (
-        "load_seconds: loading and routing the model; eval_seconds: lm-eval's simple_evaluate (request "
-        "building, model calls, metrics); requests_seconds: the part of it spent in the model's request "
-        "methods (device work included); total_seconds: load + eval."
+        "load_seconds: loading and routing the model; compile_seconds: with --compile, the warm-up call "
+        "that compiles it (0 otherwise); eval_seconds: lm-eval's simple_evaluate (request building, model "
+        "calls, metrics); requests_seconds: the part of it spent in the model's request methods (device "
+        "work included); total_seconds: load + compile + eval."
     ),
     "data parallel": (
-        "load_seconds and requests_seconds: the slowest rank's (ranks run side by side); eval_seconds: "
+        "load_seconds, compile_seconds and requests_seconds: the slowest rank's (ranks run side by side); eval_seconds: "
         "requests_seconds, the time in the model's request methods (device work included); total_seconds: "
         "the whole `accelerate launch` (starting the processes, imports, task data, load, evaluation, "
         "gathering results)."
@@ -193,7 +194,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0..1), for models without routers; overrides the routers' decisions")
     m.add_argument("--seed", type=int, default=0, help="seed of the --skip routes (default 0)")
     m.add_argument("--compile", action="store_true",
-                   help="compile the model with skipgpt.compile.compile_model (one graph for every batch shape; the first batches wait for compilation, which the wall time and tokens/s include)")
+                   help="compile the model with skipgpt.compile.compile_model (one graph for every batch shape), "
+                        "compiled by a warm-up call that is timed apart from the evaluation")
     m.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights and activations dtype; auto keeps the checkpoint's (default auto)")
     m.add_argument("--device", metavar="DEVICE",
@@ -331,7 +333,8 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise EvalError(f"--include-path: folder not found: {args.include_path}")
     if args.compile:
-        notes.append("--compile: wall time and tokens/s include compilation (a minute or two)")
+        notes.append("--compile: a warm-up call compiles the model before the evaluation, timed apart "
+                     "(compile_seconds); generate_until requests compile their own graph at their first call")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks:
         if args.tasks is not None:
@@ -518,7 +521,8 @@ def evaluate(p: Plan) -> dict:
         )
     except (ValueError, FileNotFoundError) as e:  # bad checkpoints, unsupported architectures
         raise EvalError(f"loading the model: {e}") from None
-    load_s = time.perf_counter() - t_start
+    compile_s = lm.accounting()["compile_seconds"]
+    load_s = time.perf_counter() - t_start - compile_s
     lm.reset_sparsity()
     _sync(p.device)
     t_eval = time.perf_counter()
@@ -534,8 +538,8 @@ def evaluate(p: Plan) -> dict:
     summary = {
         "metrics": results["results"],
         "groups": results.get("groups", {}),
-        "timings": {"load_seconds": load_s, "eval_seconds": eval_s, "total_seconds": load_s + eval_s,
-                    "requests_seconds": run["requests_seconds"]},
+        "timings": {"load_seconds": load_s, "compile_seconds": compile_s, "eval_seconds": eval_s,
+                    "total_seconds": load_s + compile_s + eval_s, "requests_seconds": run["requests_seconds"]},
         "timings_measured": TIMINGS_MEASURED["one process"],
         "tokens": tokens,
         "tokens_per_second": tokens / eval_s if eval_s > 0 else None,
@@ -681,8 +685,8 @@ def evaluate_data_parallel(p: Plan, output: Path) -> dict:
     summary = {
         "metrics": results["results"],
         "groups": results.get("groups", {}),
-        "timings": {"load_seconds": run["load_seconds"], "eval_seconds": eval_s, "total_seconds": launch_s,
-                    "requests_seconds": eval_s},
+        "timings": {"load_seconds": run["load_seconds"], "compile_seconds": run.get("compile_seconds", 0.0),
+                    "eval_seconds": eval_s, "total_seconds": launch_s, "requests_seconds": eval_s},
         "timings_measured": TIMINGS_MEASURED["data parallel"],
         "tokens": run["tokens"],
         "tokens_per_second": run["tokens"] / eval_s if eval_s > 0 else None,
@@ -742,7 +746,9 @@ def _print_report(results: dict, summary: dict) -> None:
         print(make_table(results, "groups"))
     t, s = summary["timings"], summary["sparsity"]
     tps = summary["tokens_per_second"]
-    print(f"wall time: {t['total_seconds']:.1f} s (model load {t['load_seconds']:.1f} s, evaluation {t['eval_seconds']:.1f} s)")
+    compiled = f", compilation {t['compile_seconds']:.1f} s" if t.get("compile_seconds") else ""
+    print(f"wall time: {t['total_seconds']:.1f} s (model load {t['load_seconds']:.1f} s{compiled}, "
+          f"evaluation {t['eval_seconds']:.1f} s)")
     print(f"tokens: {summary['tokens']} in {t['eval_seconds']:.1f} s = {tps:.1f} tokens/s "
           "(non-padding token positions through the decoder; see summary.json 'tokens_counted')"
           if tps is not None else f"tokens: {summary['tokens']}")

@@ -190,7 +190,8 @@ def test_accounting_sums_route_counts_over_ranks(tiny_llama):
     assert one["sparsity"] == lm.sparsity() and one["tokens"] == lm.sparsity()["tokens"] > 0
 
     # Rank 1 ran 1000 tokens through both layers, executing 600 in attention and 900 in the MLP.
-    other = torch.tensor([600, 900, 1000] * 2 + [1.5, 99.0], dtype=torch.float64)
+    # Then its times: load 1.5 s, compile 7 s, requests 99 s.
+    other = torch.tensor([600, 900, 1000] * 2 + [1.5, 7.0, 99.0], dtype=torch.float64)
     lm.accelerator, lm._world_size, lm._rank = _TwoRanks(other), 2, 0
     lm.barrier()  # what lm-eval's evaluator calls on every rank after each request type
     assert lm.accelerator.waited == 1
@@ -199,6 +200,7 @@ def test_accounting_sums_route_counts_over_ranks(tiny_llama):
     assert both["tokens"] == one["tokens"] + 1000
     assert [r["rank"] for r in both["per_rank"]] == [0, 1] and both["per_rank"][1]["tokens"] == 1000
     assert both["requests_seconds"] == 99.0 and both["load_seconds"] == max(1.5, one["load_seconds"])
+    assert both["compile_seconds"] == 7.0 and [r["compile_seconds"] for r in both["per_rank"]] == [0.0, 7.0]
     counts = skipgpt.model.route_counts(lm.skipgpt_model).tolist()
     executed_attn = sum(c[0] for c in counts) + 1200
     tokens_all = sum(c[2] for c in counts) + 2000

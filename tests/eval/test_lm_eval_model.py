@@ -70,12 +70,17 @@ def test_dense_matches_hf_and_sparse_pipelines_agree(wiki_cache, tiny_llama, tas
 def test_compiled_model_gives_the_eager_perplexity(wiki_cache, tiny_llama, task_manager):
     """compile=True (what `skipgpt eval --compile` passes) runs lm-eval's varying batch shapes
     through one compiled forward and computes the same function."""
-    ppl = {}
+    ppl, run = {}, {}
     for compile in (False, True):
         lm = _lm(tiny_llama, pipeline="triton-sparse", skip=0.25, batch_size=2, compile=compile)
         ppl[compile] = _wiki(lm, task_manager, limit=3)["word_perplexity,none"]
         assert getattr(lm.skipgpt_model, "_skipgpt_compiled", False) is compile
+        run[compile] = lm.accounting()
     assert ppl[True] == pytest.approx(ppl[False], rel=1e-4)
+    # The warm-up call that compiles is timed apart and its tokens are not counted.
+    assert run[False]["compile_seconds"] == 0 < run[True]["compile_seconds"]
+    assert run[True]["tokens"] == run[False]["tokens"]
+    assert run[True]["sparsity"] == run[False]["sparsity"]
 
 
 def test_model_args_string_as_the_cli_passes_it(tiny_llama):
