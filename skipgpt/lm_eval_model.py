@@ -241,6 +241,11 @@ class SkipGPTLM(HFLM):
             self._all_ranks = self._gather_accounting()
             self._requests_since_gather = False
 
+    @property
+    def compile_seconds(self) -> float:
+        """This process's warm-up call that compiled the model (0 without compile=True)."""
+        return self._compile_seconds
+
     def _times(self) -> list:
         return [self._load_seconds, self._compile_seconds, self._requests_seconds]
 

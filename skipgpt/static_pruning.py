@@ -45,28 +45,17 @@ MODULES = ("attention", "mlp")
 def module_importance(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """`[num_layers, 2]` float64 importance scores (column 0 attention, 1 MLP) of the dense model
     over the token rows `ids` `[N, L]` (no padding)."""
-    from .training import attach_training_layers, detach_training_layers
+    from .training import observe_dense
 
     num_layers = len(decoder_layers(model))
     sums = torch.zeros(num_layers, 2, dtype=torch.float64)
-    tokens = 0
 
     def observe(layer_idx, x, h, y):
         for col, (u, v) in enumerate(((x, h), (h, y))):
             cos = torch.nn.functional.cosine_similarity(u.float(), v.float(), dim=-1)
             sums[layer_idx, col] += float((1.0 - cos).double().sum())
 
-    state = attach_training_layers(model, kind=None)  # dense: every module runs
-    state.observer = observe
-    try:
-        device = next(model.parameters()).device
-        model.eval()
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
-    finally:
-        detach_training_layers(model)
+    tokens = observe_dense(model, ids, batch_size, observe)
     return sums / max(tokens, 1)
 
 

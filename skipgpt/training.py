@@ -321,29 +321,39 @@ def init_router(router: Router, init_execute: float) -> Router:
 
 
 @torch.no_grad()
+def observe_dense(model: nn.Module, ids: torch.Tensor, batch_size: int, observe) -> int:
+    """Run the dense model (every module executes) over the token rows `ids` `[N, L]` in batches,
+    calling `observe(layer_idx, x, h, y)` with each layer's residual stream before attention,
+    after attention and after the MLP (`[B, L, H]`). Returns the number of tokens run."""
+    state = attach_training_layers(model, kind=None)
+    state.observer = observe
+    tokens = 0
+    try:
+        device = next(model.parameters()).device
+        model.eval()
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            tokens += batch.numel()
+    finally:
+        detach_training_layers(model)
+    return tokens
+
+
+@torch.no_grad()
 def input_statistics(model: nn.Module, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer, per-feature mean and standard deviation `[num_layers, H]` (fp32) of the layer
     inputs of the dense model over the token rows `ids`."""
     num_layers = len(decoder_layers(model))
     hidden = model.config.hidden_size
     sums = torch.zeros(2, num_layers, hidden, dtype=torch.float64)
-    count = 0
 
     def observe(layer_idx, x, h, y):
         flat = x.reshape(-1, hidden).double()
         sums[0, layer_idx] += flat.sum(0).cpu()
         sums[1, layer_idx] += (flat * flat).sum(0).cpu()
 
-    state = attach_training_layers(model, kind=None)
-    state.observer = observe
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    finally:
-        detach_training_layers(model)
+    count = observe_dense(model, ids, batch_size, observe)
     mean = sums[0] / count
     std = (sums[1] / count - mean * mean).clamp_min(0).sqrt()
     # A constant feature carries no information; a unit scale keeps the division finite.

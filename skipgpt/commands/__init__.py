@@ -1,5 +1,5 @@
 """One module per `skipgpt` subcommand (see skipgpt/cli.py), and the argument types and logging
-setup they share."""
+setup and provenance helpers they share."""
 import argparse
 import logging
 import os
@@ -52,3 +52,16 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def package_versions(*names: str) -> dict:
+    """{"python": version, name: installed version or None, ...}, to record next to results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

@@ -18,7 +18,6 @@ import csv
 import functools
 import json
 import math
-import platform
 import shlex
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import benchmark as B
-from . import device_name, positive_int, rate
+from . import device_name, package_versions, positive_int, rate
 
 DEFAULT_OUTPUT = "skipgpt-bench-out"
 # Grids when nothing is given. GPU: the recorded grids of docs/BENCHMARKS.md. CPU: shapes that
@@ -483,7 +482,7 @@ def execute(p: Plan) -> dict:
         "tolerance": tolerance,
         "flops": None if generate else
         "dense-equivalent: projections, attention and MLP of every layer (skipgpt.benchmark.dense_flops)",
-        "versions": _versions(),
+        "versions": package_versions("torch", "triton", "transformers", "skipgpt"),
         "git": _git_commit(),
         "command": p.command(),
         "argv": sys.argv,
@@ -694,16 +693,6 @@ def plot_generate(points: list, stem: Path, title: str) -> list:
 # ---------------------------------------------------------------------------- provenance
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "skipgpt"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _git_commit() -> Optional[dict]:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import socket
@@ -34,13 +33,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from . import device_name
+from . import device_name, package_versions
 
 logger = logging.getLogger("skipgpt")
 
 PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_OUTPUT = "skipgpt-eval-out"
+VERSIONED = ("torch", "transformers", "lm_eval", "skipgpt", "triton")  # recorded in summary.json
 # The router file shipped for the default model, once router training has produced one.
 DEFAULT_ROUTER = "smollm2-135m-skip25.safetensors"
 TOKENS_COUNTED = (
@@ -521,7 +521,7 @@ def evaluate(p: Plan) -> dict:
         )
     except (ValueError, FileNotFoundError) as e:  # bad checkpoints, unsupported architectures
         raise EvalError(f"loading the model: {e}") from None
-    compile_s = lm.accounting()["compile_seconds"]
+    compile_s = lm.compile_seconds
     load_s = time.perf_counter() - t_start - compile_s
     lm.reset_sparsity()
     _sync(p.device)
@@ -547,7 +547,7 @@ def evaluate(p: Plan) -> dict:
         "sparsity": run["sparsity"],
         "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
         "model_dtype": str(lm.skipgpt_model.dtype).replace("torch.", ""),
-        "versions": _versions(),
+        "versions": package_versions(*VERSIONED),
         "device_name": _devices_name(p.device, len(devices)),
         "devices": devices,
         "command": p.command(),
@@ -696,7 +696,7 @@ def evaluate_data_parallel(p: Plan, output: Path) -> dict:
                           "launch_command": display},
         "setup": {k: v for k, v in asdict(p).items() if k != "notes"},
         "model_dtype": str(results["config"].get("model_dtype", "")).replace("torch.", ""),
-        "versions": _versions(),
+        "versions": package_versions(*VERSIONED),
         "device_name": _devices_name(p.device, p.data_parallel),
         "devices": ["cpu"] * p.data_parallel if p.cpu_processes else [f"cuda:{i}" for i in range(p.data_parallel)],
         "command": p.command(),
@@ -796,16 +796,6 @@ def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lm_eval", "skipgpt", "triton"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _show_progress_messages() -> None:
