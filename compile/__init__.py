@@ -190,12 +190,14 @@ def _positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
 def _report_cudagraph_skip(model: nn.Module, tokens: Optional[int], warned: set) -> None:
     """Inductor declined to capture a graph this call compiled; say so once per kind (its own
     message goes to the `cudagraphs` log artifact, off by default)."""
-    from skipgpt.layer import CAPACITY_MAX_TOKENS, RoutedDecoderLayer
+    from skipgpt.layer import RoutedDecoderLayer
 
-    pipelines = {m.pipeline for m in model.modules() if isinstance(m, RoutedDecoderLayer)}
-    if pipelines == {"triton-sparse"} and tokens is not None and tokens > CAPACITY_MAX_TOKENS:
+    layers = [m for m in model.modules() if isinstance(m, RoutedDecoderLayer)]
+    pipelines = {m.pipeline for m in layers}
+    limit = layers[0].state.capacity_max_tokens if layers else 0
+    if pipelines == {"triton-sparse"} and tokens is not None and tokens > limit:
         kind, level = "exact", logging.INFO
-        text = (f"skipgpt: steps of more than {CAPACITY_MAX_TOKENS} tokens (prefill) take the exact form, one host "
+        text = (f"skipgpt: steps of more than {limit} tokens (prefill) take the exact form, one host "
                 "sync per layer, which CUDA graphs cannot hold: Inductor runs that graph without one")
     else:
         kind, level = "other", logging.WARNING

@@ -21,11 +21,6 @@ from .routing import RoutingState
 
 PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 
-# At or below this many tokens per step (decode), triton-sparse uses the capacity form: no host
-# sync, static shapes, CUDA-graph safe. Above it (prefill), the exact form: one host sync per
-# layer, then cuBLAS GEMMs over exactly the executing rows.
-CAPACITY_MAX_TOKENS = 64
-
 
 class RoutedDecoderLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, layer_idx: int, config, state: RoutingState):
@@ -228,7 +223,7 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        capacity = T <= CAPACITY_MAX_TOKENS  # symbolic when compiled with a symbolic T
+        capacity = T <= self.state.capacity_max_tokens  # symbolic when compiled with a symbolic T
         # torch.cond traces both forms and picks at run time, so a new token count never
         # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
         # so only where asked for (state.single_graph, compile_model's default). Otherwise a

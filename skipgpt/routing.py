@@ -32,6 +32,10 @@ class RoutingState:
     i.e. a guard on a symbolic count, so steps of at most 64 tokens (decode) and longer ones
     (prefill) get a graph each, and the decode graph is CUDA-graph safe.
     `skipgpt.compile.compile_model` sets it from its `mode`.
+    capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
+    form (no host sync, CUDA-graph safe), longer ones the exact form (one host sync per layer,
+    then cuBLAS over exactly the executing rows). The default comes from measurements
+    (docs/BENCHMARKS.md); benchmarks set it to compare the forms at one shape.
     """
 
     padding_mask: Optional[torch.Tensor] = None
@@ -39,6 +43,7 @@ class RoutingState:
     forced_params: Optional[torch.Tensor] = None
     forced_copies: dict = field(default_factory=dict)
     single_graph: bool = False
+    capacity_max_tokens: int = 64
 
     def force(self, skip: Optional[float], seed: int,
               device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:

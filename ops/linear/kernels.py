@@ -128,6 +128,20 @@ def scatter_residual(residual, y, slot):
     return out
 
 
+def _tiles(rows: int, itemsize: int, on_gpu: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows.
+    Chosen from the bucketed row count only, so a new batch or length never recompiles.
+    Measured on the device machine (tools/form_sweep.py): decode-sized steps stream weights
+    through narrow tiles; from 128 rows (capacity-form prefill) 128x128 tiles reuse them."""
+    if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
+        return min(64, max(16, triton.next_power_of_2(rows))), 16, 32, 4, 1
+    if rows <= 64:
+        # fp32 tiles take twice the shared memory: with BLOCK_K=128 the gated GEMM's pipeline
+        # asks for 288 KB, more than a Hopper SM's 227 KB, so fp32 halves BLOCK_K.
+        return max(16, triton.next_power_of_2(rows)), 64, 128 if itemsize <= 2 else 64, 4, 4
+    return 128, 128, 64 if itemsize <= 2 else 32, 8, 3
+
+
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual."""
     M, K = x.shape
@@ -136,11 +150,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
     if out_rows * N == 0:
         return out
-    on_gpu = x.device.type == "cuda"
-    block_m = min(64, max(16, triton.next_power_of_2(out_rows)))
-    # fp32 tiles take twice the shared memory: with BLOCK_K=128 the gated GEMM's pipeline asks for
-    # 288 KB (Triton: out of resources), more than a Hopper SM's 227 KB, so fp32 halves BLOCK_K.
-    block_n, block_k = ((64, 128) if x.element_size() <= 2 else (64, 64)) if on_gpu else (16, 32)
+    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), x.device.type == "cuda")
     dummy = out
     _rows_gemm_kernel[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
@@ -149,6 +159,6 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=4 if on_gpu else 1,
+        num_warps=warps, num_stages=stages,
     )
     return out

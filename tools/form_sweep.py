@@ -1,0 +1,103 @@
+"""Where triton-sparse should switch from the capacity form to the exact form (device machine).
+
+1. The projections of one Llama-3.1-8B layer over M compacted rows: cuBLAS (the exact form,
+   plus its Triton epilogue) against the capacity-form Triton GEMM under a few tile configs.
+2. The whole routed layer at prefill, 25% skip, with the switch forced to either side.
+
+Usage: python tools/form_sweep.py [--json PATH]
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from skipgpt.benchmark import LayerBench, cuda_timer
+from skipgpt.ops.linear import kernels
+
+H, I = 4096, 14336
+# (block_m, block_n, block_k, num_warps, num_stages); None: what rows_gemm picks today.
+PREFILL_CONFIGS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+DECODE_CONFIGS = [None, (16, 32, 128, 4, 4), (16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
+                  (16, 16, 128, 2, 4), (16, 32, 128, 2, 6), (32, 32, 128, 4, 4), (64, 32, 128, 4, 4)]
+
+
+def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
+    if config is None:
+        return lambda: kernels.rows_gemm(x, w, count, w2=w2, activation="silu" if w2 is not None else "none",
+                                         residual=residual, slot=slot)
+    bm, bn, bk, warps, stages = config
+    M, K = x.shape
+    N = w.shape[0]
+    rows = residual.shape[0] if residual is not None else M
+    out = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+
+    def run():
+        kernels._rows_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(rows, bm))](
+            x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
+            slot if slot is not None else out, count, M, rows, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"], GATED=w2 is not None, HAS_BIAS=False,
+            RESIDUAL=residual is not None, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
+        return out
+    return run
+
+
+def gemm_sweep(results):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
+    w_g, w_u = (torch.randn(I, H, device=dev, dtype=dt) * 0.02 for _ in range(2))
+    w_d = torch.randn(H, I, device=dev, dtype=dt) * 0.02
+    for T in (1, 8, 64, 128, 256, 512, 1024):
+        M = max(1, int(T * 0.75))  # 25% skip
+        count = torch.tensor([M], dtype=torch.int32, device=dev)
+        slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
+        slot[torch.randperm(T, device=dev)[:M]] = torch.arange(M, dtype=torch.int32, device=dev)
+        x = torch.randn(T, H, device=dev, dtype=dt)
+        xi = torch.randn(T, I, device=dev, dtype=dt)
+        res = torch.randn(T, H, device=dev, dtype=dt)
+        cases = {
+            "q": (lambda: F.linear(x[:M], w_q), dict(x=x, w=w_q)),
+            "o+res": (lambda: kernels.scatter_residual(res, F.linear(x[:M], w_q), slot), dict(x=x, w=w_q, residual=res, slot=slot)),
+            "gated": (lambda: kernels.act_mul(F.linear(x[:M], w_g), F.linear(x[:M], w_u), "silu"), dict(x=x, w=w_g, w2=w_u)),
+            "down+res": (lambda: kernels.scatter_residual(res, F.linear(xi[:M], w_d), slot), dict(x=xi, w=w_d, residual=res, slot=slot)),
+        }
+        for name, (cublas, args) in cases.items():
+            row = {"T": T, "M": M, "gemm": name, "cublas_ms": cuda_timer(cublas)[0]}
+            for cfg in DECODE_CONFIGS if T <= 64 else PREFILL_CONFIGS:
+                if cfg is not None and cfg[0] > max(16, T):
+                    continue
+                try:
+                    row[f"triton{cfg}"] = cuda_timer(rows_gemm_with(cfg, count=count, **args))[0]
+                except Exception as e:  # out of shared memory for a big tile: record, go on
+                    row[f"triton{cfg}"] = f"{type(e).__name__}"
+            best = min((v, k) for k, v in row.items() if k.startswith("triton") and isinstance(v, float))
+            row["best"] = best[1]
+            results.append(row)
+            print(row, flush=True)
+
+
+def layer_sweep(results):
+    bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
+    for B, L in ((1, 128), (1, 256), (1, 512), (1, 1024), (2, 256), (2, 512), (4, 256), (8, 128)):
+        row = {"B": B, "L": L}
+        for provider in ("hf", "dense"):
+            row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, 0.25))[0]
+        for form, limit in (("exact", 64), ("capacity", 1 << 30)):
+            bench.state.capacity_max_tokens = limit
+            row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, 0.25))[0]
+        bench.state.capacity_max_tokens = 64
+        results.append(row)
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    gemm_rows, layer_rows = [], []
+    gemm_sweep(gemm_rows)
+    layer_sweep(layer_rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)
