@@ -77,15 +77,15 @@ def gemm_sweep(results):
             print(row, flush=True)
 
 
-def layer_sweep(results):
+def layer_sweep(results, rep_ms):
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
     for B, L in ((1, 128), (1, 256), (1, 512), (1, 1024), (2, 256), (2, 512), (4, 256), (8, 128)):
         row = {"B": B, "L": L}
         for provider in ("hf", "dense"):
-            row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, 0.25))[0]
+            row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, 0.25), rep_ms=rep_ms)[0]
         for form, limit in (("exact", 64), ("capacity", 1 << 30)):
             bench.state.capacity_max_tokens = limit
-            row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, 0.25))[0]
+            row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, 0.25), rep_ms=rep_ms)[0]
         bench.state.capacity_max_tokens = 64
         results.append(row)
         print(row, flush=True)
@@ -94,10 +94,13 @@ def layer_sweep(results):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--layer-only", action="store_true", help="skip the GEMM sweep")
+    parser.add_argument("--rep", type=float, default=100, help="ms of timed repeats per point (default 100)")
     args = parser.parse_args()
     gemm_rows, layer_rows = [], []
-    gemm_sweep(gemm_rows)
-    layer_sweep(layer_rows)
+    if not args.layer_only:
+        gemm_sweep(gemm_rows)
+    layer_sweep(layer_rows, args.rep)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)

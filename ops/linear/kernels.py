@@ -128,18 +128,23 @@ def scatter_residual(residual, y, slot):
     return out
 
 
-def _tiles(rows: int, itemsize: int, on_gpu: bool):
+def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows.
-    Chosen from the bucketed row count only, so a new batch or length never recompiles.
-    Measured on the device machine (tools/form_sweep.py): decode-sized steps stream weights
-    through narrow tiles; from 128 rows (capacity-form prefill) 128x128 tiles reuse them."""
+    Picked from the bucketed row count only, so a new batch or length never recompiles.
+    Measured on an H100 with tools/form_sweep.py (Llama-3.1-8B projections, bf16): up to 64 rows
+    (decode) the GEMM streams weights, and narrow 32-column tiles spread them over more SMs (the
+    4096-wide projections get 128 programs instead of 64); from 128 rows (a capacity-form
+    prefill) 128x128 tiles reuse each weight tile across rows."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, triton.next_power_of_2(rows))), 16, 32, 4, 1
+    # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
+    # Hopper SM's 227 KB (the gated GEMM's 128x128x64 pipeline would need 288 KB in fp32).
+    wide = itemsize <= 2
+    if rows <= 16:
+        return (16, 32, 256 if wide else 128, 4, 3) if gated else (16, 32, 128 if wide else 64, 2, 6)
     if rows <= 64:
-        # fp32 tiles take twice the shared memory: with BLOCK_K=128 the gated GEMM's pipeline
-        # asks for 288 KB, more than a Hopper SM's 227 KB, so fp32 halves BLOCK_K.
-        return max(16, triton.next_power_of_2(rows)), 64, 128 if itemsize <= 2 else 64, 4, 4
-    return 128, 128, 64 if itemsize <= 2 else 32, 8, 3
+        return triton.next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
+    return 128, 128, 64 if wide else 32, 8, 3
 
 
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):
@@ -150,7 +155,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
     if out_rows * N == 0:
         return out
-    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), x.device.type == "cuda")
+    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), w2 is not None, x.device.type == "cuda")
     dummy = out
     _rows_gemm_kernel[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
