@@ -11,7 +11,7 @@ sequence length (1 included) and route pattern:
   which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
   are tensors, so neither token counts nor skip rates recompile.
 Plain `torch.compile(model)` also works, with at most those size-1 recompiles and one more graph
-the first time a step crosses 64 tokens: without compile_model the layers branch in Python, which
+the first time a step crosses 256 tokens: without compile_model the layers branch in Python, which
 keeps decode graphs CUDA-graph capturable (below).
 
 Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
@@ -36,13 +36,13 @@ Recompiles (checked on CPU by tests/compile/test_generate.py; fail_on_recompile 
   1 gets its own graph). With one reused cache: no recompile for any prompt that fits. Each
   new cache also has new addresses, so its CUDA graphs are recorded again (once per call);
 - 2: after the first generate(), no recompile for other prompt lengths or batch sizes > 1;
-  batch 1 gets its own pair of graphs once, and a prefill of more than 64 tokens (batch x
+  batch 1 gets its own pair of graphs once, and a prefill of more than 256 tokens (batch x
   length) a graph of its own the first time. The compiled prefill is CUDA-graphed too where
-  it can be (dense; triton-sparse up to 64 tokens): one recording per prompt shape.
+  it can be (dense; triton-sparse up to 256 tokens): one recording per prompt shape.
 The decode graph holds no torch.cond, host sync or data-dependent shape, so Inductor captures
 it: `CudaGraphCheck` applies Inductor's tests on any device, tests/compile/test_gpu_compile.py
 checks on CUDA that no graph is skipped. Not captured, by design: triton-sparse's exact-form
-prefill (more than 64 tokens: one host sync per layer to size cuBLAS GEMMs) and every step of
+prefill (more than 256 tokens: one host sync per layer to size cuBLAS GEMMs) and every step of
 torch-sparse (the plain-PyTorch reference gathers rows with data-dependent shapes); recipe 2
 logs which (INFO for the former, WARNING for anything else Inductor declines). `compile_model`
 sets `generation_config.disable_compile`, so generate() does not compile the compiled forward

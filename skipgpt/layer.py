@@ -228,7 +228,7 @@ class RoutedDecoderLayer(nn.Module):
         # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
         # so only where asked for (state.single_graph, compile_model's default). Otherwise a
         # Python branch: free for a static T (generate's auto-compiled decode step), a guard
-        # on T <= 64 for a symbolic one (a graph for each side).
+        # on T <= state.capacity_max_tokens for a symbolic one (a graph for each side).
         use_cond = torch.compiler.is_compiling() and self.state.single_graph
         if not use_cond:
             capacity = bool(capacity)

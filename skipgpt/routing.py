@@ -29,13 +29,14 @@ class RoutingState:
     single_graph: how compiled triton-sparse layers pick the capacity or exact form. True:
     `torch.cond`, so with a symbolic token count one graph serves every count, but Inductor never
     captures a graph holding torch.cond in a CUDA graph. False (the default): a Python branch,
-    i.e. a guard on a symbolic count, so steps of at most 64 tokens (decode) and longer ones
+    i.e. a guard on a symbolic count, so steps of at most `capacity_max_tokens` tokens and longer ones
     (prefill) get a graph each, and the decode graph is CUDA-graph safe.
     `skipgpt.compile.compile_model` sets it from its `mode`.
     capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
     form (no host sync, CUDA-graph safe), longer ones the exact form (one host sync per layer,
-    then cuBLAS over exactly the executing rows). The default comes from measurements
-    (docs/BENCHMARKS.md); benchmarks set it to compare the forms at one shape.
+    then cuBLAS over exactly the executing rows). The default, 256, is where the capacity form
+    stopped winning on an H100 (tools/form_sweep.py, docs/BENCHMARKS.md): up to there the host
+    sync costs more than cuBLAS saves. Benchmarks set it to compare the forms at one shape.
     """
 
     padding_mask: Optional[torch.Tensor] = None
@@ -43,7 +44,7 @@ class RoutingState:
     forced_params: Optional[torch.Tensor] = None
     forced_copies: dict = field(default_factory=dict)
     single_graph: bool = False
-    capacity_max_tokens: int = 64
+    capacity_max_tokens: int = 256
 
     def force(self, skip: Optional[float], seed: int,
               device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:

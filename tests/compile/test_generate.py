@@ -27,6 +27,7 @@ def fresh_dynamo():
 
 def routed_and_eager(pipeline):
     _, model = make_pair("llama")
+    model.model.skipgpt_routing.capacity_max_tokens = 64  # both forms within small prompts
     skipgpt.force_routes(model, skip=0.3, seed=5)
     skipgpt.set_pipeline(model, pipeline)
     return model, copy.deepcopy(model)
