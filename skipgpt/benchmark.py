@@ -82,6 +82,10 @@ class Point:
     speedup: Optional[float] = None  # hf time / this time, same run and point
     rel_err: Optional[float] = None  # vs the fp32 torch-sparse ground truth (None: not compared)
     tolerance: Optional[float] = None  # the error allowed at this point
+    # sparse providers: the fraction of (non-padding token, module) pairs the point's forced routes
+    # skipped, counted on the device during the reference run (the same routes): at batch 1 a
+    # decode point draws only a few decisions per layer, so this can stray from `skip`
+    realized_skip: Optional[float] = None
     status: str = "ok"  # ok | wrong | out of memory | not capturable | failed
     note: str = ""  # why a point failed or was not checked
     scope: str = "layer"
@@ -584,9 +588,9 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
         for seqlen in seqlens:
             for skip in skips:
                 flops = bench.dense_flops(mode, batch, seqlen)
-                ref, ref_note, tol = None, "", tolerance
+                ref, ref_note, tol, realized = None, "", tolerance, None
                 try:
-                    ref = bench.step("reference", mode, batch, seqlen, skip)()
+                    ref, realized = _counting_skips(bench, bench.step("reference", mode, batch, seqlen, skip))
                 except torch.cuda.OutOfMemoryError:
                     ref_note = "not checked: the reference ran out of memory"
                 except Exception as e:  # noqa: BLE001 - the points are still timed, marked unchecked
@@ -602,6 +606,8 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                 group = []
                 for provider in providers:
                     point = Point(provider, mode, batch, seqlen, skip, scope=bench.scope)
+                    if provider not in DENSE_PROVIDERS:
+                        point.realized_skip = realized
                     group.append(point)
                     _measure(bench, point, ref, ref_note, tol, flops, timer, broken)
                     if progress:
@@ -615,6 +621,20 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                         p.speedup = hf.ms / p.ms
                 points.extend(group)
     return points
+
+
+def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
+    """(run's output, the fraction of (non-padding token, module) pairs its routes skipped), read
+    from the reference's routed layers' device counters after the call (one sync, untimed)."""
+    from .layer import RoutedDecoderLayer
+
+    module = bench.reference if bench.reference is not None else bench.routed
+    layers = [m for m in module.modules() if isinstance(m, RoutedDecoderLayer)]
+    for layer in layers:
+        layer.route_counts.zero_()
+    out = run()
+    attn, mlp, tokens = torch.stack([layer.route_counts for layer in layers]).sum(0).tolist()
+    return out, (1 - (attn + mlp) / (2 * tokens) if tokens else None)
 
 
 def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: float, timer, broken: dict) -> None:

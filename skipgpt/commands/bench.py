@@ -59,7 +59,9 @@ the run goes on.
 
 Per point: median time and its 20%/80% quantiles, dense-equivalent TFLOP/s (projections,
 attention and MLP FLOPs of the dense layers, as the published benchmark counts them), speedup
-over hf at the same point of the same run, and the relative error. Printed as a table and
+over hf at the same point of the same run, the relative error, and for sparse providers the skip
+rate the routes realized ("skipped": at batch 1 a decode point draws few decisions, so it strays
+from the requested rate). Printed as a table and
 written to --output as SCOPE-MODE.csv, SCOPE-MODE.json (with device, versions, git commit,
 command line and date), SCOPE-MODE-time.png and SCOPE-MODE-tflops.png (vs sequence length, one
 line per provider, one panel per batch size and skip rate).
@@ -521,8 +523,8 @@ def _title(doc: dict) -> str:
 
 
 def format_table(points: list, title: str = "") -> str:
-    head = (f"{'provider':<24} {'B':>4} {'L/KV':>6} {'skip':>5} {'ms':>9} {'q20-q80 ms':>19} {'TFLOP/s':>9} "
-            f"{'vs hf':>6} {'rel err':>8}  status")
+    head = (f"{'provider':<24} {'B':>4} {'L/KV':>6} {'skip':>5} {'skipped':>7} {'ms':>9} {'q20-q80 ms':>19} "
+            f"{'TFLOP/s':>9} {'vs hf':>6} {'rel err':>8}  status")
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for p in points:
         ms = f"{p.ms:9.3f}" if p.ms is not None else f"{'-':>9}"
@@ -530,8 +532,9 @@ def format_table(points: list, title: str = "") -> str:
         tf = f"{p.tflops:9.3g}" if p.tflops is not None else f"{'-':>9}"
         sp = f"{p.speedup:6.2f}" if p.speedup is not None else f"{'-':>6}"
         err = f"{p.rel_err:8.1e}" if p.rel_err is not None else f"{'-':>8}"
+        done = f"{p.realized_skip:7.3f}" if p.realized_skip is not None else f"{'-':>7}"
         status = p.status + (f": {p.note}" if p.note and p.status != "ok" else "")
-        lines.append(f"{p.provider:<24} {p.batch:>4} {p.seqlen:>6} {p.skip:>5.2f} {ms} {spread} {tf} {sp} {err}  {status}")
+        lines.append(f"{p.provider:<24} {p.batch:>4} {p.seqlen:>6} {p.skip:>5.2f} {done} {ms} {spread} {tf} {sp} {err}  {status}")
     return "\n".join(lines)
 
 

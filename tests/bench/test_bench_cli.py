@@ -65,6 +65,12 @@ def test_layer_scope(tmp_path, capsys, cpu_only, mode):
         checked = p["provider"] in ("torch-sparse", "triton-sparse") or p["skip"] == 0
         assert (p["rel_err"] is not None) == checked
         assert p["rel_err"] is None or p["rel_err"] < 1e-4
+        # The realized skip rate, counted on the device: sparse providers only, and it follows
+        # the requested rate (exactly 0 when nothing may skip).
+        sparse = p["provider"] in ("torch-sparse", "triton-sparse")
+        assert (p["realized_skip"] is not None) == sparse
+        if sparse:
+            assert p["realized_skip"] == 0.0 if p["skip"] == 0 else 0.2 < p["realized_skip"] < 0.8
     check_speedups(doc["points"])
     assert doc["decode_steps"] == (B.DECODE_STEPS if mode == "decode" else None)
 
