@@ -7,6 +7,9 @@ sequence length (1 included) and route pattern:
   (plain `torch.compile` compiles a second graph the first time a batch or a step of size 1
   arrives). Unbacked marks (`mark_unbacked`) would do the same but break on Hugging Face's own
   shape checks in its masking code;
+- and without duck sizing (`use_duck_shape=False`): dims of equal value at the first call
+  (batch == length, or a length equal to the hidden size) keep separate symbols instead of
+  being tied, which would recompile once they differ;
 - the routed layers pick the capacity or exact form with `torch.cond` (RoutingState.single_graph,
   which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
   are tensors, so neither token counts nor skip rates recompile.
@@ -66,6 +69,10 @@ __all__ = ["compile_model", "explain", "CompileReport", "CudaGraphCheck", "CUDA_
 
 logger = logging.getLogger("skipgpt")
 
+# Symbolic-shape settings in force while compile_model's forward is traced (see the module
+# docstring): no 0/1 specialisation, no tying of dims that happen to be equal.
+TRACING_CONFIG = dict(backed_size_oblivious=True, use_duck_shape=False)
+
 # torch.compile modes under which Inductor captures CUDA graphs (cudagraph trees).
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -122,7 +129,7 @@ def compile_model(
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if cuda_graphs else 0
         # Tracing happens inside this call on first use (and on a recompile), so the setting is
         # in force exactly when shapes are being specialised.
-        with fx_config.patch(backed_size_oblivious=True):
+        with fx_config.patch(**TRACING_CONFIG):
             out = compiled(*args, **kwargs)
         if cuda_graphs and torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] > skips and on_cuda():
             _report_cudagraph_skip(model, tokens, warned)
@@ -374,7 +381,7 @@ def explain(model: nn.Module, inputs: Iterable[dict], dynamic: bool = True, mode
     # explain() traces without fullgraph, where an op with a data-dependent output shape (the
     # exact-form row narrowing) needs this switch to stay in the graph.
     try:
-        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), \
+        with torch.no_grad(), fx_config.patch(**TRACING_CONFIG), \
                 torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             first = torch._dynamo.explain(model.forward)(**inputs[0])
             report.graphs = first.graph_count

@@ -113,15 +113,17 @@ def dense_flops(geometry, mode: str, batch: int, seqlen: int, layers: int = 1) -
 
 
 def compile_module(module: torch.nn.Module) -> Callable:
-    """`module` under torch.compile with dynamic shapes and size-oblivious tracing, as
-    skipgpt.compile.compile_model does, without replacing the module's forward (the eager
+    """`module` under torch.compile with dynamic shapes and compile_model's tracing settings
+    (size-oblivious, no duck sizing), without replacing the module's forward (the eager
     providers keep using it). Compilation happens on the first call."""
     import torch.fx.experimental._config as fx_config
+
+    from .compile import TRACING_CONFIG
 
     compiled = torch.compile(module, dynamic=True, fullgraph=True)
 
     def call(*args, **kwargs):
-        with fx_config.patch(backed_size_oblivious=True):
+        with fx_config.patch(**TRACING_CONFIG):
             return compiled(*args, **kwargs)
 
     return call

@@ -49,6 +49,20 @@ def test_one_graph_for_every_shape_and_route_pattern(pipeline):
         torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
+def test_first_call_with_equal_sizes_does_not_tie_them(pipeline):
+    """Duck sizing gives input dims of equal value one symbol: a first call with batch == length
+    would tie the two (a recompile when they differ), and a first length equal to the hidden
+    size once specialised the length, leaving torch.cond an int operand that Inductor fails to
+    lower (H100, L = 4096 at the 8B geometry). compile_model traces without duck sizing."""
+    model = routed(pipeline)
+    compile_model(model, fullgraph=True)
+    for i, (B, L) in enumerate([(3, 3), (3, 11), (5, 3)]):
+        ids, mask = random_batch(model.config.vocab_size, B, L, "none", seed=i)
+        with torch.no_grad(), torch.compiler.set_stance("default" if i == 0 else "fail_on_recompile"):
+            model(ids, attention_mask=mask)
+
+
 @pytest.mark.parametrize("pipeline", ["torch-sparse", "triton-sparse"])
 def test_plain_torch_compile_of_the_whole_model(pipeline):
     """What users type: torch.compile(model), no options. Dynamo would break the graph at the
