@@ -140,6 +140,35 @@ def test_rows_gemm_gated(dtype, M, c, activation):
     assert torch.isnan(out[n:]).all()
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("rows", [1, 20, 130])  # one per tile regime of `_tiles` on a GPU
+@pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
+def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
+    """The interpreter normally runs small tiles; here rows_gemm runs the tiles a GPU picks,
+    over K and N that no tile divides (SmolLM2's K=576 leaves a tail of a 256-wide K tile)."""
+    from skipgpt.ops.linear import kernels
+
+    gpu_tiles = kernels._tiles
+    monkeypatch.setattr(kernels, "_tiles", lambda r, size, gated, on_gpu: gpu_tiles(r, size, gated, True))
+    K, N = 300, 100
+    x = randn(rows, K, dtype=dtype, device=KERNEL_DEVICE, seed=rows)
+    w = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 1)
+    n, count = _count(rows, max(1, rows * 7 // 10))
+    if kind == "residual":
+        routes = make_routes(1, rows, 0.3, seed=rows, device=KERNEL_DEVICE)
+        residual = randn(rows, N, dtype=dtype, device=KERNEL_DEVICE, seed=rows + 2)
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot)
+        return _check_residual(out, residual, x, w, routes, dtype)
+    w2 = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 3) if kind == "gated" else None
+    with poisoned_outputs(kernels):
+        out = kernels.rows_gemm(x, w, count, w2=w2, activation="silu" if w2 is not None else "none")
+    want = gated_mlp_reference(x, w, w2, "silu", count) if w2 is not None else linear_rows_reference(x, w, None, count)
+    assert_rel(out[:n], want[:n], TOL[dtype])
+    assert torch.isnan(out[n:]).all()
+
+
 RESIDUAL_CASES = [(2, 1, 1.0), (1, 1, 0.0), (2, 7, 0.6), (2, 63, 0.0), (2, 63, 1.0), (2, 129, 0.75)]
 
 
