@@ -687,7 +687,11 @@ def run_generate_grid(bench: "ModelBench", batches, prompt_lens, skips, provider
     `new_tokens` tokens, tokens/s, the prefill time (generate() of one token) and from both the
     time of one decode step, timed by `wall_timer` with these budgets. The check:
     `ModelBench.greedy_gap` of the tokens of the first call (which also compiles, and counts as
-    warm-up) must not exceed `tolerance`. Failures are reported per point."""
+    warm-up) must not exceed `tolerance`; for sparse providers in a low-precision dtype, nor
+    3x the gap of torch-sparse (the reference semantics) run in that dtype, as the layer
+    benchmark bounds errors: a routed model's rounding alone flips near-tied tokens (SmolLM2 at
+    25% skip in bf16: torch-sparse's own gap is 0.6 at batch 1). Failures are reported per
+    point."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens: expected at least 2 (a decode step after the prefill's token), got {new_tokens}")
     points = []
@@ -695,11 +699,21 @@ def run_generate_grid(bench: "ModelBench", batches, prompt_lens, skips, provider
     for batch in batches:
         for prompt_len in prompt_lens:
             for skip in skips:
+                sparse_tol = tolerance
+                if bench.dtype != torch.float32 and any(p not in DENSE_PROVIDERS for p in providers):
+                    try:
+                        own = bench.greedy_gap(bench.generation("torch-sparse", batch, prompt_len, skip, new_tokens)(),
+                                               prompt_len, skip)
+                        sparse_tol = max(tolerance, 3 * own)
+                    except Exception:  # noqa: BLE001 - torch-sparse's own point reports what went wrong
+                        pass
+                    _free_memory()
                 group = []
                 for provider in providers:
                     point = Point(provider, "generate", batch, prompt_len, skip, scope="model", new_tokens=new_tokens)
                     group.append(point)
-                    _measure_generate(bench, point, tolerance, warmup_ms, rep_ms, broken)
+                    tol = tolerance if provider in DENSE_PROVIDERS else sparse_tol
+                    _measure_generate(bench, point, tol, warmup_ms, rep_ms, broken)
                     if progress:
                         progress(point)
                 hf = next((p for p in group if p.provider == "hf" and p.ms), None)
@@ -730,7 +744,7 @@ def _measure_generate(bench: "ModelBench", point: Point, tol: float, warmup_ms: 
         p.tolerance = tol
         del tokens
         if p.rel_err > tol:
-            p.status, p.note = "wrong", f"greedy gap {p.rel_err:.2e} > {tol:.1e}: not timed"
+            p.status, p.note = "wrong", f"greedy gap {p.rel_err:.2e} > {tol:.2e}: not timed"
             return
         # The checked call was the first warm-up call: the warm-up budget counts it.
         p.ms, p.ms_q20, p.ms_q80 = wall_timer(run, max(0.0, warmup_ms - first_ms), rep_ms)

@@ -75,7 +75,9 @@ tokens/s (batch * new tokens / median generate time), generate time, prefill tim
 one token) and one decode step ((generate - prefill) / (new tokens - 1)), speedup over hf. The
 check before timing: every generated token must be the float32 ground truth's greedy choice
 given the sequence so far, up to rounding ("greedy gap": logit margin to the best token over the
-logits' standard deviation). Files: model-generate.csv/.json, -tokens.png (tokens/s) and
+logits' standard deviation; at most 0.5, or for sparse providers in bf16/fp16 3x the gap of
+torch-sparse run in that dtype, since a routed model's own rounding flips near-tied tokens: the
+check is weak where that gap is large, as the JSON's tolerance shows). Files: model-generate.csv/.json, -tokens.png (tokens/s) and
 -step.png (decode step ms), one panel per skip rate, batch sizes on the x axis.
 
 On a CUDA device: bfloat16, timed with triton.testing.do_bench. Without CUDA it says so and runs
@@ -416,8 +418,9 @@ def execute(p: Plan) -> dict:
     generate = p.mode == "generate"
     if generate:
         # On the greedy gap (logit margin over the logits' standard deviation): float32 runs
-        # pick the ground truth's tokens; bf16 rounding flips only near-ties (a few 1e-2), while
-        # a broken kernel's tokens sit of order 1 below the best.
+        # pick the ground truth's tokens; in bf16 a dense model's rounding flips only near-ties
+        # (a few 1e-2), while a broken kernel's tokens sit of order 1 below the best. Sparse
+        # providers get a bound calibrated per point on torch-sparse (run_generate_grid).
         tolerance = 1e-3 if p.dtype == "float32" else 0.5
     elif p.dtype == "float32":
         tolerance = 1e-4

@@ -107,3 +107,35 @@ def test_help_explains_generate(capsys):
     text = capsys.readouterr().out
     for flag in ("--prompt-len", "--new-tokens", "generate", "tokens/s", "greedy"):
         assert flag in text
+
+
+class _FakeGenerationBench:
+    """Stands in for ModelBench in run_generate_grid: each provider's tokens carry a chosen
+    greedy gap, so the bound calibration can be checked without a model."""
+
+    dtype = torch.bfloat16
+
+    def __init__(self, gaps):
+        self.gaps = gaps
+
+    def generation(self, provider, batch, prompt_len, skip, new_tokens):
+        def run(n=new_tokens):
+            tokens = torch.zeros(batch, prompt_len + n, dtype=torch.long)
+            tokens.provider = provider
+            return tokens
+        return run
+
+    def greedy_gap(self, tokens, prompt_len, skip):
+        return self.gaps[tokens.provider]
+
+
+@pytest.mark.parametrize("sparse_gap,status", [(1.0, "ok"), (2.0, "wrong")])
+def test_sparse_greedy_bound_follows_the_reference_rounding(sparse_gap, status):
+    """In bf16, torch-sparse (the reference semantics) flips near-ties by itself: sparse
+    providers are held to 3x its gap (here 3 x 0.6), dense ones to the fixed 0.5."""
+    bench = _FakeGenerationBench({"torch-sparse": 0.6, "triton-sparse": sparse_gap, "dense": 0.3})
+    dense, sparse = B.run_generate_grid(bench, [1], [4], [0.25], ["dense", "triton-sparse"], 3, 0.5,
+                                        warmup_ms=0, rep_ms=0)
+    assert dense.status == "ok" and dense.tolerance == 0.5
+    assert sparse.tolerance == pytest.approx(1.8) and sparse.status == status
+    assert (sparse.ms is None) == (status == "wrong")

@@ -360,10 +360,12 @@ def test_bucketed_recompilation_stays_bounded():
     for i, L in enumerate(lengths[1:]):
         _layer_step(W, 2, L, 0, 64 + L, seed=61 + i)
     after = _counts()
+    from skipgpt.ops.linear.kernels import _tiles
+
     np2 = lambda n: 1 << (n - 1).bit_length()
     buckets = {
         "compact": {min(1024, np2(2 * L)) for L in lengths},
-        "rows_gemm": {min(64, max(16, np2(2 * L))) for L in lengths},
+        "rows_gemm": {_tiles(2 * L, 2, False, True) for L in lengths},  # its tiles follow the row count's bucket
     }
     for name in first:
         new = after[name] - first[name]
