@@ -11,7 +11,7 @@ Providers:
   published-triton-sparse  the published SkipGPT code's Triton layer, with --baseline-published
                    (skipgpt/published_baseline.py; layer scope only)
 
-Modes: prefill (one forward), decode (DECODE_STEPS one-token steps over a cached context), and
+Modes: prefill (one forward), decode (`decode_steps` one-token steps over a cached context), and
 generate (`model.generate()`, greedy, a whole model: `ModelBench.generation`). In generate mode
 the compiled providers are transformers' own compiled generation, which skipgpt.compile
 documents: a static cache, with generate() compiling the decode step (mode "reduce-overhead":
@@ -62,7 +62,7 @@ COMPILED = ("compiled-dense", "compiled-sparse")
 DENSE_PROVIDERS = ("hf", "dense", "compiled-dense")  # every token executes: checked at skip 0 only
 # A decode point times this many consecutive steps (one token each, at successive cache slots),
 # so a batch-1 run sees many route decisions rather than one fixed pattern; times are per step.
-DECODE_STEPS = 16
+DECODE_STEPS = 16  # the default number of one-token steps a decode point runs (bench --decode-steps)
 # The random model of `--scope model` gets a small vocabulary: the embedding and the head are not
 # what is measured, and 128K rows would cost 1 GB each at the 8B geometry.
 MODEL_VOCAB = 1024
@@ -150,6 +150,7 @@ class LayerBench:
 
     scope = "layer"
     num_layers = 1
+    decode_steps = DECODE_STEPS
 
     def __init__(self, geometry, dtype: torch.dtype, device: torch.device, seed: int = 0):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -193,7 +194,7 @@ class LayerBench:
         past)."""
         g = self.geometry
         gen = torch.Generator(device=self.device).manual_seed(1)
-        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, DECODE_STEPS, seqlen)
+        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, self.decode_steps, seqlen)
         x = torch.randn(batch, new, g.hidden_size, generator=gen, device=self.device, dtype=self.dtype)
         past_kv = [torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device, dtype=self.dtype)
                    for _ in range(2)]
@@ -204,7 +205,7 @@ class LayerBench:
         return x, rope, past_kv, (new, steps, past)
 
     def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
-        """A closure running one prefill, or DECODE_STEPS decode steps after a context of `seqlen`
+        """A closure running one prefill, or `decode_steps` decode steps after a context of `seqlen`
         cached tokens; repeated calls recompute the same work. Provider "reference" is
         torch-sparse in float32 on the same (upcast) inputs."""
         g = self.geometry
@@ -283,6 +284,7 @@ class ModelBench:
     Generate mode (`generation`, `greedy_gap`) runs `model.generate()` itself and checks tokens."""
 
     scope = "model"
+    decode_steps = DECODE_STEPS
 
     def __init__(self, geometry: str, dtype: torch.dtype, device: torch.device, layers: Optional[int] = 4,
                  model_path: Optional[str] = None, seed: int = 0, fp32_reference: Optional[bool] = None):
@@ -326,7 +328,7 @@ class ModelBench:
         return dense_flops(self.geometry, mode, batch, seqlen, self.num_layers)
 
     def step(self, provider: str, mode: str, batch: int, seqlen: int, skip: float) -> Callable[[], torch.Tensor]:
-        """A closure running one prefill of `seqlen` tokens, or DECODE_STEPS one-token steps after
+        """A closure running one prefill of `seqlen` tokens, or `decode_steps` one-token steps after
         a cached context of `seqlen` tokens (random keys and values in every layer)."""
         import skipgpt
 
@@ -334,7 +336,7 @@ class ModelBench:
             raise ValueError(f"provider {PUBLISHED} times one layer: use --scope layer")
         g = self.geometry
         gen = torch.Generator(device=self.device).manual_seed(1)
-        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, DECODE_STEPS, seqlen)
+        new, steps, past = (seqlen, 1, 0) if mode == "prefill" else (1, self.decode_steps, seqlen)
         ids = torch.randint(0, self.config.vocab_size, (batch, new * steps), generator=gen, device=self.device)
         context = [[torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device,
                                 dtype=self.dtype) for _ in range(2)] for _ in range(self.num_layers)]
@@ -658,7 +660,7 @@ def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: 
         else:
             p.note = ref_note
             fn()  # first call (compilation, allocation) outside the timer, whose budget it would skew
-        steps = 1 if p.mode == "prefill" else DECODE_STEPS
+        steps = 1 if p.mode == "prefill" else bench.decode_steps
         p.ms, p.ms_q20, p.ms_q80 = (t / steps for t in timer(fn))
         p.tflops = flops / p.ms / 1e9
     except torch.cuda.OutOfMemoryError:

@@ -43,7 +43,7 @@ ALL_PROVIDERS = (*B.PROVIDERS, B.PUBLISHED)
 DESCRIPTION = f"""\
 Time SkipGPT pipelines on one decoder layer (--scope layer) or a whole model (--scope model), at
 every combination of batch size, skip rate and sequence length (prefill: tokens per sequence;
-decode: KV length before the step, {B.DECODE_STEPS} consecutive one-token steps per point, time
+decode: KV length before the step, --decode-steps consecutive one-token steps per point, time
 per step). Weights are random and routes are seeded random ones at the requested skip rate, for
 attention and MLP alike, so no downloaded model is needed.
 
@@ -153,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
     w = p.add_argument_group("workload")
     w.add_argument("--mode", choices=("prefill", "decode", "generate"), default="prefill",
                    help="prefill: one forward over SEQLEN new tokens per sequence; decode: "
-                        f"{B.DECODE_STEPS} one-token steps after a cached context of SEQLEN tokens; generate: "
+                        "--decode-steps one-token steps after a cached context of SEQLEN tokens; generate: "
                         "model.generate() of --new-tokens tokens after --prompt-len (whole model) (default prefill)")
     w.add_argument("--scope", choices=("layer", "model"), default=None,
                    help="layer: one decoder layer; model: a whole forward/decode step of a multi-layer model "
@@ -169,6 +169,9 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                    help="--mode generate: prompt tokens per sequence (default 128 on CUDA, 16 on CPU)")
     w.add_argument("--new-tokens", dest="new_tokens", type=positive_int, metavar="N",
                    help="--mode generate: tokens generated per sequence, at least 2 (default 128 on CUDA, 16 on CPU)")
+    w.add_argument("--decode-steps", dest="decode_steps", type=positive_int, metavar="N",
+                   help=f"--mode decode: one-token steps per point, each with its own route decisions; at batch "
+                        f"1 more steps bring the realized skip rate closer to --sparsity (default {B.DECODE_STEPS})")
     w.add_argument("--providers", type=_providers, metavar="P[,P...]",
                    help=f"any of {', '.join(B.PROVIDERS)} (default: all on CUDA, the eager ones on CPU); "
                         "speedups need hf")
@@ -231,11 +234,14 @@ class Plan:
     published: object = None  # the imported published classes (published_baseline.load)
     model_config: object = None  # --model's transformers config
     new_tokens: Optional[int] = None  # generate mode (seqlens then holds the prompt lengths)
+    decode_steps: Optional[int] = None  # decode mode
 
     def command(self) -> str:
         """The canonical `skipgpt bench` command line of this run, every choice explicit."""
         lengths = (["--prompt-len", _join(self.seqlens), "--new-tokens", str(self.new_tokens)]
                    if self.mode == "generate" else ["--seqlens", _join(self.seqlens)])
+        if self.mode == "decode":
+            lengths += ["--decode-steps", str(self.decode_steps)]
         argv = ["skipgpt", "bench", "--scope", self.scope, "--mode", self.mode,
                 "--batch-size", _join(self.batches), "--sparsity", _join(self.skips), *lengths,
                 "--providers", ",".join(p for p in self.providers if p != B.PUBLISHED)]
@@ -276,6 +282,8 @@ def plan(args: argparse.Namespace) -> Plan:
             raise BenchError("--new-tokens: at least 2 (the decode step time needs one step after the prefill's token)")
     elif args.prompt_len or args.new_tokens:
         raise BenchError("--prompt-len and --new-tokens apply to --mode generate")
+    if args.decode_steps is not None and args.mode != "decode":
+        raise BenchError("--decode-steps applies to --mode decode")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None
@@ -329,6 +337,7 @@ def plan(args: argparse.Namespace) -> Plan:
         output=args.output, json=args.json, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", notes=notes, published=published, model_config=model_config,
         new_tokens=(args.new_tokens or (GPU_GENERATE if cuda else CPU_GENERATE)["new_tokens"]) if generate else None,
+        decode_steps=(args.decode_steps or B.DECODE_STEPS) if args.mode == "decode" else None,
     )
 
 
@@ -373,6 +382,13 @@ def module_main(argv=None) -> int:
 
 
 def build_bench(p: Plan):
+    bench = _build_bench(p)
+    if p.decode_steps is not None:
+        bench.decode_steps = p.decode_steps
+    return bench
+
+
+def _build_bench(p: Plan):
     import torch
 
     dtype = getattr(torch, p.dtype)
@@ -479,7 +495,7 @@ def execute(p: Plan) -> dict:
         "config": p.config,
         "layers": bench.num_layers,
         "cuda_graph": p.cuda_graph,
-        "decode_steps": B.DECODE_STEPS if p.mode == "decode" else None,
+        "decode_steps": p.decode_steps,
         "prompt_len": p.seqlens if generate else None,
         "new_tokens": p.new_tokens,
         "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES)},

@@ -75,6 +75,24 @@ def test_layer_scope(tmp_path, capsys, cpu_only, mode):
     assert doc["decode_steps"] == (B.DECODE_STEPS if mode == "decode" else None)
 
 
+def test_decode_steps(tmp_path, cpu_only, monkeypatch):
+    """--decode-steps sets the steps each decode point runs: one step per new cache slot, and the
+    per-step time divides the point's time by that count."""
+    reserved = []
+    reserve = B.SeqFirstLayer.reserve
+
+    def spy(self, batch, new_tokens, *args, **kwargs):
+        reserved.append(new_tokens)
+        return reserve(self, batch, new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(B.SeqFirstLayer, "reserve", spy)
+    assert bench(tmp_path, "--mode", "decode", "--batch-size", "1", "--seqlens", "8", "--sparsity", "0.5",
+                 "--providers", "triton-sparse", "--decode-steps", "5") == 0
+    doc, _ = read_outputs(tmp_path, "layer-decode")
+    assert doc["decode_steps"] == 5 and "--decode-steps 5" in doc["command"]
+    assert 8 + 5 in reserved  # the benchmark's cache holds the context plus 5 steps
+
+
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_model_scope(tmp_path, cpu_only, mode):
     assert bench(tmp_path, "--scope", "model", "--layers", "2", "--mode", mode, "--batch-size", "2",
@@ -208,6 +226,7 @@ def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/model"], "--model: /no/such/model is not a folder"),
     (["--layers", "2"], "--layers applies to --scope model"),
+    (["--decode-steps", "4"], "--decode-steps applies to --mode decode"),
     (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
 ])
 def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):
