@@ -644,8 +644,7 @@ def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
 def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: float, timer, broken: dict) -> None:
     """Fill `point` in: check the provider against `ref`, then time it (or record why not)."""
     p = point
-    if p.provider in broken:
-        p.status, p.note = "failed", f"failed at an earlier point: {broken[p.provider]}"
+    if _failed_earlier(p, broken):
         return
     fn = None
     try:
@@ -663,22 +662,34 @@ def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: 
         steps = 1 if p.mode == "prefill" else bench.decode_steps
         p.ms, p.ms_q20, p.ms_q80 = (t / steps for t in timer(fn))
         p.tflops = flops / p.ms / 1e9
-    except torch.cuda.OutOfMemoryError:
-        p.status, p.note = "out of memory", ""
-        p.ms = p.ms_q20 = p.ms_q80 = None
     except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
-        p.ms = p.ms_q20 = p.ms_q80 = None
-        if isinstance(e, RuntimeError) and "captur" in str(e):  # a step that syncs cannot be graph-captured
-            p.status, p.note = "not capturable", _short(e)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        else:
-            p.status, p.note = "failed", _short(e)
-            if p.provider in COMPILED:
-                broken[p.provider] = p.note
+        _record_failure(p, e, broken)
     finally:
         del fn
         _free_memory()
+
+
+def _failed_earlier(p: Point, broken: dict) -> bool:
+    """A compiled provider that failed to compile is not retried: mark `p` and say so."""
+    if p.provider not in broken:
+        return False
+    p.status, p.note = "failed", f"failed at an earlier point: {broken[p.provider]}"
+    return True
+
+
+def _record_failure(p: Point, error: Exception, broken: dict) -> None:
+    """Report on `p` why it has no time; a compiled provider's failure marks it broken."""
+    p.ms = p.ms_q20 = p.ms_q80 = None
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        p.status, p.note = "out of memory", ""
+    elif isinstance(error, RuntimeError) and "captur" in str(error):  # a step that syncs cannot be graph-captured
+        p.status, p.note = "not capturable", _short(error)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        p.status, p.note = "failed", _short(error)
+        if p.provider in COMPILED:
+            broken[p.provider] = p.note
 
 
 def run_generate_grid(bench: "ModelBench", batches, prompt_lens, skips, providers, new_tokens: int, tolerance: float,
@@ -729,8 +740,7 @@ def run_generate_grid(bench: "ModelBench", batches, prompt_lens, skips, provider
 def _measure_generate(bench: "ModelBench", point: Point, tol: float, warmup_ms: float, rep_ms: float,
                       broken: dict) -> None:
     p = point
-    if p.provider in broken:
-        p.status, p.note = "failed", f"failed at an earlier point: {broken[p.provider]}"
+    if _failed_earlier(p, broken):
         return
     run = None
     try:
@@ -753,14 +763,8 @@ def _measure_generate(bench: "ModelBench", point: Point, tol: float, warmup_ms: 
         p.prefill_ms = wall_timer(functools.partial(run, 1), warmup_ms, rep_ms)[0]
         p.tokens_per_s = p.batch * p.new_tokens / (p.ms / 1e3)
         p.decode_step_ms = (p.ms - p.prefill_ms) / (p.new_tokens - 1)
-    except torch.cuda.OutOfMemoryError:
-        p.status, p.note = "out of memory", ""
-        p.ms = p.ms_q20 = p.ms_q80 = None
     except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
-        p.ms = p.ms_q20 = p.ms_q80 = None
-        p.status, p.note = "failed", _short(e)
-        if p.provider in COMPILED:
-            broken[p.provider] = p.note
+        _record_failure(p, e, broken)
     finally:
         del run
         _free_memory()

@@ -79,6 +79,7 @@ def gemm_sweep(results):
 
 def layer_sweep(results, rep_ms):
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
+    default_limit = bench.state.capacity_max_tokens
     for B, L in ((1, 128), (1, 256), (1, 512), (1, 1024), (2, 256), (2, 512), (4, 256), (8, 128)):
         row = {"B": B, "L": L}
         for provider in ("hf", "dense"):
@@ -86,7 +87,7 @@ def layer_sweep(results, rep_ms):
         for form, limit in (("exact", 64), ("capacity", 1 << 30)):
             bench.state.capacity_max_tokens = limit
             row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, 0.25), rep_ms=rep_ms)[0]
-        bench.state.capacity_max_tokens = 64
+        bench.state.capacity_max_tokens = default_limit
         results.append(row)
         print(row, flush=True)
 
