@@ -76,8 +76,8 @@ def test_layer_scope(tmp_path, capsys, cpu_only, mode):
 
 
 def test_decode_steps(tmp_path, cpu_only, monkeypatch):
-    """--decode-steps sets the steps each decode point runs: one step per new cache slot, and the
-    per-step time divides the point's time by that count."""
+    """--decode-steps sets the steps each decode point runs: the cache a point reserves holds the
+    context plus that many one-token steps, and the JSON and its command line record the count."""
     reserved = []
     reserve = B.SeqFirstLayer.reserve
 
