@@ -13,10 +13,13 @@ an out-of-range value does, and the PyTorch references follow the same rule.
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
-from typing import Optional, Sequence
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # Triton is a Linux-only dependency; without it every op runs its PyTorch reference.
     import triton  # noqa: F401
@@ -176,3 +179,70 @@ def eager_entry(op, cuda_impl):
     functools.update_wrapper(entry, op._init_fn)
     entry.op = op
     return entry
+
+
+def known_empty(size) -> bool:
+    """size == 0, where that is known without a guard: always for an int, and for a symbolic size
+    (an op traced by `decompose_under_compile`) only where it is provable. Branching on an unknown
+    size would guard, and a guard on a new shape recompiles; an unknown size goes on to a launch
+    whose grid may turn out empty, which Triton's launcher skips."""
+    return statically_known_true(size == 0)
+
+
+_decomposing = threading.local()
+
+
+def launch(kernel):
+    """`kernel`, to index with a grid and call. While `decompose_under_compile` traces an op's
+    CUDA implementation, its `torch.library.wrap_triton` form instead, which records the launch in
+    the graph for Inductor rather than running it."""
+    if getattr(_decomposing, "active", False):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., bool]] = None) -> None:
+    """Under torch.compile, trace calls of custom op `op` on CUDA tensors through `cuda_impl`
+    (its host code, ATen ops and `launch`ed Triton kernels), so the graph holds the kernels
+    themselves and Inductor launches them with its own launcher. An opaque custom op is called
+    through the dispatcher instead, ~40 us of host time per call on the device machine
+    (docs/BENCHMARKS.md), which made compiled layers slower than eager ones wherever the host
+    bounds the layer. This is what `torch.library.triton_op` does, but for CUDA inputs only: on
+    CPU the op stays one opaque call to its PyTorch implementation.
+
+    The trace runs `cuda_impl` on functional fake tensors, so the host code must not branch on a
+    symbolic size (that would guard, and recompile on a new shape): `known_empty` for empty checks,
+    and `traceable(*args, **kwargs)` to leave calls opaque where the host code has to pick kernels
+    or tiles by size (say, by the bucketed row count of a capacity-form GEMM). Eager calls are not
+    affected: they never enter this path.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    # Without on_input_device: in compiled code, Inductor puts each launch on its inputs' device.
+    impl = inspect.unwrap(cuda_impl)
+
+    def decompose(mode, func, types, args, kwargs):
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+            return NotImplemented  # a tensor subclass: let it handle the op
+        first = args[0]
+        if not first.is_cuda or (traceable is not None and not traceable(*args, **kwargs)):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        was = getattr(_decomposing, "active", False)
+        _decomposing.active = True
+        try:
+            with mode:
+                return impl(*args, **kwargs)
+        finally:
+            _decomposing.active = was
+
+    op.register_torch_dispatch(FunctionalTensorMode, decompose)
+
+
+def static_ints(*values) -> bool:
+    """True when every value (an int, or a tensor's sizes) is a plain int: not symbolic."""
+    for v in values:
+        sizes = v.shape if isinstance(v, torch.Tensor) else (v,)
+        if not all(type(s) is int for s in sizes):
+            return False
+    return True

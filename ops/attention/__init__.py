@@ -14,8 +14,10 @@ from .._common import (
     check_same_dtype,
     check_scalar,
     check_tensor,
+    decompose_under_compile,
     eager_entry,
     on_input_device,
+    static_ints,
 )
 from .reference import sparse_attention_reference
 
@@ -123,6 +125,13 @@ if HAS_TRITON:
         check_kernel_head_dim("q", q, "the head dim", q.shape[2], 16, 256)
         launch = kernels.decode if seq_len == 1 else kernels.prefill
         return launch(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+
+    def _traceable(q, k_cache, v_cache, start, seq_len, *rest):
+        # Decode or prefill kernel is picked by L: a symbolic L would guard (and recompile at L = 1),
+        # so such calls stay one op. The decode kernel's split count depends on every size.
+        return type(seq_len) is int and (seq_len != 1 or static_ints(q, k_cache))
+
+    decompose_under_compile(sparse_attention, _sparse_attention_cuda, _traceable)
 
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.

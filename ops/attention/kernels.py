@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import known_empty, launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -195,9 +197,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _no_keys(q, B, S, seq_len):
     """No token or no key slot: every query sees no key (zeros). None when there is work."""
-    if q.numel() == 0:
+    if known_empty(q.numel()):
         return torch.empty_like(q)
-    if B * seq_len == 0 or S == 0:  # rows then all fall outside [0, B*L), or no key exists
+    if known_empty(B * seq_len) or known_empty(S):  # rows then all fall outside [0, B*L), or no key exists
         return torch.zeros_like(q)
     return None
 
@@ -213,8 +215,8 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
     if q.device.type != "cuda":
         block_m, block_n = 16, 16
     tiles = triton.cdiv(seq_len, block_m)
-    dummy = out
-    _prefill_kernel[(B * tiles, HQ)](
+    dummy = q  # for absent pointers (never dereferenced): an input, never the output
+    launch(_prefill_kernel)[(B * tiles, HQ)](
         q, k_cache, v_cache, out,
         rows if rows is not None else dummy,
         seq_offsets if seq_offsets is not None else dummy,
@@ -245,9 +247,9 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     part_o = torch.empty(M, HQ, num_splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(M, HQ, num_splits, dtype=torch.float32, device=q.device)
     count = seq_offsets[-1:] if seq_offsets is not None else None
-    dummy = out
+    dummy = q  # for absent pointers (never dereferenced): an input, never the output
     group = HQ // HK
-    _decode_kernel[(M, HK, num_splits)](
+    launch(_decode_kernel)[(M, HK, num_splits)](
         q, k_cache, v_cache, part_o, part_lse,
         rows if rows is not None else dummy,
         count if count is not None else dummy,
@@ -260,7 +262,7 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2 if q.device.type == "cuda" else 1,
     )
-    _combine_kernel[(M, HQ)](
+    launch(_combine_kernel)[(M, HQ)](
         part_o, part_lse, out, count if count is not None else dummy, M,
         HQ=HQ, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         HAS_COUNT=count is not None,

@@ -22,6 +22,7 @@ from .._common import (
     check_same_dtype,
     check_scalar,
     check_tensor,
+    decompose_under_compile,
     eager_entry,
     on_input_device,
 )
@@ -167,6 +168,15 @@ if HAS_TRITON:
         if count is None:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
         return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot)
+
+    # The exact form (cuBLAS, then an elementwise kernel) traces into the graph. The capacity
+    # form stays one op: its tiles depend on the bucketed row count, which would guard on the
+    # token count; it runs at decode, inside CUDA graphs, where the dispatcher costs nothing.
+    decompose_under_compile(linear_rows, _linear_rows_cuda, lambda x, weight, bias=None, count=None: count is None)
+    decompose_under_compile(gated_mlp, _gated_mlp_cuda, lambda x, w_gate, w_up, activation, count=None: count is None)
+    decompose_under_compile(
+        linear_residual, _linear_residual_cuda, lambda residual, x, weight, slot=None, count=None: count is None
+    )
 
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import known_empty, launch
+
 ACT_IDS = {"none": 0, "silu": 1, "relu": 2}
 
 
@@ -110,18 +112,18 @@ def _elementwise_block(n: int) -> int:
 def act_mul(g, u, activation):
     out = torch.empty_like(g)
     M, N = g.shape
-    if M * N:
+    if not known_empty(M * N):
         block = _elementwise_block(N)
-        _act_mul_kernel[(M, triton.cdiv(N, block))](g, u, out, M, N, ACT=ACT_IDS[activation], BLOCK=block)
+        launch(_act_mul_kernel)[(M, triton.cdiv(N, block))](g, u, out, M, N, ACT=ACT_IDS[activation], BLOCK=block)
     return out
 
 
 def scatter_residual(residual, y, slot):
     out = torch.empty_like(residual)
     T, N = residual.shape
-    if T * N:
+    if not known_empty(T * N):
         block = _elementwise_block(N)
-        _scatter_residual_kernel[(T, triton.cdiv(N, block))](
+        launch(_scatter_residual_kernel)[(T, triton.cdiv(N, block))](
             residual, y, out, slot if slot is not None else residual, T, y.shape[0], N,
             HAS_SLOT=slot is not None, BLOCK=block,
         )
@@ -153,11 +155,11 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     N = weight.shape[0]
     out_rows = residual.shape[0] if residual is not None else M
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
-    if out_rows * N == 0:
+    if known_empty(out_rows * N):
         return out
     block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), w2 is not None, x.device.type == "cuda")
-    dummy = out
-    _rows_gemm_kernel[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
+    dummy = x  # for absent pointers (never dereferenced): an input, never the output
+    launch(_rows_gemm_kernel)[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
         M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -16,6 +16,7 @@ from .._common import (
     check_same_dtype,
     check_scalar,
     check_tensor,
+    decompose_under_compile,
     eager_entry,
     on_input_device,
 )
@@ -105,6 +106,9 @@ if HAS_TRITON:
     def _rms_norm_split_cuda(x, weight, eps, slot, num_rows):
         _check_split(x, weight, eps, slot, num_rows)
         return kernels.rms_norm_split(x, weight, eps, slot, num_rows)
+
+    decompose_under_compile(rms_norm, _rms_norm_cuda)
+    decompose_under_compile(rms_norm_split, _rms_norm_split_cuda)
 
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.

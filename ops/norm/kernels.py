@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import known_empty, launch
+
 
 # Index pointers (rows, count, slot) are often views at an offset into the compacted tensors
 # (route set 1, seq_offsets[r, B:]), so their 16-byte alignment changes with the token count:
@@ -42,12 +44,15 @@ def _rms_norm_kernel(
 
 def _launch(x, weight, eps, out, rows=None, count=None, slot=None, outq=None):
     M, H = out.shape
-    if M == 0 or H == 0:  # nothing to write (and tl.arange cannot tile H = 0)
+    if known_empty(M * H):  # nothing to write (and tl.arange cannot tile H = 0)
         return
     block_h = triton.next_power_of_2(H)
     num_warps = min(16, max(1, block_h // 256))
-    dummy = out  # stands in for absent pointers; never dereferenced (the flag is off)
-    _rms_norm_kernel[(M,)](
+    # Stands in for absent pointers (never dereferenced: the flag is off). An input, not the
+    # output: traced under torch.compile, an argument that aliases a written one would be
+    # taken for written too.
+    dummy = weight
+    launch(_rms_norm_kernel)[(M,)](
         x, weight, out,
         rows if rows is not None else dummy,
         count if count is not None else dummy,

@@ -16,6 +16,7 @@ from .._common import (
     check_rows,
     check_same_dtype,
     check_tensor,
+    decompose_under_compile,
     eager_entry,
     on_input_device,
 )
@@ -129,6 +130,9 @@ if HAS_TRITON:
         _check_kv_write(k, v, cos, sin, k_cache, v_cache, start)
         check_kernel_head_dim("k", k, "half the head dim", k.shape[3] // 2, 1, 1 << 16)
         kernels.rope_kv_write(k, v, cos, sin, k_cache, v_cache, start)
+
+    decompose_under_compile(rope, _rope_cuda)
+    decompose_under_compile(rope_kv_write, _rope_kv_write_cuda)
 
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import known_empty, launch
+
 
 @triton.jit
 def _rotate(x_base, cos_base, sin_base, heads, half, h_mask, HEAD_DIM: tl.constexpr):
@@ -73,10 +75,10 @@ def _rope_kv_write_kernel(
 def rope(x, cos, sin, rows=None, count=None):
     M, num_heads, head_dim = x.shape
     out = torch.empty_like(x)
-    if out.numel() == 0:  # no rows, heads or dims: nothing to write (tl.arange cannot tile 0)
+    if known_empty(out.numel()):  # no rows, heads or dims: nothing to write (tl.arange cannot tile 0)
         return out
-    dummy = out
-    _rope_kernel[(M,)](
+    dummy = x  # for absent pointers (never dereferenced): an input, never the output
+    launch(_rope_kernel)[(M,)](
         x, cos, sin, out,
         rows if rows is not None else dummy, count if count is not None else dummy,
         M, cos.shape[0],
@@ -88,9 +90,9 @@ def rope(x, cos, sin, rows=None, count=None):
 
 def rope_kv_write(k, v, cos, sin, k_cache, v_cache, start):
     B, L, num_heads, head_dim = k.shape
-    if k.numel() == 0:  # no tokens, heads or dims: nothing to write (tl.arange cannot tile 0)
+    if known_empty(k.numel()):  # no tokens, heads or dims: nothing to write (tl.arange cannot tile 0)
         return
-    _rope_kv_write_kernel[(B * L,)](
+    launch(_rope_kv_write_kernel)[(B * L,)](
         k, v, cos, sin, k_cache, v_cache, start, L, k_cache.shape[1],
         NUM_HEADS=num_heads, BLOCK_HEADS=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
     )

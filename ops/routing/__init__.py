@@ -15,7 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, HAS_TRITON, check_same_dtype, check_scalar, check_tensor, eager_entry, on_input_device
+from .._common import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_same_dtype,
+    check_scalar,
+    check_tensor,
+    decompose_under_compile,
+    eager_entry,
+    on_input_device,
+)
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
 __all__ = [
@@ -125,6 +134,13 @@ if HAS_TRITON:
     def _forced_execute_cuda(params, start, batch, seq_len, layer_idx):
         _check_forced(params, start, batch, seq_len, layer_idx)
         return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
+
+    # compact stays one op: it may copy the counts to the host (exact form), a side effect.
+    decompose_under_compile(router_execute, _router_execute_cuda)
+    # The forced-route kernel's block size follows L: a symbolic L stays one op.
+    decompose_under_compile(
+        forced_execute, _forced_execute_cuda, lambda params, start, batch, seq_len, layer_idx: type(seq_len) is int
+    )
 
     @compact.register_kernel("cuda")
     @on_input_device

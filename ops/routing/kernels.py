@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import known_empty, launch
 from .reference import layer_term
 
 
@@ -42,13 +43,13 @@ def compact(execute: torch.Tensor):
     rows = torch.empty(R, T, dtype=torch.int32, device=execute.device)
     slot = torch.empty(R, T, dtype=torch.int32, device=execute.device)
     offsets = torch.empty(R, B + 1, dtype=torch.int32, device=execute.device)
-    if R == 0:
+    if known_empty(R):
         return rows, slot, offsets
-    if T == 0:
+    if known_empty(T):
         offsets.zero_()
         return rows, slot, offsets
     block = min(1024, triton.next_power_of_2(T))
-    _compact_kernel[(R,)](execute.view(torch.uint8), rows, slot, offsets, T, L, B, BLOCK=block)
+    launch(_compact_kernel)[(R,)](execute.view(torch.uint8), rows, slot, offsets, T, L, B, BLOCK=block)
     return rows, slot, offsets
 
 
@@ -103,9 +104,9 @@ def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
 
 def forced_execute(params, start, batch, seq_len, layer_idx):
     out = torch.empty(2, batch, seq_len, dtype=torch.bool, device=start.device)
-    if batch * seq_len:
+    if not known_empty(batch * seq_len):
         block = min(1024, triton.next_power_of_2(seq_len))
-        _forced_execute_kernel[(2 * batch,)](
+        launch(_forced_execute_kernel)[(2 * batch,)](
             params, start, out.view(torch.int8), seq_len, layer_term(layer_idx), BLOCK=block
         )
     return out
@@ -115,9 +116,9 @@ def router_execute(x, weight, bias):
     T, H = x.shape
     R = weight.shape[0] // 2
     out = torch.empty(R, T, dtype=torch.bool, device=x.device)
-    if T:
+    if not known_empty(T):
         block_t = 16
-        _router_execute_kernel[(triton.cdiv(T, block_t),)](
+        launch(_router_execute_kernel)[(triton.cdiv(T, block_t),)](
             x, weight, bias, out.view(torch.int8), T, H=H, R=R, BLOCK_T=block_t,
             BLOCK_H=max(1, min(128, triton.next_power_of_2(H))),  # H == 0: bias only, arange needs >= 1
         )

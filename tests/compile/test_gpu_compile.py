@@ -2,6 +2,7 @@
 recompilation over 5 sequence lengths and 3 skip rates, and the eager numbers. Compiled
 generate() (static cache, reduce-overhead): every decode step captured in a CUDA graph."""
 import copy
+import re
 
 import pytest
 import torch
@@ -15,14 +16,20 @@ from tests.model.tiny import random_batch
 pytestmark = pytest.mark.gpu
 
 
-def test_compiled_triton_sparse_one_graph_at_8b_geometry():
+def one_layer_8b():
+    """A one-layer Llama-3.1-8B-geometry model, bf16, triton-sparse at 25% forced skip."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, pad_token_id=0)
     with torch.device("cuda"):
-        eager = skipgpt.wrap(LlamaForCausalLM(config).to(torch.bfloat16).eval(), pipeline="dense")
-    skipgpt.force_routes(eager, skip=0.25)
-    skipgpt.set_pipeline(eager, "triton-sparse")
+        model = skipgpt.wrap(LlamaForCausalLM(config).to(torch.bfloat16).eval(), pipeline="dense")
+    skipgpt.force_routes(model, skip=0.25)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    return model
+
+
+def test_compiled_triton_sparse_one_graph_at_8b_geometry():
+    eager = one_layer_8b()
     compiled = compile_model(copy.deepcopy(eager), fullgraph=True)
     # torch 2.11's fake stride computation guards on L >= 2 even under size-oblivious tracing
     # (torch 2.13 does not: the CPU test compiles once for every length, 1 included), so the
@@ -40,6 +47,26 @@ def test_compiled_triton_sparse_one_graph_at_8b_geometry():
                 ref = eager(ids, attention_mask=mask).logits.float()
             keep = mask.bool()
             assert rel_err(out[keep], ref[keep]) < 1e-2, (L, skip)
+
+
+def test_compiled_layer_launches_its_kernels_itself():
+    """Inductor launches the ops' Triton kernels directly (decompose_under_compile); only ops
+    whose host code picks kernels or tiles by a symbolic size, or syncs, stay op calls."""
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = compile_model(one_layer_8b(), fullgraph=True)
+    ids, mask = random_batch(1024, 2, 300, "left", device="cuda")
+    with torch.no_grad():
+        _, code = run_and_get_code(compiled, ids, attention_mask=mask)
+    code = "\n".join(code)
+    op_calls = set(re.findall(r"torch\.ops\.skipgpt\.(\w+)", code))
+    # compact and exact_rows (host counts), forced_execute and sparse_attention (block or
+    # kernel chosen by the symbolic L), the capacity-form projections (tiles by row bucket)
+    assert op_calls <= {"compact", "exact_rows", "forced_execute", "sparse_attention", "linear_rows",
+                        "gated_mlp", "linear_residual"}, op_calls
+    for kernel in ("_rms_norm_kernel", "_rope_kernel", "_rope_kv_write_kernel", "_act_mul_kernel",
+                   "_scatter_residual_kernel"):
+        assert re.search(rf"def {kernel}\w*\(", code), kernel  # its source, copied into the generated code
 
 
 def tiny_cuda_pair(pipeline):

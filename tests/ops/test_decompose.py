@@ -1,0 +1,207 @@
+"""Under torch.compile, CUDA calls of the skipgpt ops trace into their ATen ops and Triton
+kernels (`decompose_under_compile`), so Inductor launches the kernels itself instead of calling
+each op through the dispatcher. Calls whose host code would guard on a symbolic size stay one
+opaque op, and so does every CPU call.
+
+The decomposition runs in AOTAutograd's functionalization, so the cases below trace with
+AOTAutograd on fake CUDA tensors: no GPU needed. They run in a child process (this file as a
+script) because the test session runs Triton in its interpreter, whose kernels cannot be traced.
+Without a GPU, Triton cannot say which arguments a kernel writes and PyTorch assumes all of them
+(it warns); that changes what the graph clones, not which ops it calls.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from skipgpt.ops._common import HAS_TRITON
+
+H, HQ, HK, D, I = 64, 4, 2, 16, 96  # hidden, query/KV heads, head dim, MLP width
+
+
+# -- the cases, traced in the child process ------------------------------------------------------
+class DynamicSize:
+    """An input [n] whose size is symbolic, as torch.compile traces a dynamic sequence length."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def fake(self, mode):  # outside the mode: from_tensor keeps a tensor that is already fake as it is
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
+        return mode.from_tensor(torch.empty(self.n), source=ConstantSource("L"), symbolic_context=context)
+
+
+def traced_calls(fn, *inputs):
+    """Trace fn(*inputs) (inputs built on "cuda" inside a fake mode) with AOTAutograd; return the
+    forward graph's calls in order: "kernel:<name>" for a Triton launch, "skipgpt::<op>" for an
+    opaque skipgpt op, "aten::<op>" for the rest."""
+    import logging
+
+    from torch._functorch.aot_autograd import aot_function
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    graphs = []
+
+    def capture(gm, _):
+        graphs.append(gm)
+        return gm
+
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    sized = {i: x.fake(mode) for i, x in enumerate(inputs) if isinstance(x, DynamicSize)}
+    with mode:
+        args = [sized[i] if i in sized else x() for i, x in enumerate(inputs)]
+        try:
+            aot_function(fn, fw_compiler=capture)(*args)
+        except RuntimeError:
+            if torch.cuda.is_available() or not graphs:
+                raise  # without CUDA only running the captured graph fails
+    calls = []
+    for node in graphs[0].graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            calls.append("kernel:" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+        elif isinstance(node.target, torch._ops.OpOverload):
+            calls.append(node.target.name().split(".")[0])
+    return calls
+
+
+def trace_cases():
+    import skipgpt.ops  # noqa: F401  (registers torch.ops.skipgpt)
+    from skipgpt.ops.attention import kernels as attention_kernels
+
+    if not torch.cuda.is_available():  # the decode kernel's split count asks the GPU for its SM count
+        attention_kernels._num_sms = lambda device: 132
+
+    # The ops as a torch.compile graph calls them (the public entries skip the dispatcher in
+    # eager). No views inside: functionalizing a view of a fake CUDA tensor needs a CUDA build.
+    ops = torch.ops.skipgpt
+
+    def cuda(*shape):
+        return lambda: torch.randn(*shape, device="cuda").half()
+
+    def ints(*shape, dtype=torch.int32):
+        return lambda: torch.zeros(*shape, dtype=dtype, device="cuda")
+
+    def norm_rope(x, w, q, cos, sin, slot, rows, k, v, cos3, sin3, kc, vc, start):
+        y = ops.rms_norm(x, w, 1e-5)
+        n, nq = ops.rms_norm_split(x, w, 1e-5, slot, 6)
+        r = ops.rope(q, cos, sin, rows)
+        ops.rope_kv_write(k, v, cos3, sin3, kc, vc, start)
+        return y, n, nq, r
+
+    def projections(x, wq, wg, wu, wd, res, slot):
+        q = ops.linear_rows(x, wq)
+        a = ops.gated_mlp(x, wg, wu, "silu")
+        return q, ops.linear_residual(res, a, wd, slot)
+
+    def routes(x, w, b, params, start):
+        routed = ops.router_execute(x, w, b)  # [2, 6]
+        forced = ops.forced_execute(params, start, 1, 6, 5)  # [2, 1, 6]
+        return routed, ops.compact(forced)
+
+    def attend(q, kc, vc, start, rows, offsets, tokens):  # L from tokens [L], a dynamic size
+        return ops.sparse_attention(q, kc, vc, start, tokens.shape[0], D ** -0.5, rows, offsets)
+
+    cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]
+    return {
+        "norm_rope": traced_calls(
+            norm_rope, cuda(6, H), cuda(H), cuda(3, HQ, D), cuda(6, D), cuda(6, D), ints(6), ints(3),
+            cuda(1, 6, HK, D), cuda(1, 6, HK, D), cuda(1, 6, D), cuda(1, 6, D), cuda(1, 8, HK, D),
+            cuda(1, 8, HK, D), ints(1, dtype=torch.int64),
+        ),
+        "projections": traced_calls(
+            projections, cuda(5, H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), cuda(9, H), ints(9)
+        ),
+        "prefill": traced_calls(
+            lambda q, kc, vc, start, rows, offsets: ops.sparse_attention(q, kc, vc, start, 7, D ** -0.5, rows, offsets),
+            cuda(5, HQ, D), *cache, ints(5), ints(3),
+        ),
+        "decode": traced_calls(
+            lambda q, kc, vc, start: ops.sparse_attention(q, kc, vc, start, 1, D ** -0.5), cuda(2, HQ, D), *cache
+        ),
+        "routes": traced_calls(routes, cuda(6, H), cuda(4, H), cuda(4), ints(2, dtype=torch.int64), ints(1, dtype=torch.int64)),
+        "capacity_gemm": traced_calls(lambda x, w, n: ops.linear_rows(x, w, None, n), cuda(5, H), cuda(H, H), ints(1)),
+        "symbolic_length": traced_calls(
+            attend, cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D), ints(1, dtype=torch.int64), ints(5), ints(2),
+            DynamicSize(6),
+        ),
+        "cpu": traced_calls(
+            lambda x, w: ops.rms_norm(x, w, 1e-5), lambda: torch.randn(4, H), lambda: torch.ones(H)
+        ),
+    }
+
+
+# -- the tests ------------------------------------------------------------------------------------
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def calls():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def kernels(calls):
+    return [c for c in calls if c.startswith("kernel:")]
+
+
+def no_skipgpt_op(calls):
+    return not any(c.startswith("skipgpt::") for c in calls)
+
+
+def test_norm_and_rope_trace_into_their_kernels(calls):
+    c = calls["norm_rope"]
+    assert no_skipgpt_op(c), c
+    assert kernels(c) == [
+        "kernel:_rms_norm_kernel", "kernel:_rms_norm_kernel", "kernel:_rope_kernel", "kernel:_rope_kv_write_kernel",
+    ]
+
+
+def test_exact_form_projections_are_cublas_plus_one_kernel(calls):
+    c = calls["projections"]
+    assert no_skipgpt_op(c), c
+    assert c.count("aten::mm") == 4, c
+    assert kernels(c) == ["kernel:_act_mul_kernel", "kernel:_scatter_residual_kernel"]
+
+
+def test_attention_traces_at_a_static_length(calls):
+    assert calls["prefill"] == ["aten::empty_like", "kernel:_prefill_kernel"], calls["prefill"]
+    c = calls["decode"]
+    assert no_skipgpt_op(c), c
+    assert kernels(c) == ["kernel:_decode_kernel", "kernel:_combine_kernel"]
+
+
+def test_routes_trace_and_compaction_stays_one_op(calls):
+    c = calls["routes"]
+    assert kernels(c) == ["kernel:_router_execute_kernel", "kernel:_forced_execute_kernel"], c
+    assert "skipgpt::compact" in c
+
+
+def test_calls_that_would_guard_stay_one_op(calls):
+    # Capacity form: GEMM tiles follow the bucketed row count.
+    assert calls["capacity_gemm"] == ["skipgpt::linear_rows"]
+    # A symbolic L picks the decode or the prefill kernel: it would guard on L == 1.
+    assert calls["symbolic_length"] == ["aten::sym_size", "skipgpt::sparse_attention"]
+
+
+def test_cpu_calls_stay_one_op(calls):
+    assert calls["cpu"] == ["skipgpt::rms_norm"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(trace_cases()))
