@@ -201,6 +201,19 @@ def launch(kernel):
     return kernel
 
 
+def bool_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A bool tensor's bytes as uint8, for a kernel to read (any nonzero byte is True, as in
+    PyTorch): a view, except while `decompose_under_compile` traces an op. Inductor (torch 2.11)
+    cannot lower a view between bool and another dtype, so there it is a copy (a mask's few bytes)."""
+    return t.to(torch.uint8) if getattr(_decomposing, "active", False) else t.view(torch.uint8)
+
+
+def bytes_to_bool(t: torch.Tensor) -> torch.Tensor:
+    """The int8 0/1 bytes a kernel wrote, as bool: a view, or while an op is traced a comparison
+    (see `bool_bytes`)."""
+    return (t != 0) if getattr(_decomposing, "active", False) else t.view(torch.bool)
+
+
 def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., bool]] = None) -> None:
     """Under torch.compile, trace calls of custom op `op` on CUDA tensors through `cuda_impl`
     (its host code, ATen ops and `launch`ed Triton kernels), so the graph holds the kernels

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import known_empty, launch
+from .._common import bool_bytes, known_empty, launch
 
 LOG2E = 1.4426950408889634
 
@@ -221,7 +221,7 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
         rows if rows is not None else dummy,
         seq_offsets if seq_offsets is not None else dummy,
         start,
-        key_mask.view(torch.uint8) if key_mask is not None else dummy,
+        bool_bytes(key_mask) if key_mask is not None else dummy,
         M, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, tiles, scale * LOG2E,
         HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ROWS=rows is not None, HAS_KMASK=key_mask is not None,
@@ -254,7 +254,7 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         rows if rows is not None else dummy,
         count if count is not None else dummy,
         start,
-        key_mask.view(torch.uint8) if key_mask is not None else dummy,
+        bool_bytes(key_mask) if key_mask is not None else dummy,
         M, B * seq_len, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, chunk, scale * LOG2E,
         HQ=HQ, HK=HK, HEAD_DIM=D, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import known_empty, launch
+from .._common import bytes_to_bool, known_empty, launch
 from .reference import layer_term
 
 
@@ -103,23 +103,23 @@ def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
 
 
 def forced_execute(params, start, batch, seq_len, layer_idx):
-    out = torch.empty(2, batch, seq_len, dtype=torch.bool, device=start.device)
+    out = torch.empty(2, batch, seq_len, dtype=torch.int8, device=start.device)
     if not known_empty(batch * seq_len):
         block = min(1024, triton.next_power_of_2(seq_len))
         launch(_forced_execute_kernel)[(2 * batch,)](
-            params, start, out.view(torch.int8), seq_len, layer_term(layer_idx), BLOCK=block
+            params, start, out, seq_len, layer_term(layer_idx), BLOCK=block
         )
-    return out
+    return bytes_to_bool(out)
 
 
 def router_execute(x, weight, bias):
     T, H = x.shape
     R = weight.shape[0] // 2
-    out = torch.empty(R, T, dtype=torch.bool, device=x.device)
+    out = torch.empty(R, T, dtype=torch.int8, device=x.device)
     if not known_empty(T):
         block_t = 16
         launch(_router_execute_kernel)[(triton.cdiv(T, block_t),)](
-            x, weight, bias, out.view(torch.int8), T, H=H, R=R, BLOCK_T=block_t,
+            x, weight, bias, out, T, H=H, R=R, BLOCK_T=block_t,
             BLOCK_H=max(1, min(128, triton.next_power_of_2(H))),  # H == 0: bias only, arange needs >= 1
         )
-    return out
+    return bytes_to_bool(out)
