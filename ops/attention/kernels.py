@@ -55,6 +55,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Inductor passes a Python float as fp64 (Triton's launcher: fp32); fp32 either way.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = pid // TILES
@@ -117,6 +119,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROWS: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # see _prefill_kernel
     m = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

@@ -30,7 +30,8 @@ def _rms_norm_kernel(
         cols = tl.arange(0, BLOCK_H)
         in_row = cols < H
         x = tl.load(x_ptr + src * H + cols, mask=in_row & src_ok, other=0.0).to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        # The cast: Inductor passes a Python float as fp64 (Triton's launcher: fp32).
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / H + tl.cast(eps, tl.float32))
         w = tl.load(w_ptr + cols, mask=in_row, other=0.0)
         # Round to the input dtype before the weight, as the Hugging Face RMSNorm does.
         y = (w.to(tl.float32) * (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32))
