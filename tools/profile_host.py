@@ -1,5 +1,10 @@
-"""Where the host time of a layer step goes (device machine): per-call CPU cost of each layer of
-the op stack, and a torch.profiler table of one triton-sparse step."""
+"""Where the host time of a layer step goes (device machine): the per-call CPU cost of a Triton
+launch, of the same op through the dispatcher and of compiled code calling it; host time per step
+of each provider; and a torch.profiler table (self CPU time) of one provider's step.
+
+    python tools/profile_host.py --providers dense,triton-sparse,compiled-sparse --profile compiled-sparse
+"""
+import argparse
 import time
 
 import torch
@@ -21,25 +26,46 @@ def per_call_us(fn, n=300):
     return (t1 - t0) / n * 1e6
 
 
-x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
-w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
-print(f"torch rms-like (x*x).mean  {per_call_us(lambda: (x * x).mean(-1)):7.1f} us")
-w_q = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-print(f"F.linear 8x4096x4096       {per_call_us(lambda: torch.nn.functional.linear(x, w_q)):7.1f} us")
-print(f"triton launcher directly   {per_call_us(lambda: norm_kernels.rms_norm(x, w, 1e-5)):7.1f} us")
-print(f"custom op (dispatcher)     {per_call_us(lambda: ops.rms_norm(x, w, 1e-5)):7.1f} us")
+def launch_costs():
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    w_q = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda x, w: ops.rms_norm(x, w, 1e-5), fullgraph=True)
+    print(f"torch (x*x).mean            {per_call_us(lambda: (x * x).mean(-1)):7.1f} us")
+    print(f"F.linear 8x4096x4096        {per_call_us(lambda: torch.nn.functional.linear(x, w_q)):7.1f} us")
+    print(f"rms_norm, Triton launcher   {per_call_us(lambda: norm_kernels.rms_norm(x, w, 1e-5)):7.1f} us")
+    print(f"rms_norm, eager entry       {per_call_us(lambda: ops.rms_norm(x, w, 1e-5)):7.1f} us")
+    print(f"rms_norm, through the op    {per_call_us(lambda: ops.rms_norm.op(x, w, 1e-5)):7.1f} us")
+    print(f"rms_norm, compiled          {per_call_us(lambda: compiled(x, w)):7.1f} us")
 
-bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
-for mode, batch, seqlen in (("decode", 1, 2048), ("prefill", 1, 512), ("prefill", 1, 2048), ("prefill", 4, 512)):
-    for provider in ("dense", "triton-sparse"):
-        fn = bench.step(provider, mode, batch, seqlen, 0.25)
-        host = per_call_us(fn, n=50)
-        print(f"{provider:14s} {mode} B={batch} L={seqlen}: host {host:8.1f} us per step")
-    fn = bench.step("triton-sparse", mode, batch, seqlen, 0.25)
-    for _ in range(5):
-        fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", default="dense,triton-sparse", help="comma-separated providers to time")
+    parser.add_argument("--profile", default="triton-sparse", help="provider whose step is profiled")
+    parser.add_argument("--points", default="decode:1:2048,prefill:1:512,prefill:1:2048,prefill:4:512",
+                        help="comma-separated MODE:B:L points")
+    parser.add_argument("--skip", type=float, default=0.25)
+    args = parser.parse_args()
+    launch_costs()
+    bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
+    for point in args.points.split(","):
+        mode, batch, seqlen = point.split(":")
+        batch, seqlen = int(batch), int(seqlen)
+        for provider in args.providers.split(","):
+            host = per_call_us(bench.step(provider, mode, batch, seqlen, args.skip), n=50)
+            print(f"{provider:16s} {mode} B={batch} L={seqlen}: host {host:8.1f} us per step")
+        fn = bench.step(args.profile, mode, batch, seqlen, args.skip)
+        for _ in range(5):
             fn()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        print(f"{args.profile} {mode} B={batch} L={seqlen}, 10 steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
