@@ -17,6 +17,12 @@ Plain `torch.compile(model)` also works, with at most those size-1 recompiles an
 the first time a step crosses 256 tokens: without compile_model the layers branch in Python, which
 keeps decode graphs CUDA-graph capturable (below).
 
+What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
+kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
+itself. These stay op calls through the dispatcher: compact and exact_rows (they copy the counts to
+the host), the capacity-form projections (tiles picked by the row bucket), and attention and
+forced routes when the step length is symbolic (kernel and block size picked by it).
+
 Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
 
     # 1. transformers' own (recommended): on CUDA, generate() compiles the decode step with its
