@@ -20,8 +20,9 @@ keeps decode graphs CUDA-graph capturable (below).
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
 itself. These stay op calls through the dispatcher: compact and exact_rows (they copy the counts to
-the host), the capacity-form projections (tiles picked by the row bucket), and attention and
-forced routes when the step length is symbolic (kernel and block size picked by it).
+the host), the capacity-form projections (tiles picked by the row bucket), attention and forced
+routes when the step length is symbolic (kernel and block size picked by it), and single-token
+attention when the batch or cache size is symbolic (its split count is picked by them).
 
 Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
 

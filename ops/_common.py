@@ -185,7 +185,8 @@ def known_empty(size) -> bool:
     """size == 0, where that is known without a guard: always for an int, and for a symbolic size
     (an op traced by `decompose_under_compile`) only where it is provable. Branching on an unknown
     size would guard, and a guard on a new shape recompiles; an unknown size goes on to a launch
-    whose grid may turn out empty, which Triton's launcher skips."""
+    whose grid may turn out empty. Triton's launcher, which Inductor also uses for these kernels,
+    skips those (tests/compile/test_gpu_compile.py runs compiled steps where no token executes)."""
     return statically_known_true(size == 0)
 
 
@@ -238,8 +239,12 @@ def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., boo
     def decompose(mode, func, types, args, kwargs):
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
             return NotImplemented  # a tensor subclass: let it handle the op
-        first = args[0]
-        if not first.is_cuda or (traceable is not None and not traceable(*args, **kwargs)):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        # torch.export keeps custom ops whole unless asked otherwise (as it does for triton_op):
+        # an exported program holding raw Triton launches could not be saved.
+        opaque = custom_triton_ops_decomposition_disabled() or not args[0].is_cuda
+        if opaque or (traceable is not None and not traceable(*args, **kwargs)):
             return mode.__torch_dispatch__(func, types, args, kwargs)
         was = getattr(_decomposing, "active", False)
         _decomposing.active = True

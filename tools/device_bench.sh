@@ -16,6 +16,8 @@ export PYTHONUNBUFFERED=1
 stage=${1:?usage: tools/device_bench.sh prefill-short|prefill-long|decode|generate [bench args...]}
 shift
 OUT=${OUT:-/tmp/out}
+# The device machine's copy of the working tree carries stale git metadata, so the results would
+# name a wrong commit: start the call's command with SKIPGPT_SOURCE_COMMIT=<local HEAD's sha>.
 work=/tmp/device-bench/$stage
 mkdir -p "$OUT" "$work"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$work/install.log" 2>&1 || { cat "$work/install.log"; exit 1; }

@@ -123,13 +123,13 @@ if HAS_TRITON:
         _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
         # tl.arange tiles the head dim and tl.dot needs at least 16 on it.
         check_kernel_head_dim("q", q, "the head dim", q.shape[2], 16, 256)
-        launch = kernels.decode if seq_len == 1 else kernels.prefill
-        return launch(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+        attend = kernels.decode if seq_len == 1 else kernels.prefill
+        return attend(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
 
     def _traceable(q, k_cache, v_cache, start, seq_len, *rest):
         # Decode or prefill kernel is picked by L: a symbolic L would guard (and recompile at L = 1),
         # so such calls stay one op. The decode kernel's split count depends on every size.
-        return type(seq_len) is int and (seq_len != 1 or static_ints(q, k_cache))
+        return static_ints(seq_len) and (seq_len != 1 or static_ints(q, k_cache))
 
     decompose_under_compile(sparse_attention, _sparse_attention_cuda, _traceable)
 

@@ -24,6 +24,7 @@ from .._common import (
     decompose_under_compile,
     eager_entry,
     on_input_device,
+    static_ints,
 )
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
@@ -139,7 +140,7 @@ if HAS_TRITON:
     decompose_under_compile(router_execute, _router_execute_cuda)
     # The forced-route kernel's block size follows L: a symbolic L stays one op.
     decompose_under_compile(
-        forced_execute, _forced_execute_cuda, lambda params, start, batch, seq_len, layer_idx: type(seq_len) is int
+        forced_execute, _forced_execute_cuda, lambda params, start, batch, seq_len, layer_idx: static_ints(seq_len)
     )
 
     @compact.register_kernel("cuda")

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import bytes_to_bool, known_empty, launch
+from .._common import bool_bytes, bytes_to_bool, known_empty, launch
 from .reference import layer_term
 
 
@@ -49,7 +49,7 @@ def compact(execute: torch.Tensor):
         offsets.zero_()
         return rows, slot, offsets
     block = min(1024, triton.next_power_of_2(T))
-    launch(_compact_kernel)[(R,)](execute.view(torch.uint8), rows, slot, offsets, T, L, B, BLOCK=block)
+    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=block)
     return rows, slot, offsets
 
 

@@ -18,6 +18,7 @@ import csv
 import functools
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -719,7 +720,11 @@ def plot_generate(points: list, stem: Path, title: str) -> list:
 
 def _git_commit() -> Optional[dict]:
     """The commit of the checkout skipgpt runs from, and whether tracked files differ from it;
-    None outside a git checkout (an installed wheel)."""
+    None outside a git checkout (an installed wheel). A copied working tree whose git metadata is
+    stale (the device machine's copy) names its commit in SKIPGPT_SOURCE_COMMIT instead."""
+    given = os.environ.get("SKIPGPT_SOURCE_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "from": "SKIPGPT_SOURCE_COMMIT"}
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -311,3 +311,13 @@ def test_dense_flops_hand_count():
     # Decode: one token per sequence attending to KV 8 + itself.
     assert bench.dense_flops("decode", 2, 8) == (q + k + v + o + mlp) / 8 + 2 * 9 * 4 * 2 * (2 * 16)
     assert B.dense_flops(bench.geometry, "prefill", 2, 8, layers=3) == 3 * bench.dense_flops("prefill", 2, 8)
+
+
+def test_provenance_takes_the_commit_a_copied_tree_names(monkeypatch):
+    from skipgpt.commands.bench import _git_commit
+
+    monkeypatch.setenv("SKIPGPT_SOURCE_COMMIT", "0123abc")
+    assert _git_commit() == {"commit": "0123abc", "dirty": None, "from": "SKIPGPT_SOURCE_COMMIT"}
+    monkeypatch.delenv("SKIPGPT_SOURCE_COMMIT")
+    found = _git_commit()
+    assert found is None or (len(found["commit"]) == 40 and "from" not in found)

@@ -5,9 +5,10 @@ opaque op, and so does every CPU call.
 
 The decomposition runs in AOTAutograd's functionalization, so the cases below trace with
 AOTAutograd on fake CUDA tensors: no GPU needed. They run in a child process (this file as a
-script) because the test session runs Triton in its interpreter, whose kernels cannot be traced.
-Without a GPU, Triton cannot say which arguments a kernel writes and PyTorch assumes all of them
-(it warns); that changes what the graph clones, not which ops it calls.
+script, importing the installed skipgpt) because the test session runs Triton in its
+interpreter, whose kernels cannot be traced. Without a GPU, Triton cannot say which arguments a
+kernel writes and PyTorch assumes all of them: it logs a warning (torch 2.11-2.13) and traces on;
+that changes what the graph clones, not which ops it calls.
 """
 import json
 import os
@@ -37,10 +38,11 @@ class DynamicSize:
         return mode.from_tensor(torch.empty(self.n), source=ConstantSource("L"), symbolic_context=context)
 
 
-def traced_calls(fn, *inputs):
-    """Trace fn(*inputs) (inputs built on "cuda" inside a fake mode) with AOTAutograd; return the
-    forward graph's calls in order: "kernel:<name>" for a Triton launch, "skipgpt::<op>" for an
-    opaque skipgpt op, "aten::<op>" for the rest."""
+def traced(fn, *inputs):
+    """Trace fn(*inputs) (inputs built on "cuda" inside a fake mode) with AOTAutograd. Returns
+    "calls", the forward graph's calls in order ("kernel:<name>" for a Triton launch,
+    "skipgpt::<op>" for an opaque skipgpt op, "aten::<op>" for the rest), and "guards", the shape
+    guards the trace added (each would recompile a compiled graph on shapes that break it)."""
     import logging
 
     from torch._functorch.aot_autograd import aot_function
@@ -72,7 +74,7 @@ def traced_calls(fn, *inputs):
             calls.append("kernel:" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
         elif isinstance(node.target, torch._ops.OpOverload):
             calls.append(node.target.name().split(".")[0])
-    return calls
+    return {"calls": calls, "guards": [str(g.expr) for g in mode.shape_env.guards]}
 
 
 def trace_cases():
@@ -112,31 +114,52 @@ def trace_cases():
     def attend(q, kc, vc, start, rows, offsets, tokens):  # L from tokens [L], a dynamic size
         return ops.sparse_attention(q, kc, vc, start, tokens.shape[0], D ** -0.5, rows, offsets)
 
+    def symbolic_sizes(x0, w, wq, wg, wu, wd, wr, br, start, count, tokens):
+        # Sizes as a compiled layer sees them: T tokens (a dynamic length: backed) and n executing
+        # rows (a count read from the device: unbacked). new_empty, not views (see above).
+        T, n = tokens.shape[0], count.item()
+        torch._check_is_size(n)
+        torch._check(n <= T)
+        x, xr = x0.new_empty((T, H)), x0.new_empty((n, H))
+        slot, rows = x0.new_empty((T,), dtype=torch.int32), x0.new_empty((n,), dtype=torch.int32)
+        cos, k, cache = x0.new_empty((1, T, D)), x0.new_empty((1, T, HK, D)), x0.new_empty((1, T, HK, D))
+        ops.rope_kv_write(k, k, cos, cos, cache, cache.clone(), start)
+        return (
+            ops.rms_norm(x, w, 1e-5), ops.rms_norm_split(x, w, 1e-5, slot, T), ops.rms_norm(x, w, 1e-5, rows),
+            ops.router_execute(x, wr, br), ops.linear_rows(xr, wq),
+            ops.rope(x0.new_empty((n, HQ, D)), cos.view(T, D), cos.view(T, D), rows),
+            ops.linear_residual(x, ops.gated_mlp(xr, wg, wu, "silu"), wd, slot),
+        )
+
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]
     return {
-        "norm_rope": traced_calls(
+        "norm_rope": traced(
             norm_rope, cuda(6, H), cuda(H), cuda(3, HQ, D), cuda(6, D), cuda(6, D), ints(6), ints(3),
             cuda(1, 6, HK, D), cuda(1, 6, HK, D), cuda(1, 6, D), cuda(1, 6, D), cuda(1, 8, HK, D),
             cuda(1, 8, HK, D), ints(1, dtype=torch.int64),
         ),
-        "projections": traced_calls(
+        "projections": traced(
             projections, cuda(5, H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), cuda(9, H), ints(9)
         ),
-        "prefill": traced_calls(
+        "prefill": traced(
             lambda q, kc, vc, start, rows, offsets: ops.sparse_attention(q, kc, vc, start, 7, D ** -0.5, rows, offsets),
             cuda(5, HQ, D), *cache, ints(5), ints(3),
         ),
-        "decode": traced_calls(
+        "decode": traced(
             lambda q, kc, vc, start, mask: ops.sparse_attention(q, kc, vc, start, 1, D ** -0.5, key_mask=mask),
             cuda(2, HQ, D), *cache, lambda: torch.ones(2, 16, dtype=torch.bool, device="cuda"),
         ),
-        "routes": traced_calls(routes, cuda(6, H), cuda(4, H), cuda(4), ints(2, dtype=torch.int64), ints(1, dtype=torch.int64)),
-        "capacity_gemm": traced_calls(lambda x, w, n: ops.linear_rows(x, w, None, n), cuda(5, H), cuda(H, H), ints(1)),
-        "symbolic_length": traced_calls(
+        "routes": traced(routes, cuda(6, H), cuda(4, H), cuda(4), ints(2, dtype=torch.int64), ints(1, dtype=torch.int64)),
+        "capacity_gemm": traced(lambda x, w, n: ops.linear_rows(x, w, None, n), cuda(5, H), cuda(H, H), ints(1)),
+        "symbolic_length": traced(
             attend, cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D), ints(1, dtype=torch.int64), ints(5), ints(2),
             DynamicSize(6),
         ),
-        "cpu": traced_calls(
+        "symbolic_sizes": traced(
+            symbolic_sizes, cuda(4, H), cuda(H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), cuda(4, H), cuda(4),
+            ints(1, dtype=torch.int64), ints((), dtype=torch.int64), DynamicSize(6),
+        ),
+        "cpu": traced(
             lambda x, w: ops.rms_norm(x, w, 1e-5), lambda: torch.randn(4, H), lambda: torch.ones(H)
         ),
     }
@@ -147,14 +170,16 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"
 
 
 @pytest.fixture(scope="module")
-def calls():
+def traces():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def calls(traces):
+    return {name: trace["calls"] for name, trace in traces.items()}
 
 
 def kernels(calls):
@@ -200,6 +225,19 @@ def test_calls_that_would_guard_stay_one_op(calls):
     assert calls["capacity_gemm"] == ["skipgpt::linear_rows"]
     # A symbolic L picks the decode or the prefill kernel: it would guard on L == 1.
     assert calls["symbolic_length"] == ["aten::sym_size", "skipgpt::sparse_attention"]
+
+
+def test_symbolic_sizes_trace_without_guards(traces):
+    # A dynamic token count and an unbacked executing-row count: every op still traces into its
+    # kernels, and no size is guarded on (a guard would recompile on new lengths or routes).
+    trace = traces["symbolic_sizes"]
+    assert no_skipgpt_op(trace["calls"]), trace["calls"]
+    assert kernels(trace["calls"]) == [
+        "kernel:_rope_kv_write_kernel", "kernel:_rms_norm_kernel", "kernel:_rms_norm_kernel",
+        "kernel:_rms_norm_kernel", "kernel:_router_execute_kernel", "kernel:_rope_kernel",
+        "kernel:_act_mul_kernel", "kernel:_scatter_residual_kernel",
+    ]
+    assert trace["guards"] == []
 
 
 def test_cpu_calls_stay_one_op(calls):
