@@ -122,9 +122,11 @@ def trace_cases():
         torch._check(n <= T)
         x, xr = x0.new_empty((T, H)), x0.new_empty((n, H))
         slot, rows = x0.new_empty((T,), dtype=torch.int32), x0.new_empty((n,), dtype=torch.int32)
-        cos, k, cache = x0.new_empty((1, T, D)), x0.new_empty((1, T, HK, D)), x0.new_empty((1, T, HK, D))
-        ops.rope_kv_write(k, k, cos, cos, cache, cache.clone(), start)
+        cos, k = x0.new_empty((1, T, D)), x0.new_empty((1, T, HK, D))
+        kc, vc = x0.new_empty((1, T, HK, D)), x0.new_empty((1, T, HK, D))
+        ops.rope_kv_write(k, k, cos, cos, kc, vc, start)  # returned below: a write nothing reads is dropped
         return (
+            kc, vc,
             ops.rms_norm(x, w, 1e-5), ops.rms_norm_split(x, w, 1e-5, slot, T), ops.rms_norm(x, w, 1e-5, rows),
             ops.router_execute(x, wr, br), ops.linear_rows(xr, wq),
             ops.rope(x0.new_empty((n, HQ, D)), cos.view(T, D), cos.view(T, D), rows),
