@@ -1,4 +1,5 @@
-"""Shared by every op family: input validation, the launch device, and Triton availability.
+"""Shared by every op family: input validation, the launch device, Triton availability, and how
+the ops' CUDA implementations are traced under torch.compile (`decompose_under_compile`).
 
 Every op validates on the host before anything launches, so a kernel never sees an argument
 it could index out of bounds with. Messages name the argument, what was expected and what came.
@@ -193,11 +194,16 @@ def known_empty(size) -> bool:
 _decomposing = threading.local()
 
 
+def _tracing_kernels() -> bool:
+    """Whether `decompose_under_compile` is tracing an op's CUDA implementation on this thread."""
+    return getattr(_decomposing, "active", False)
+
+
 def launch(kernel):
     """`kernel`, to index with a grid and call. While `decompose_under_compile` traces an op's
     CUDA implementation, its `torch.library.wrap_triton` form instead, which records the launch in
     the graph for Inductor rather than running it."""
-    if getattr(_decomposing, "active", False):
+    if _tracing_kernels():
         return torch.library.wrap_triton(kernel)
     return kernel
 
@@ -206,13 +212,13 @@ def bool_bytes(t: torch.Tensor) -> torch.Tensor:
     """A bool tensor's bytes as uint8, for a kernel to read (any nonzero byte is True, as in
     PyTorch): a view, except while `decompose_under_compile` traces an op. Inductor (torch 2.11)
     cannot lower a view between bool and another dtype, so there it is a copy (a mask's few bytes)."""
-    return t.to(torch.uint8) if getattr(_decomposing, "active", False) else t.view(torch.uint8)
+    return t.to(torch.uint8) if _tracing_kernels() else t.view(torch.uint8)
 
 
 def bytes_to_bool(t: torch.Tensor) -> torch.Tensor:
     """The int8 0/1 bytes a kernel wrote, as bool: a view, or while an op is traced a comparison
     (see `bool_bytes`)."""
-    return (t != 0) if getattr(_decomposing, "active", False) else t.view(torch.bool)
+    return (t != 0) if _tracing_kernels() else t.view(torch.bool)
 
 
 def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., bool]] = None) -> None:
@@ -246,7 +252,7 @@ def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., boo
         opaque = custom_triton_ops_decomposition_disabled() or not args[0].is_cuda
         if opaque or (traceable is not None and not traceable(*args, **kwargs)):
             return mode.__torch_dispatch__(func, types, args, kwargs)
-        was = getattr(_decomposing, "active", False)
+        was = _tracing_kernels()
         _decomposing.active = True
         try:
             with mode:
