@@ -63,8 +63,9 @@ attention and MLP FLOPs of the dense layers, as the published benchmark counts t
 over hf at the same point of the same run, the relative error, and for sparse providers the skip
 rate the routes realized ("skipped": at batch 1 a decode point draws few decisions, so it strays
 from the requested rate). Printed as a table and
-written to --output as SCOPE-MODE.csv, SCOPE-MODE.json (with device, versions, git commit,
-command line and date), SCOPE-MODE-time.png and SCOPE-MODE-tflops.png (vs sequence length, one
+written to --output as SCOPE-MODE.csv, SCOPE-MODE.json (with device, versions, git commit (or
+$SKIPGPT_SOURCE_COMMIT, for a copied tree with stale git metadata), command line and date),
+SCOPE-MODE-time.png and SCOPE-MODE-tflops.png (vs sequence length, one
 line per provider, one panel per batch size and skip rate).
 
 --mode generate times model.generate() on a whole model (--scope model): greedy, --new-tokens
