@@ -384,13 +384,6 @@ def module_main(argv=None) -> int:
 
 
 def build_bench(p: Plan):
-    bench = _build_bench(p)
-    if p.decode_steps is not None:
-        bench.decode_steps = p.decode_steps
-    return bench
-
-
-def _build_bench(p: Plan):
     import torch
 
     dtype = getattr(torch, p.dtype)
@@ -404,15 +397,18 @@ def _build_bench(p: Plan):
                 bench.published = PublishedLayer(p.published, bench)
             except PublishedError as e:
                 bench.published = _Unusable(str(e))
-        return bench
-    try:
-        return B.ModelBench(p.config, dtype, device, layers=p.layers, model_path=p.model)
-    except torch.cuda.OutOfMemoryError:
-        raise BenchError(f"the model does not fit on {p.device}: try --layers N") from None
-    except (ValueError, OSError) as e:  # unreadable weights, unsupported checkpoints
-        if not p.model:
-            raise
-        raise BenchError(f"--model: loading {p.model} failed: {e}") from None
+    else:
+        try:
+            bench = B.ModelBench(p.config, dtype, device, layers=p.layers, model_path=p.model)
+        except torch.cuda.OutOfMemoryError:
+            raise BenchError(f"the model does not fit on {p.device}: try --layers N") from None
+        except (ValueError, OSError) as e:  # unreadable weights, unsupported checkpoints
+            if not p.model:
+                raise
+            raise BenchError(f"--model: loading {p.model} failed: {e}") from None
+    if p.decode_steps is not None:
+        bench.decode_steps = p.decode_steps
+    return bench
 
 
 class _Unusable:
@@ -715,8 +711,6 @@ def plot_generate(points: list, stem: Path, title: str) -> list:
 
 
 # ---------------------------------------------------------------------------- provenance
-
-
 
 
 def _git_commit() -> Optional[dict]:

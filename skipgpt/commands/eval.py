@@ -796,8 +796,6 @@ def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-
-
 def _show_progress_messages() -> None:
     # skipgpt's messages at INFO, everyone else's warnings, unless the user configured logging
     # already. lm-eval's INFO lines are many; its progress bars (tqdm) show regardless.
