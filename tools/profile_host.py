@@ -5,6 +5,8 @@ of each provider; and a torch.profiler table (self CPU time) of one provider's s
     python tools/profile_host.py --providers dense,triton-sparse,compiled-sparse --profile compiled-sparse
 """
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -37,6 +39,19 @@ def launch_costs():
     print(f"rms_norm, eager entry       {per_call_us(lambda: ops.rms_norm(x, w, 1e-5)):7.1f} us")
     print(f"rms_norm, through the op    {per_call_us(lambda: ops.rms_norm.op(x, w, 1e-5)):7.1f} us")
     print(f"rms_norm, compiled          {per_call_us(lambda: compiled(x, w)):7.1f} us")
+    # The Triton launch itself, split: JITFunction.run (binder, cache key, launch) against
+    # launching the already compiled kernel, and the binder alone.
+    jit = norm_kernels._rms_norm_kernel
+    out = torch.empty_like(x)
+    args = (x, w, out, w, w, w, w, 8, 8, 0, 1e-5, 4096, 4096, False, False, False)
+    compiled_kernel = jit[(8,)](*args, num_warps=16)
+    binder = jit.device_caches[torch.cuda.current_device()][-1]
+    runner = compiled_kernel[(8, 1, 1)]
+    print(f"rms_norm kernel, JIT launch {per_call_us(lambda: jit[(8,)](*args, num_warps=16)):7.1f} us")
+    print(f"  its binder alone          {per_call_us(lambda: binder(*args, num_warps=16)):7.1f} us")
+    print(f"  compiled kernel launch    {per_call_us(lambda: runner(*args)):7.1f} us")
+    stream = torch.cuda.current_stream().cuda_stream
+    print(f"  the same, stream given    {per_call_us(lambda: runner(*args, stream=stream)):7.1f} us")
 
 
 def main():
@@ -46,6 +61,7 @@ def main():
     parser.add_argument("--points", default="decode:1:2048,prefill:1:512,prefill:1:2048,prefill:4:512",
                         help="comma-separated MODE:B:L points")
     parser.add_argument("--skip", type=float, default=0.25)
+    parser.add_argument("--cprofile", action="store_true", help="also a Python profile (cProfile) of the profiled step")
     args = parser.parse_args()
     launch_costs()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
@@ -65,6 +81,12 @@ def main():
             torch.cuda.synchronize()
         print(f"{args.profile} {mode} B={batch} L={seqlen}, 10 steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+        if args.cprofile:
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [fn() for _ in range(50)])
+            torch.cuda.synchronize()
+            print(f"{args.profile} {mode} B={batch} L={seqlen}, 50 steps, Python profile:")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
 
 
 if __name__ == "__main__":
