@@ -1,10 +1,12 @@
-"""Where triton-sparse should switch from the capacity form to the exact form (device machine).
+"""Where triton-sparse should switch between its forms (device machine).
 
 1. The projections of one Llama-3.1-8B layer over M compacted rows: cuBLAS (the exact form,
    plus its Triton epilogue) against the capacity-form Triton GEMM under a few tile configs.
-2. The whole routed layer at prefill, 25% skip, with the switch forced to either side.
+2. The routed layer (--scope model: a whole model) at prefill, triton-sparse forced into each
+   form (capacity, masked, exact), against hf and dense from the same run.
 
-Usage: python tools/form_sweep.py [--json PATH]
+Usage: python tools/form_sweep.py [--json PATH] [--layer-only] [--scope model --layers 8]
+                                  [--repeats 3] [--skips 0,0.25,0.5] [--compiled]
 """
 import argparse
 import json
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from skipgpt.benchmark import LayerBench, cuda_timer
+from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer
 from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
@@ -77,19 +79,27 @@ def gemm_sweep(results):
             print(row, flush=True)
 
 
-def layer_sweep(results, rep_ms):
-    bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
-    default_limit = bench.state.capacity_max_tokens
-    for B, L in ((1, 128), (1, 256), (1, 512), (1, 1024), (2, 256), (2, 512), (4, 256), (8, 128)):
-        row = {"B": B, "L": L}
-        for provider in ("hf", "dense"):
-            row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, 0.25), rep_ms=rep_ms)[0]
-        for form, limit in (("exact", 64), ("capacity", 1 << 30)):
-            bench.state.capacity_max_tokens = limit
-            row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, 0.25), rep_ms=rep_ms)[0]
-        bench.state.capacity_max_tokens = default_limit
-        results.append(row)
-        print(row, flush=True)
+# (B, L) prefill points from 256 to 2048 tokens, around the switches between the forms.
+POINTS = ((1, 256), (1, 512), (2, 512), (4, 256), (1, 1024), (4, 512), (2, 1024), (1, 2048))
+
+
+def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled):
+    """Each point with triton-sparse forced into each form, against hf and dense (and with
+    `compiled`, compiled-sparse at the default switches) in the same run; the whole grid
+    `repeats` times over, since host-bound points jitter between runs."""
+    limits = state.capacity_max_tokens, state.masked_max_tokens
+    for run in range(repeats):
+        for B, L in POINTS:
+            for skip in skips:
+                row = {"scope": bench.scope, "run": run, "B": B, "L": L, "skip": skip}
+                for provider in ("hf", "dense") + (("compiled-sparse",) if compiled else ()):
+                    row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, skip), rep_ms=rep_ms)[0]
+                for form in state.FORMS:
+                    state.use_form(form)
+                    row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
+                state.capacity_max_tokens, state.masked_max_tokens = limits
+                results.append(row)
+                print(row, flush=True)
 
 
 if __name__ == "__main__":
@@ -97,11 +107,25 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--layer-only", action="store_true", help="skip the GEMM sweep")
     parser.add_argument("--rep", type=float, default=100, help="ms of timed repeats per point (default 100)")
+    parser.add_argument("--repeats", type=int, default=1, help="times over the whole grid (default 1)")
+    parser.add_argument("--skips", default="0.25", help="comma-separated skip rates (default 0.25)")
+    parser.add_argument("--compiled", action="store_true", help="also time compiled-sparse (default switches)")
+    parser.add_argument("--scope", choices=("layer", "model"), default="layer",
+                        help="sweep one 8B layer, or a whole model of --layers 8B layers (default layer)")
+    parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")
     args = parser.parse_args()
+    skips = [float(s) for s in args.skips.split(",")]
     gemm_rows, layer_rows = [], []
     if not args.layer_only:
         gemm_sweep(gemm_rows)
-    layer_sweep(layer_rows, args.rep)
+    device = torch.device("cuda")
+    if args.scope == "layer":
+        bench = LayerBench("llama-3.1-8b", torch.bfloat16, device)
+        state = bench.state
+    else:
+        bench = ModelBench("llama-3.1-8b", torch.bfloat16, device, layers=args.layers, fp32_reference=False)
+        state = bench.routed.model.skipgpt_routing
+    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)

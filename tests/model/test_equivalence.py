@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import skipgpt
+from skipgpt.routing import RoutingState
 from tests.model.tiny import FAMILIES, cache_kw, make_hf, make_pair, random_batch, stepwise_logits
 
 PADDINGS = ["none", "left", "right"]
@@ -28,11 +29,11 @@ def test_dense_equals_hugging_face(family, padding):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("skip", [0.3, 0.7])
-@pytest.mark.parametrize("form", ["capacity", "exact"])
+@pytest.mark.parametrize("form", RoutingState.FORMS)
 def test_sparse_pipelines_agree(family, padding, skip, form):
     _, model = make_pair(family)
-    # triton-sparse picks its form by token count; move the switch so both forms see this batch.
-    model.model.skipgpt_routing.capacity_max_tokens = 1 << 20 if form == "capacity" else 0
+    # triton-sparse picks its form by token count; move the switches so this batch takes `form`.
+    model.model.skipgpt_routing.use_form(form)
     skipgpt.force_routes(model, skip=skip, seed=3)
     ids, mask = random_batch(model.config.vocab_size, 3, 13, padding)
     with torch.no_grad():

@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import skipgpt
+from skipgpt.routing import RoutingState
 from tests.helpers import rel_err
 from tests.model.tiny import random_batch, stepwise_logits
 
@@ -78,13 +79,21 @@ def test_dense_is_as_accurate_as_hugging_face(models, padding):
 
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("skip", [0.25, 0.5])
-def test_sparse_pipelines_match_float32_truth(models, padding, skip):
+@pytest.mark.parametrize("form", RoutingState.FORMS)
+def test_sparse_pipelines_match_float32_truth(models, padding, skip, form):
     *_, routed16, routed32 = models
     ids, mask = random_batch(1024, 4, 257, padding, device="cuda")
     keep = mask.bool()
     truth = residual(routed32, ids, mask, "torch-sparse", skip)
     baseline = residual(routed16, ids, mask, "torch-sparse", skip)  # plain PyTorch in bf16
-    check(residual(routed16, ids, mask, "triton-sparse", skip), baseline, truth, keep)
+    state = routed16.model.skipgpt_routing
+    try:
+        state.use_form(form)
+        ours = residual(routed16, ids, mask, "triton-sparse", skip)
+    finally:
+        defaults = RoutingState()
+        state.capacity_max_tokens, state.masked_max_tokens = defaults.capacity_max_tokens, defaults.masked_max_tokens
+    check(ours, baseline, truth, keep)
     # The routes really change the function.
     assert rel_err(residual(routed32, ids, mask, "dense")[1][keep], truth[1][keep]) > 5e-2
 
