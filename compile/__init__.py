@@ -93,7 +93,7 @@ def compile_model(
     model: nn.Module,
     mode: Optional[str] = None,
     dynamic: bool = True,
-    fullgraph: bool = True,
+    fullgraph: Optional[bool] = None,
     backend="inductor",
     options: Optional[dict] = None,
     cuda_graphs: Optional[bool] = None,
@@ -104,7 +104,11 @@ def compile_model(
     is torch.compile's: "reduce-overhead" (or "max-autotune") captures CUDA graphs, and then the
     routed layers branch on the step's token count in Python (a decode graph and a prefill
     graph, the decode one capturable) instead of using torch.cond (one graph, never captured).
-    `fullgraph=True` turns any graph break into an error instead of a silent slowdown.
+    `fullgraph=True` (the default) turns any graph break into an error instead of a silent
+    slowdown. A model placed with a device_map is the exception: accelerate moves activations
+    between devices in hooks that run outside torch.compile (`torch.compiler.disable`), so the
+    graph breaks at each hooked module; by default such a model compiles with fullgraph=False
+    (and a warning), and fullgraph=True raises ValueError.
     `cuda_graphs` (default: from `mode`) says whether compiled code must be CUDA-graph
     capturable; pass True with `backend=CudaGraphCheck()` to check what reduce-overhead gets.
     transformers' own auto-compile in generate() is turned off for this model: it would wrap
@@ -112,6 +116,19 @@ def compile_model(
     """
     if getattr(model, "_skipgpt_compiled", False):
         raise ValueError("model is already compiled by skipgpt.compile.compile_model")
+    hooked = sorted(name for name, m in model.named_modules() if hasattr(m, "_hf_hook"))
+    if hooked and fullgraph:
+        raise ValueError(
+            f"fullgraph=True: this model was placed with a device_map, and accelerate's hooks on {len(hooked)} "
+            f"modules (first: {hooked[0] or 'the model'}) run outside torch.compile, so the graph breaks at "
+            "each of them; pass fullgraph=False (or leave it out) to compile the pieces between them"
+        )
+    if fullgraph is None:
+        fullgraph = not hooked
+        if hooked:
+            logger.warning("skipgpt: compile_model: this model was placed with a device_map; accelerate's hooks "
+                           "on %d modules run outside torch.compile, so it compiles as several graphs "
+                           "(fullgraph=False)", len(hooked))
     if cuda_graphs is None:
         cuda_graphs = mode in CUDA_GRAPH_MODES or bool((options or {}).get("triton.cudagraphs"))
     if cuda_graphs and mode is not None and not any(p.is_cuda for p in model.parameters()):

@@ -132,6 +132,30 @@ def test_compile_model_refuses_twice():
         compile_model(model)
 
 
+def test_compile_model_of_a_device_map_model_compiles_between_accelerate_hooks(caplog):
+    """accelerate's device hooks (device_map placement) run under torch.compiler.disable, a graph
+    break: fullgraph=True says so up front, the default compiles the pieces and warns."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    def placed():
+        model = routed("triton-sparse")
+        for module in (model.model.embed_tokens, model.model.norm):
+            add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        return model
+
+    with pytest.raises(ValueError, match="device_map.*fullgraph=False"):
+        compile_model(placed(), fullgraph=True)
+    model = placed()
+    eager = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="skipgpt"):
+        compile_model(model, backend="eager")
+    assert "several graphs" in caplog.text
+    ids, mask = random_batch(97, 2, 9, "left")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=0)
+
+
 def test_explain_reports_what_cuda_graphs_cannot_hold():
     """With a CUDA-graph mode, explain() traces as compile_model would (a Python branch on the
     token count) and lists the blockers: none in the capacity form (up to 32 tokens per step
