@@ -10,11 +10,11 @@ sequence length (1 included) and route pattern:
 - and without duck sizing (`use_duck_shape=False`): dims of equal value at the first call
   (batch == length, or a length equal to the hidden size) keep separate symbols instead of
   being tied, which would recompile once they differ;
-- the routed layers pick their form (capacity, masked or exact) with `torch.cond` (RoutingState.single_graph,
+- the routed layers pick the capacity or exact form with `torch.cond` (RoutingState.single_graph,
   which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
   are tensors, so neither token counts nor skip rates recompile.
 Plain `torch.compile(model)` also works, with at most those size-1 recompiles and one more graph
-the first time a step crosses 256 and 1024 tokens (a form each): without compile_model the layers branch in Python, which
+the first time a step crosses 1024 tokens: without compile_model the layers branch in Python, which
 keeps decode graphs CUDA-graph capturable (below).
 
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
@@ -46,10 +46,9 @@ Recompiles (checked on CPU by tests/compile/test_generate.py; fail_on_recompile 
   1 gets its own graph). With one reused cache: no recompile for any prompt that fits. Each
   new cache also has new addresses, so its CUDA graphs are recorded again (once per call);
 - 2: after the first generate(), no recompile for other prompt lengths or batch sizes > 1;
-  batch 1 gets its own pair of graphs once, and a prefill of more than 256 and of more than
-  1024 tokens (batch x length) a graph of its own the first time. The compiled prefill is
-  CUDA-graphed too where it can be (dense; triton-sparse up to 1024 tokens): one recording per
-  prompt shape.
+  batch 1 gets its own pair of graphs once, and a prefill of more than 1024 tokens (batch x
+  length) a graph of its own the first time. The compiled prefill is CUDA-graphed too where
+  it can be (dense; triton-sparse up to 1024 tokens): one recording per prompt shape.
 The decode graph holds no torch.cond, host sync or data-dependent shape, so Inductor captures
 it: `CudaGraphCheck` applies Inductor's tests on any device, tests/compile/test_gpu_compile.py
 checks on CUDA that no graph is skipped. Not captured, by design: triton-sparse's exact-form
@@ -226,7 +225,7 @@ def _report_cudagraph_skip(model: nn.Module, tokens: Optional[int], warned: set)
 
     layers = [m for m in model.modules() if isinstance(m, RoutedDecoderLayer)]
     pipelines = {m.pipeline for m in layers}
-    limit = layers[0].state.masked_max_tokens if layers else 0
+    limit = layers[0].state.capacity_max_tokens if layers else 0
     if pipelines == {"triton-sparse"} and tokens is not None and tokens > limit:
         kind, level = "exact", logging.INFO
         text = (f"skipgpt: steps of more than {limit} tokens (prefill) take the exact form, one host "

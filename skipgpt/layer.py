@@ -154,37 +154,22 @@ class RoutedDecoderLayer(nn.Module):
 
     # -- dense: the skipgpt ops with every token executing ------------------------------------
     def _dense(self, x, cos, sin, k_cache, v_cache, start, key_mask):
+        g, attn, mlp = self.geometry, self.self_attn, self.mlp
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        xn = ops.rms_norm(x, self.input_layernorm.weight, self.geometry.rms_norm_eps)
-        self._write_kv(xn, B, L, cos, sin, k_cache, v_cache, start)
-        out = self._all_rows(x, xn, (None, None), cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, start, key_mask, L)
-        return out.view(B, L, H)
-
-    def _write_kv(self, xn, B, L, cos, sin, k_cache, v_cache, start) -> None:
-        """K and V of every token (xn [B*L, H], the input RMSNorm), rotated, into the cache."""
-        g, attn = self.geometry, self.self_attn
+        xn = ops.rms_norm(x, self.input_layernorm.weight, g.rms_norm_eps)
+        q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).view(T, g.num_heads, g.head_dim)
         k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
-        k = self.family.k_norm(attn, k)
+        q, k = self.family.q_norm(attn, q), self.family.k_norm(attn, k)
+        q = ops.rope(q, cos.view(T, -1), sin.view(T, -1))
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
-
-    def _all_rows(self, x, xn, keep, cos, sin, k_cache, v_cache, start, key_mask, L):
-        """Attention, then the MLP, over every row of x [T, H] (xn: its input RMSNorm; cos, sin:
-        [T, D]; K/V already in the cache). keep: (attention, MLP) [T] int32; row t keeps a
-        module's output only where keep[t] >= 0 (the masked form), or (None, None): every row
-        keeps it (dense). Returns [T, H]."""
-        g, attn, mlp = self.geometry, self.self_attn, self.mlp
-        eps, scale = self._float_constants()
-        T = x.shape[0]
-        q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).view(T, g.num_heads, g.head_dim)
-        q = ops.rope(self.family.q_norm(attn, q), cos, sin)
-        o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, key_mask=key_mask)
-        h = ops.linear_residual(x, o.view(T, -1), attn.o_proj.weight, keep[0])
-        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps)
+        o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
+        h = ops.linear_residual(x, o.view(T, -1), attn.o_proj.weight)
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps)
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, keep[1])
+        return ops.linear_residual(h, a, mlp.down_proj.weight).view(B, L, H)
 
     # -- torch-sparse: plain PyTorch, the reference for the routed semantics --------------------
     def _torch_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
@@ -234,63 +219,50 @@ class RoutedDecoderLayer(nn.Module):
         return self.geometry.rms_norm_eps, self.geometry.scale
 
     def _triton_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
-        g = self.geometry
+        g, attn = self.geometry, self.self_attn
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        # The form, by token count (RoutingState): capacity, masked or exact. Both symbolic when
-        # compiled with a symbolic T.
-        capacity = T <= self.state.capacity_max_tokens
-        masked = T <= self.state.masked_max_tokens
-        # torch.cond traces every form and picks at run time, so a new token count never
+        capacity = T <= self.state.capacity_max_tokens  # symbolic when compiled with a symbolic T
+        # torch.cond traces both forms and picks at run time, so a new token count never
         # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
         # so only where asked for (state.single_graph, compile_model's default). Otherwise a
         # Python branch: free for a static T (generate's auto-compiled decode step), a guard
-        # on each threshold for a symbolic one (a graph for each form).
+        # on T <= state.capacity_max_tokens for a symbolic one (a graph for each side).
         use_cond = torch.compiler.is_compiling() and self.state.single_graph
         if not use_cond:
-            capacity, masked = bool(capacity), bool(masked)
+            capacity = bool(capacity)
         # The exact form reads the counts on the host: start copying them early (skipped while
-        # a CUDA graph is being captured). With torch.cond any form may run, so always.
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not masked)
+        # a CUDA graph is being captured). With torch.cond either form may run, so always.
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
         # GPU busy while the host waits for them.
         xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, g.rms_norm_eps, slot[0], T)
-        self._write_kv(xn, B, L, cos, sin, k_cache, v_cache, start)
+        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
+        k = self.family.k_norm(attn, k)
+        ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
         cos, sin = cos.view(T, -1), sin.view(T, -1)
 
-        def capacity_form(x, xn, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
+        def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
             # [1] views of the counts; select + unsqueeze rather than [r, -1:], an open-ended
             # slice that Inductor (torch 2.11) fails to lower inside torch.cond.
             counts = (seq_offsets[0, -1].unsqueeze(0), seq_offsets[1, -1].unsqueeze(0))
             return self._sparse_modules(x, xq, (rows[0], rows[1]), counts, slot, seq_offsets, cos, sin,
                                         k_cache, v_cache, start, key_mask, L)
 
-        def masked_form(x, xn, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
-            # Every row runs both modules, each keeping its output only where the token executes:
-            # no host sync and cuBLAS over all T rows, for steps whose time goes to launches.
-            tokens = torch.arange(T, dtype=torch.int32, device=x.device)
-            keep = torch.where(slot >= 0, tokens, -1)
-            return self._all_rows(x, xn, (keep[0], keep[1]), cos, sin, k_cache, v_cache, start, key_mask, L)
-
-        def exact_form(x, xn, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
+        def exact_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
             return self._sparse_modules(x, xq[: rows_attn.shape[0]], (rows_attn, rows_mlp), (None, None), slot,
                                         seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L)
 
-        operands = (x, xn, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start)
+        operands = (x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start)
         if use_cond:
-            def longer(*operands):
-                # The predicate again, from this branch's own x: a closure's SymBool cannot be
-                # an operand of the outer torch.cond.
-                masked = operands[0].shape[0] <= self.state.masked_max_tokens
-                return torch.cond(masked, masked_form, exact_form, operands)
-
-            out = torch.cond(capacity, capacity_form, longer, operands)
+            out = torch.cond(capacity, capacity_form, exact_form, operands)
         else:
-            out = (capacity_form if capacity else masked_form if masked else exact_form)(*operands)
+            out = (capacity_form if capacity else exact_form)(*operands)
         return out.view(B, L, H)
 
     def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L):

@@ -26,20 +26,19 @@ class RoutingState:
     new seed or rate reaches compiled code as data instead of forcing a recompile.
     forced_copies: the same values on the other devices of a model whose layers are spread over
     several (device_map), keyed by str(device); layers read them through `forced_params_on`.
-    single_graph: how compiled triton-sparse layers pick their form (below). True: `torch.cond`,
-    so with a symbolic token count one graph serves every count, but Inductor never captures a
-    graph holding torch.cond in a CUDA graph. False (the default): a Python branch, i.e. a guard
-    on a symbolic count at each threshold, so each form gets a graph of its own, and the decode
-    graph is CUDA-graph safe. `skipgpt.compile.compile_model` sets it from its `mode`.
-    capacity_max_tokens, masked_max_tokens: triton-sparse's form, by the step's token count
-    T = B * L. T <= capacity_max_tokens: the capacity form (no host sync, CUDA-graph safe; Triton
-    GEMMs read the executing count on the device, so a skipped module's weights are not read at
-    batch-1 decode). T <= masked_max_tokens: the masked form (no host sync, CUDA-graph safe;
-    cuBLAS over every token, each module's output kept only where the token executes it: no
-    compute saved, for steps whose time goes to host launches rather than to the GPU). Longer
-    steps: the exact form (one host sync per layer, then cuBLAS over exactly the executing rows).
-    The defaults, 256 and 1024, are where each form stopped winning on an H100 (tools/form_sweep.py,
-    docs/BENCHMARKS.md). Benchmarks and tests set them to run a given form (`use_form`).
+    single_graph: how compiled triton-sparse layers pick the capacity or exact form. True:
+    `torch.cond`, so with a symbolic token count one graph serves every count, but Inductor never
+    captures a graph holding torch.cond in a CUDA graph. False (the default): a Python branch,
+    i.e. a guard on a symbolic count, so steps of at most `capacity_max_tokens` tokens and longer
+    ones (prefill) get a graph each, and the decode graph is CUDA-graph safe.
+    `skipgpt.compile.compile_model` sets it from its `mode`.
+    capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
+    form (no host sync, CUDA-graph safe, fewest launches: each projection is one Triton GEMM that
+    reads the executing count on the device), longer ones the exact form (one host sync per
+    layer, then cuBLAS over exactly the executing rows). The default, 1024, is where the capacity
+    form stopped winning on an H100 (tools/form_sweep.py, docs/BENCHMARKS.md): up to there a
+    layer's time goes to host launches, and the capacity form makes the fewest. Benchmarks and
+    tests pin a form with `use_form`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
@@ -47,18 +46,15 @@ class RoutingState:
     forced_params: Optional[torch.Tensor] = None
     forced_copies: dict = field(default_factory=dict)
     single_graph: bool = False
-    capacity_max_tokens: int = 256
-    masked_max_tokens: int = 1024
+    capacity_max_tokens: int = 1024
 
-    FORMS = ("capacity", "masked", "exact")
+    FORMS = ("capacity", "exact")
 
     def use_form(self, form: str) -> None:
-        """Make triton-sparse take `form` ("capacity", "masked" or "exact") at every token count."""
+        """Make triton-sparse take `form` ("capacity" or "exact") at every token count."""
         if form not in self.FORMS:
             raise ValueError(f"form: expected one of {', '.join(self.FORMS)}, got {form!r}")
-        big = 1 << 62
-        self.capacity_max_tokens = big if form == "capacity" else 0
-        self.masked_max_tokens = 0 if form == "exact" else big
+        self.capacity_max_tokens = 1 << 62 if form == "capacity" else 0
 
     def force(self, skip: Optional[float], seed: int,
               device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:

@@ -3,7 +3,7 @@
 1. The projections of one Llama-3.1-8B layer over M compacted rows: cuBLAS (the exact form,
    plus its Triton epilogue) against the capacity-form Triton GEMM under a few tile configs.
 2. The routed layer (--scope model: a whole model) at prefill, triton-sparse forced into each
-   form (capacity, masked, exact), against hf and dense from the same run.
+   form (capacity, exact), against hf and dense from the same run.
 
 Usage: python tools/form_sweep.py [--json PATH] [--layer-only] [--scope model --layers 8]
                                   [--repeats 3] [--skips 0,0.25,0.5] [--compiled]

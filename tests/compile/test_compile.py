@@ -9,8 +9,8 @@ from skipgpt.compile import compile_model, explain
 from tests.model.tiny import make_pair, random_batch
 
 # (batch, length, skip): new batch sizes and lengths, single-token steps, no token and every
-# token executing, and token counts in each of triton-sparse's forms, whose switches `routed`
-# moves to keep the shapes small: capacity up to 32 tokens, masked up to 128, exact beyond.
+# token executing, and token counts on both sides of the capacity/exact switch, which `routed`
+# moves to 64 tokens to keep the shapes small.
 SHAPES = [(2, 9, 0.3), (3, 11, 0.3), (1, 1, 0.3), (2, 1, 0.5), (4, 40, 0.0), (4, 40, 1.0), (1, 200, 0.3), (5, 7, 0.6)]
 
 
@@ -26,8 +26,7 @@ def fresh_dynamo():
 
 def routed(pipeline):
     _, model = make_pair("llama")
-    model.model.skipgpt_routing.capacity_max_tokens = 32
-    model.model.skipgpt_routing.masked_max_tokens = 128
+    model.model.skipgpt_routing.capacity_max_tokens = 64
     skipgpt.force_routes(model, skip=0.3)
     return skipgpt.set_pipeline(model, pipeline)
 
@@ -158,8 +157,8 @@ def test_compile_model_of_a_device_map_model_compiles_between_accelerate_hooks(c
 
 def test_explain_reports_what_cuda_graphs_cannot_hold():
     """With a CUDA-graph mode, explain() traces as compile_model would (a Python branch on the
-    token count) and lists the blockers: none in the capacity form (up to 32 tokens per step
-    here) and the masked form (up to 128), the exact form's data-dependent sizes above."""
+    token count) and lists the blockers: none up to 64 tokens per step, the exact form's
+    data-dependent sizes above."""
     model = routed("triton-sparse")
     def step(B, L):
         ids, mask = random_batch(97, B, L, "left")
@@ -170,10 +169,7 @@ def test_explain_reports_what_cuda_graphs_cannot_hold():
     assert report.cudagraph_blockers == [] and report.recompiles == 0
     assert "Every graph is capturable in a CUDA graph" in str(report)
     report = explain(model, short + [step(1, 70)], mode="reduce-overhead")
-    assert report.recompiles == 1 and "<= 32" in " ".join(report.recompile_reasons)
-    assert report.cudagraph_blockers == [], report.cudagraph_blockers
-    report = explain(model, short + [step(1, 70), step(1, 200)], mode="reduce-overhead")
-    assert report.recompiles == 2 and "<= 128" in " ".join(report.recompile_reasons)
+    assert report.recompiles == 1 and "<= 64" in " ".join(report.recompile_reasons)
     assert report.cudagraph_blockers and all("data-dependent" in r for r in report.cudagraph_blockers)
     assert "Not capturable in a CUDA graph" in str(report)
     assert model.model.skipgpt_routing.single_graph is False  # explain restores the model's setting

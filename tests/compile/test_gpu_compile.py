@@ -80,10 +80,11 @@ def tiny_cuda_pair(pipeline):
 
 
 def test_compiled_steps_where_no_token_executes_match_eager():
-    """Prefills over 256 tokens (exact form) where every token skips both modules, then where every
-    token executes: in the first, the kernels Inductor launches itself get empty grids at run time
-    (the executing counts are unbacked), which must neither fail nor write anything."""
+    """Exact-form prefills where every token skips both modules, then where every token executes:
+    in the first, the kernels Inductor launches itself get empty grids at run time (the executing
+    counts are unbacked), which must neither fail nor write anything."""
     model, eager = tiny_cuda_pair("triton-sparse")
+    model.model.skipgpt_routing.use_form("exact")
     compiled = compile_model(model, fullgraph=True)
     ids, mask = random_batch(model.config.vocab_size, 2, 300, "left", device="cuda")
     for skip in (1.0, 0.0):

@@ -67,23 +67,10 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope_kv_write.default
   cond
   cat
-[cond_true_1]
+[cond_true_0]
   unsqueeze
   unsqueeze
   skipgpt.linear_rows.default
-  skipgpt.rope.default
-  skipgpt.sparse_attention.default
-  skipgpt.linear_residual.default
-  skipgpt.rms_norm.default
-  skipgpt.gated_mlp.default
-  skipgpt.linear_residual.default
-[cond_false_1]
-  cond
-[cond_true_0]
-  arange
-  ge
-  where
-  linear
   skipgpt.rope.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
@@ -118,9 +105,9 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   linear
   linear
-  skipgpt.rope_kv_write.default
   linear
   skipgpt.rope.default
+  skipgpt.rope_kv_write.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default

@@ -1,7 +1,7 @@
 """Compiled code on a model whose layers are split over two GPUs. Under torch.compile most ops
 trace into their Triton kernels (skipgpt.ops._common.decompose_under_compile), which drops the
 eager device guard: Inductor itself must launch each kernel on its inputs' GPU. A tiny random
-Llama in float32 (no assets needed), forced routes, each of triton-sparse's forms, compiled on
+Llama in float32 (no assets needed), forced routes, both of triton-sparse's forms, compiled on
 two GPUs against eager on one."""
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ pytestmark = [
 
 def _load(path, **placement):
     model = skipgpt.load(path, pipeline="dense", dtype=torch.float32, **placement)
-    state = model.model.skipgpt_routing
-    state.capacity_max_tokens, state.masked_max_tokens = 32, 128  # every form within small steps
+    model.model.skipgpt_routing.capacity_max_tokens = 32  # both forms within small steps
     skipgpt.force_routes(model, skip=0.3, seed=1)
     return skipgpt.set_pipeline(model, "triton-sparse")
 
@@ -39,7 +38,7 @@ def test_compiled_model_split_over_two_gpus_matches_eager_on_one(tmp_path):
     with pytest.raises(ValueError, match="device_map"):
         compile_model(two, fullgraph=True)
     compile_model(two)
-    # Steps of 18, 80 and 210 tokens: the capacity, masked and exact forms.
+    # Steps of 18, 80 and 210 tokens: the capacity form, then the exact form.
     for seed, (B, L) in enumerate([(2, 9), (2, 40), (3, 70)]):
         ids, mask = random_batch(one.config.vocab_size, B, L, "left", seed=seed, device="cuda:0")
         with torch.no_grad():
