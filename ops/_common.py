@@ -23,7 +23,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # Triton is a Linux-only dependency; without it every op runs its PyTorch reference.
-    from triton.runtime.jit import JITFunction
+    import triton  # noqa: F401
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without Triton
@@ -200,74 +200,12 @@ def _tracing_kernels() -> bool:
 
 
 def launch(kernel):
-    """`kernel`, to index with a grid and call: `launch(kernel)[grid](*args, **kwargs)`. While
-    `decompose_under_compile` traces an op's CUDA implementation, its `torch.library.wrap_triton`
-    form instead, which records the launch in the graph for Inductor rather than running it.
-    Eager calls go through `EagerLaunch`; the interpreter's kernels (TRITON_INTERPRET=1) as they are."""
+    """`kernel`, to index with a grid and call. While `decompose_under_compile` traces an op's
+    CUDA implementation, its `torch.library.wrap_triton` form instead, which records the launch in
+    the graph for Inductor rather than running it."""
     if _tracing_kernels():
         return torch.library.wrap_triton(kernel)
-    if not isinstance(kernel, JITFunction):
-        return kernel
-    launcher = getattr(kernel, "_skipgpt_eager_launch", None)
-    if launcher is None:
-        launcher = kernel._skipgpt_eager_launch = EagerLaunch(kernel)
-    return launcher
-
-
-def specialization(value):
-    """What Triton may specialize a kernel on for one argument value, or finer: a tensor's dtype
-    and 16-byte alignment; an int's value classes (1, divisible by 16, the integer type its range
-    needs); a float's type; anything else (constexprs, None, bools, strings) by value."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if type(value) is int:
-        return int, value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31), value < (1 << 63)
-    if type(value) is float:
-        return float
-    return type(value), value
-
-
-class EagerLaunch:
-    """`kernel[grid](*args, **kwargs)` for eager calls, launching the compiled kernel directly once
-    Triton has compiled one for the call's specialization. Triton's own launch binds and
-    specializes every argument and formats a cache key each time: half of the ~26 us of host time
-    a launch takes on the device machine (docs/BENCHMARKS.md). Here the compiled kernel is kept
-    under the device, the options (num_warps, ...), the value of every constexpr argument and the
-    `specialization` of every other one, a key at least as fine as Triton's: calls with one key
-    get the same kernel from Triton. A new key,
-    a callable grid or a call Triton would reject goes through Triton's launch."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        params = kernel.signature.parameters
-        self.names = list(params)
-        self.name_set = frozenset(params)
-        self.defaults = {name: p.default for name, p in params.items() if p.default is not p.empty}
-        # Keyed by value: the kernel is compiled for each (Triton reads the annotation the same way).
-        self.constexpr = [p.annotation is not p.empty and "constexpr" in str(p.annotation) for p in params.values()]
-        self.compiled = {}
-
-    def __getitem__(self, grid):
-        return functools.partial(self.run, grid)
-
-    def run(self, grid, *args, **kwargs):
-        if callable(grid):
-            return self.kernel[grid](*args, **kwargs)
-        try:
-            values = [*args, *(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])]
-            options = tuple(item for item in kwargs.items() if item[0] not in self.name_set)
-            key = (torch.cuda.current_device(), options,
-                   *((v,) if const else specialization(v) for v, const in zip(values, self.constexpr)))
-            compiled = self.compiled.get(key)
-        except (KeyError, TypeError):  # a missing argument, or an unhashable one: Triton says which
-            return self.kernel[grid](*args, **kwargs)
-        if compiled is None:
-            compiled = self.kernel[grid](*args, **kwargs)  # compiles (once per key) and launches
-            if compiled is not None:
-                self.compiled[key] = compiled
-            return compiled
-        compiled[(*grid, 1, 1)[:3]](*values)
-        return compiled
+    return kernel
 
 
 def bool_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ import torch
 
 from skipgpt import ops
 from skipgpt.benchmark import LayerBench
-from skipgpt.ops._common import launch
 from skipgpt.ops.norm import kernels as norm_kernels
 
 
@@ -53,8 +52,6 @@ def launch_costs():
     print(f"  compiled kernel launch    {per_call_us(lambda: runner(*args)):7.1f} us")
     stream = torch.cuda.current_stream().cuda_stream
     print(f"  the same, stream given    {per_call_us(lambda: runner(*args, stream=stream)):7.1f} us")
-    eager = launch(jit)
-    print(f"  through ops' EagerLaunch  {per_call_us(lambda: eager[(8,)](*args, num_warps=16)):7.1f} us")
 
 
 def main():
