@@ -32,7 +32,7 @@ def test_dense_equals_hugging_face(family, padding):
 @pytest.mark.parametrize("form", RoutingState.FORMS)
 def test_sparse_pipelines_agree(family, padding, skip, form):
     _, model = make_pair(family)
-    # triton-sparse picks its form by token count; move the switches so this batch takes `form`.
+    # triton-sparse picks its form by token count; move the switch so this batch takes `form`.
     model.model.skipgpt_routing.use_form(form)
     skipgpt.force_routes(model, skip=skip, seed=3)
     ids, mask = random_batch(model.config.vocab_size, 3, 13, padding)
