@@ -79,15 +79,15 @@ def gemm_sweep(results):
             print(row, flush=True)
 
 
-# (B, L) prefill points from 256 to 2048 tokens, around the switches between the forms.
+# (B, L) prefill points from 256 to 2048 tokens, around the switch between the forms.
 POINTS = ((1, 256), (1, 512), (2, 512), (4, 256), (1, 1024), (4, 512), (2, 1024), (1, 2048))
 
 
 def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled):
     """Each point with triton-sparse forced into each form, against hf and dense (and with
-    `compiled`, compiled-sparse at the default switches) in the same run; the whole grid
+    `compiled`, compiled-sparse at the default switch) in the same run; the whole grid
     `repeats` times over, since host-bound points jitter between runs."""
-    limits = state.capacity_max_tokens, state.masked_max_tokens
+    limit = state.capacity_max_tokens
     for run in range(repeats):
         for B, L in POINTS:
             for skip in skips:
@@ -97,7 +97,7 @@ def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled):
                 for form in state.FORMS:
                     state.use_form(form)
                     row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
-                state.capacity_max_tokens, state.masked_max_tokens = limits
+                state.capacity_max_tokens = limit
                 results.append(row)
                 print(row, flush=True)
 
@@ -109,7 +109,7 @@ if __name__ == "__main__":
     parser.add_argument("--rep", type=float, default=100, help="ms of timed repeats per point (default 100)")
     parser.add_argument("--repeats", type=int, default=1, help="times over the whole grid (default 1)")
     parser.add_argument("--skips", default="0.25", help="comma-separated skip rates (default 0.25)")
-    parser.add_argument("--compiled", action="store_true", help="also time compiled-sparse (default switches)")
+    parser.add_argument("--compiled", action="store_true", help="also time compiled-sparse (default switch)")
     parser.add_argument("--scope", choices=("layer", "model"), default="layer",
                         help="sweep one 8B layer, or a whole model of --layers 8B layers (default layer)")
     parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")

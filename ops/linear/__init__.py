@@ -171,7 +171,8 @@ if HAS_TRITON:
 
     # The exact form (cuBLAS, then an elementwise kernel) traces into the graph. The capacity
     # form stays one op: its tiles depend on the bucketed row count, which would guard on the
-    # token count; it runs at decode, inside CUDA graphs, where the dispatcher costs nothing.
+    # token count. Inside a CUDA graph (decode) the dispatcher then costs nothing; a compiled
+    # prefill of up to 1024 tokens pays it per call (docs/BENCHMARKS.md).
     decompose_under_compile(linear_rows, _linear_rows_cuda, lambda x, weight, bias=None, count=None: count is None)
     decompose_under_compile(gated_mlp, _gated_mlp_cuda, lambda x, w_gate, w_up, activation, count=None: count is None)
     decompose_under_compile(
