@@ -33,6 +33,7 @@ class Family:
     """Llama: the base case. Subclasses override only what their architecture changes."""
 
     model_type = "llama"
+    qk_norm = False  # a per-head RMSNorm of q and k before RoPE (q_norm, k_norm below)
 
     def geometry(self, config) -> LayerGeometry:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -96,6 +97,7 @@ class Qwen3Family(Qwen2Family):
     """RMSNorm over each head of q and k before RoPE."""
 
     model_type = "qwen3"
+    qk_norm = True
 
     def q_norm(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
         return attn.q_norm(q)

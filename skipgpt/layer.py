@@ -43,6 +43,10 @@ class RoutedDecoderLayer(nn.Module):
         self.sliding_window = family.sliding_window(config)
         self.state = state
         self.pipeline = "dense"
+        # triton-sparse's capacity form runs the attention's input stage as one op (norm_qkv),
+        # which has no per-head q/k norm and takes all three q/k/v biases or none.
+        biases = {getattr(base_layer.self_attn, p).bias is None for p in ("q_proj", "k_proj", "v_proj")}
+        self.fuses_qkv = not family.qk_norm and len(biases) == 1
         # [tokens executing attention, tokens executing the MLP, non-padding tokens] since the
         # last reset; on the device, so counting never syncs.
         device = self.input_layernorm.weight.device
@@ -73,11 +77,7 @@ class RoutedDecoderLayer(nn.Module):
                 "skipgpt implements full causal attention only"
             )
         k_cache, v_cache, start = kv_layer.reserve(B, L, g.num_kv_heads, g.head_dim, hidden_states.dtype, hidden_states.device)
-        # [B, L, D] copies: the model shares one row of tables across the batch when it got no
-        # position_ids. An explicit copy rather than .contiguous(), whose view-or-copy choice
-        # would make compiled code guard on L == 1. copy_ also brings tables computed on another
-        # device (the model's rotary embedding sits with its first layers) onto this one.
-        cos, sin = (hidden_states.new_empty(B, L, g.head_dim, dtype=t.dtype).copy_(t) for t in position_embeddings)
+        cos, sin = (self._rope_table(t, B, L, hidden_states.device) for t in position_embeddings)
         key_mask, valid = self._padding(B, L, start, hidden_states.device)
         x = hidden_states.contiguous()
         step = dict(x=x, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, start=start, key_mask=key_mask)
@@ -88,6 +88,17 @@ class RoutedDecoderLayer(nn.Module):
         if self.pipeline == "torch-sparse":
             return self._torch_sparse(execute=execute, valid=valid, **step)
         return self._triton_sparse(execute=execute, valid=valid, **step)
+
+    def _rope_table(self, t: torch.Tensor, B: int, L: int, device) -> torch.Tensor:
+        """cos or sin as the ops take it: [B, L, D], contiguous, on this layer's device. The model
+        shares one row of tables across the batch when it got no position_ids, and its rotary
+        embedding sits with its first layers (device_map), so this may copy. Compiled code always
+        copies (an explicit copy: .contiguous()'s view-or-copy choice would guard on L == 1);
+        eager code takes tables that already fit as they are, saving two launches per layer."""
+        D = self.geometry.head_dim
+        if not torch.compiler.is_compiling() and t.shape == (B, L, D) and t.device == device and t.is_contiguous():
+            return t
+        return t.new_empty((B, L, D), device=device).copy_(t)
 
     def _padding(self, B: int, L: int, start: torch.Tensor, device):
         """(key_mask [B, S] bool or None, valid [B, L] bool or None) from the model's mask.
@@ -236,6 +247,15 @@ class RoutedDecoderLayer(nn.Module):
         # a CUDA graph is being captured). With torch.cond either form may run, so always.
         rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
+        if capacity is True and self.fuses_qkv:
+            # The attention's input stage in one launch. (Not inside torch.cond, whose branches
+            # may not write the cache: there K/V are written before the branch, below.)
+            counts = _counts(seq_offsets)
+            q = ops.norm_qkv(x, self.input_layernorm.weight, g.rms_norm_eps, attn.q_proj.weight, attn.k_proj.weight,
+                             attn.v_proj.weight, attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias,
+                             cos.view(T, -1), sin.view(T, -1), rows[0], counts[0], k_cache, v_cache, start)
+            return self._attend_and_mlp(x, q, (rows[0], rows[1]), counts, slot, seq_offsets, k_cache, v_cache, start,
+                                        key_mask, L).view(B, L, H)
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
         # GPU busy while the host waits for them.
@@ -247,10 +267,7 @@ class RoutedDecoderLayer(nn.Module):
         cos, sin = cos.view(T, -1), sin.view(T, -1)
 
         def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
-            # [1] views of the counts; select + unsqueeze rather than [r, -1:], an open-ended
-            # slice that Inductor (torch 2.11) fails to lower inside torch.cond.
-            counts = (seq_offsets[0, -1].unsqueeze(0), seq_offsets[1, -1].unsqueeze(0))
-            return self._sparse_modules(x, xq, (rows[0], rows[1]), counts, slot, seq_offsets, cos, sin,
+            return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos, sin,
                                         k_cache, v_cache, start, key_mask, L)
 
         def exact_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
@@ -266,17 +283,28 @@ class RoutedDecoderLayer(nn.Module):
         return out.view(B, L, H)
 
     def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L):
-        """Q, attention and o_proj over the attention rows, then the MLP over the MLP rows.
-        rows/counts: (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
+        """Q from the normalised compacted rows xq, then `_attend_and_mlp`. rows/counts:
+        (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
+        g, attn = self.geometry, self.self_attn
+        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, counts[0]).view(-1, g.num_heads, g.head_dim)
+        q = self.family.q_norm(attn, q)
+        q = ops.rope(q.contiguous(), cos, sin, rows[0], counts[0])
+        return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L)
+
+    def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L):
+        """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
+        over the MLP rows, each scattered back onto the residual stream x [T, H]."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()
-        (rows_attn, rows_mlp), (count_attn, count_mlp) = rows, counts
-        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, count_attn).view(-1, g.num_heads, g.head_dim)
-        q = self.family.q_norm(attn, q)
-        q = ops.rope(q.contiguous(), cos, sin, rows_attn, count_attn)
-        o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows_attn, seq_offsets[0], key_mask)
-        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], count_attn)
-        # MLP over the executing rows, scattered back onto the residual stream.
-        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows_mlp, count_mlp)
-        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, count_mlp)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], count_mlp)
+        o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
+        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0])
+        a = ops.norm_gated_mlp(h, self.post_attention_layernorm.weight, eps, mlp.gate_proj.weight,
+                               mlp.up_proj.weight, g.activation, rows[1], counts[1])
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1])
+
+
+def _counts(seq_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention and MLP executing counts, [1] views of `compact`'s seq_offsets [2, B+1].
+    select + unsqueeze rather than [r, -1:], an open-ended slice that Inductor (torch 2.11)
+    fails to lower inside torch.cond."""
+    return seq_offsets[0, -1].unsqueeze(0), seq_offsets[1, -1].unsqueeze(0)

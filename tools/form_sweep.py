@@ -6,7 +6,8 @@
    form (capacity, exact), against hf and dense from the same run.
 
 Usage: python tools/form_sweep.py [--json PATH] [--layer-only] [--scope model --layers 8]
-                                  [--repeats 3] [--skips 0,0.25,0.5] [--compiled]
+                                  [--repeats 3] [--skips 0,0.25,0.5] [--compiled] [--unfused]
+                                  [--points 1:512,1:1024]
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import triton
 
 from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer
+from skipgpt.model import routed_layers
 from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
@@ -38,9 +40,10 @@ def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
     def run():
         kernels._rows_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(rows, bm))](
             x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
-            slot if slot is not None else out, count, M, rows, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"], GATED=w2 is not None, HAS_BIAS=False,
-            RESIDUAL=residual is not None, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
+            slot if slot is not None else out, out, count, out, M, rows, M, 0.0, N=N, K=K,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"],
+            GATED=w2 is not None, HAS_BIAS=False, RESIDUAL=residual is not None, GATHER=False, NORM=False,
+            DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
         return out
     return run
 
@@ -83,13 +86,16 @@ def gemm_sweep(results):
 POINTS = ((1, 256), (1, 512), (2, 512), (4, 256), (1, 1024), (4, 512), (2, 1024), (1, 2048))
 
 
-def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled):
+def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, unfused=False, points=POINTS):
     """Each point with triton-sparse forced into each form, against hf and dense (and with
     `compiled`, compiled-sparse at the default switch) in the same run; the whole grid
-    `repeats` times over, since host-bound points jitter between runs."""
+    `repeats` times over, since host-bound points jitter between runs. With `unfused`, also the
+    capacity form with the attention's input stage unfused (rms_norm_split, cuBLAS K/V,
+    rope_kv_write, Q GEMM, rope: how the form ran before norm_qkv)."""
     limit = state.capacity_max_tokens
+    layers = [bench.routed] if bench.scope == "layer" else routed_layers(bench.routed)
     for run in range(repeats):
-        for B, L in POINTS:
+        for B, L in points:
             for skip in skips:
                 row = {"scope": bench.scope, "run": run, "B": B, "L": L, "skip": skip}
                 for provider in ("hf", "dense") + (("compiled-sparse",) if compiled else ()):
@@ -97,6 +103,14 @@ def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled):
                 for form in state.FORMS:
                     state.use_form(form)
                     row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
+                if unfused:
+                    state.use_form("capacity")
+                    fused = [layer.fuses_qkv for layer in layers]
+                    for layer in layers:
+                        layer.fuses_qkv = False
+                    row["capacity-unfused"] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
+                    for layer, was in zip(layers, fused):
+                        layer.fuses_qkv = was
                 state.capacity_max_tokens = limit
                 results.append(row)
                 print(row, flush=True)
@@ -113,7 +127,11 @@ if __name__ == "__main__":
     parser.add_argument("--scope", choices=("layer", "model"), default="layer",
                         help="sweep one 8B layer, or a whole model of --layers 8B layers (default layer)")
     parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time the capacity form with the attention's input stage unfused")
+    parser.add_argument("--points", help="B:L,B:L,... prefill points (default: 256 to 2048 tokens)")
     args = parser.parse_args()
+    points = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")] if args.points else POINTS
     skips = [float(s) for s in args.skips.split(",")]
     gemm_rows, layer_rows = [], []
     if not args.layer_only:
@@ -125,7 +143,7 @@ if __name__ == "__main__":
     else:
         bench = ModelBench("llama-3.1-8b", torch.bfloat16, device, layers=args.layers, fp32_reference=False)
         state = bench.routed.model.skipgpt_routing
-    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled)
+    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled, args.unfused, points)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)

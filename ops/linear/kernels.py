@@ -2,8 +2,18 @@
 
 - `act_mul` and `scatter_residual` finish the exact-count path, whose GEMMs run in cuBLAS.
 - `rows_gemm` is the capacity-form GEMM: it reads the executing count on the device, so a
-  module that no row executes exits before streaming a byte of its weights. Optional epilogues:
+  module that no row executes exits before streaming a byte of its weights. Optional prologue:
+  a row gather through `rows` and the RMSNorm that precedes the module. Optional epilogues:
   bias, gated activation (two weights), residual add scattered through `slot`.
+- `norm_qkv` is the attention's whole input stage in one launch: RMSNorm, the Q projection of
+  the gathered executing rows and the K/V projections of every token, RoPE on Q and K, and the
+  K/V write into the seq-first cache.
+
+The fused RMSNorm: the prologue scales each A tile by the norm weight and sums the squares of
+x's row on the way through K; the epilogue multiplies the accumulator by 1/rms. No pass over
+memory of its own, and no normalised copy of x. It rounds x * weight to x's dtype where the
+Hugging Face RMSNorm rounds x / rms and then the product with the weight: the same relative
+error, at a different place.
 """
 import torch
 import triton
@@ -53,42 +63,74 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "count_ptr"])
+@triton.jit
+def _normed(a, norm_ptr, offs_k, k_ok):
+    """The A tile `a` (columns offs_k) scaled by the RMSNorm weight, and its rows' fp32 sums of
+    squares (summed over K, they give 1/rms for the epilogue)."""
+    af = a.to(tl.float32)
+    w = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    return (af * w[None, :]).to(a.dtype), tl.sum(af * af, axis=1)
+
+
+@triton.jit
+def _inv_rms(squares, eps, K: tl.constexpr):
+    if K == 0:  # no features: the normalised row is empty, its projection the bias alone
+        return squares + 1.0
+    # The cast: Inductor passes a Python float as fp64 (Triton's launcher: fp32).
+    return tl.rsqrt(squares / K + tl.cast(eps, tl.float32))
+
+
+# Index pointers and sizes unspecialised, as for the scatter kernel above.
+@triton.jit(do_not_specialize=["M", "T", "XR", "slot_ptr", "rows_ptr", "count_ptr"])
 def _rows_gemm_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, count_ptr,
-    M, T,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, rows_ptr, count_ptr, norm_ptr,
+    M, T, XR, eps,
     N: tl.constexpr, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     limit = tl.minimum(tl.load(count_ptr), M)
+    # out_ok: output rows to store; a_ok: rows with an input row to read.
     if RESIDUAL:  # output rows are tokens; token t reads x[slot[t]]
         out_ok = offs_m < T
         src = tl.load(slot_ptr + offs_m, mask=out_ok, other=-1)
         a_ok = out_ok & (src >= 0) & (src < limit)
+    elif GATHER:  # output row m reads x[rows[m]], x's XR rows being tokens (else a zero row)
+        out_ok = offs_m < limit
+        src = tl.load(rows_ptr + offs_m, mask=out_ok, other=-1)
+        a_ok = out_ok & (src >= 0) & (src < XR)
     else:  # output rows are x's rows
+        out_ok = offs_m < limit
         src = offs_m
-        a_ok = offs_m < limit
+        a_ok = out_ok
     src = tl.where(a_ok, src, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     # No executing row in this block: skip the K loop, so the weights are never read.
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            a, sq = _normed(a, norm_ptr, offs_k, k_ok)
+            squares += sq
         w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
         w_ok = n_ok[None, :] & k_ok[:, None]
         acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
         if GATED:
             acc2 += tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
+    if NORM:
+        inv_rms = _inv_rms(squares, eps, K)[:, None]
+        acc = acc * inv_rms
+        acc2 = acc2 * inv_rms
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,7 +144,7 @@ def _rows_gemm_kernel(
         y = tl.where(a_ok[:, None], (res.to(tl.float32) + y.to(tl.float32)).to(dtype), res)
         tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
     else:
-        tl.store(out_ptr + out_off, y, mask=a_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
 
 
 def _elementwise_block(n: int) -> int:
@@ -149,9 +191,12 @@ def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
     return 128, 128, 64 if wide else 32, 8, 3
 
 
-def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):
-    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual."""
-    M, K = x.shape
+def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None,
+              rows=None, norm_weight=None, eps=0.0):
+    """Capacity-form GEMM: see the module docstring. Returns [M, N] (M: x's rows, or rows'
+    length with a gather), or [T, N] with residual."""
+    K = x.shape[1]
+    M = rows.shape[0] if rows is not None else x.shape[0]
     N = weight.shape[0]
     out_rows = residual.shape[0] if residual is not None else M
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
@@ -161,11 +206,133 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
     launch(_rows_gemm_kernel)[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
-        M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        residual if residual is not None else dummy, out, slot if slot is not None else dummy,
+        rows if rows is not None else dummy, count, norm_weight if norm_weight is not None else dummy,
+        M, out_rows, x.shape[0], eps, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        RESIDUAL=residual is not None, GATHER=rows is not None, NORM=norm_weight is not None,
+        DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _dot_precision(x):
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+# Index pointers and sizes unspecialised, as for the scatter kernel above.
+@triton.jit(do_not_specialize=["T", "M", "L", "S", "rows_ptr", "count_ptr", "start_ptr"])
+def _norm_qkv_kernel(
+    x_ptr, norm_ptr, eps, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr,
+    rows_ptr, count_ptr, q_ptr, kc_ptr, vc_ptr, start_ptr,
+    T, M, L, S,
+    K: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program (n, m): rows m*BLOCK_M.. of one head's BLOCK_H column pairs (c, c + HEAD_DIM/2),
+    # the pairs RoPE rotates together. Heads run Q (gathered rows), then K, then V (every token).
+    HALF: tl.constexpr = HEAD_DIM // 2
+    CHUNKS: tl.constexpr = (HALF + BLOCK_H - 1) // BLOCK_H
+    head = tl.program_id(0) // CHUNKS
+    c = (tl.program_id(0) % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_ok = c < HALF
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    is_q = head < HQ
+    is_v = head >= HQ + HK
+    if is_q:
+        h = head
+        w_ptr = wq_ptr
+        b_ptr = bq_ptr
+    elif is_v:
+        h = head - HQ - HK
+        w_ptr = wv_ptr
+        b_ptr = bv_ptr
+    else:
+        h = head - HQ
+        w_ptr = wk_ptr
+        b_ptr = bk_ptr
+    limit = M
+    if HAS_COUNT:
+        limit = tl.minimum(tl.load(count_ptr), M)
+    limit = tl.where(is_q, limit, T)
+    live = offs_m < limit  # rows to store; a query row whose index is outside [0, T) projects a zero row
+    src = tl.where(is_q, tl.load(rows_ptr + offs_m, mask=is_q & live, other=-1), offs_m)
+    a_ok = live & (src >= 0) & (src < T)
+    src = tl.where(a_ok, src, 0).to(tl.int64)  # and rotates with table row 0, as the rope op does
+    lo = h * HEAD_DIM + c  # output features (weight rows) of the first half; + HALF the second
+    w_ok = c_ok[None, :]
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)  # no row: never read weights
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        a, sq = _normed(a, norm_ptr, offs_k, k_ok)
+        squares += sq
+        w_off = lo[None, :].to(tl.int64) * K + offs_k[:, None]
+        w_mask = w_ok & k_ok[:, None]
+        acc_lo += tl.dot(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_hi += tl.dot(a, tl.load(w_ptr + w_off + HALF * K, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    inv_rms = _inv_rms(squares, eps, K)[:, None]
+    y_lo = acc_lo * inv_rms
+    y_hi = acc_hi * inv_rms
+    if HAS_BIAS:
+        y_lo += tl.load(b_ptr + lo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        y_hi += tl.load(b_ptr + lo + HALF, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    # Round as the projection's output is rounded, then rotate in fp32 as the rope op does.
+    dtype = q_ptr.dtype.element_ty
+    y_lo = y_lo.to(dtype).to(tl.float32)
+    y_hi = y_hi.to(dtype).to(tl.float32)
+    ok = live[:, None] & c_ok[None, :]
+    table = src[:, None] * HEAD_DIM + c[None, :]
+    rotate = ok & (head < HQ + HK)  # Q and K heads; V is stored as projected
+    cos_lo = tl.load(cos_ptr + table, mask=rotate, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + table + HALF, mask=rotate, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + table, mask=rotate, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + table + HALF, mask=rotate, other=0.0).to(tl.float32)
+    out_lo = tl.where(is_v, y_lo, y_lo * cos_lo - y_hi * sin_lo).to(dtype)
+    out_hi = tl.where(is_v, y_hi, y_hi * cos_hi + y_lo * sin_hi).to(dtype)
+    if is_q:
+        dst = offs_m.to(tl.int64)[:, None] * (HQ * HEAD_DIM) + lo[None, :]
+        tl.store(q_ptr + dst, out_lo, mask=ok)
+        tl.store(q_ptr + dst + HALF, out_hi, mask=ok)
+    else:
+        # Token src = b * L + l goes to cache slot start + l of sequence b.
+        slot = tl.load(start_ptr) + src % L
+        ok = ok & ((slot >= 0) & (slot < S))[:, None]
+        dst = ((src // L) * S + slot)[:, None] * (HK * HEAD_DIM) + lo[None, :]
+        if is_v:
+            tl.store(vc_ptr + dst, out_lo, mask=ok)
+            tl.store(vc_ptr + dst + HALF, out_hi, mask=ok)
+        else:
+            tl.store(kc_ptr + dst, out_lo, mask=ok)
+            tl.store(kc_ptr + dst + HALF, out_hi, mask=ok)
+
+
+def norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+    T, K = x.shape
+    B, S, HK, D = k_cache.shape
+    M = rows.shape[0]
+    HQ = w_q.shape[0] // D
+    q = torch.empty(M, HQ, D, dtype=x.dtype, device=x.device)
+    if known_empty(max(M, T) * D):
+        return q
+    # A plain GEMM's tiles, their columns split into the two dots' halves (tl.dot needs >= 16):
+    # as many programs as the Q projection alone had, so decode still spreads its weights wide.
+    block_m, block_n, block_k, warps, stages = _tiles(max(M, T), x.element_size(), False, x.device.type == "cuda")
+    block_h = max(16, min(block_n // 2, triton.next_power_of_2(D // 2)))
+    chunks = triton.cdiv(D // 2, block_h)
+    dummy = x
+    launch(_norm_qkv_kernel)[((HQ + 2 * HK) * chunks, triton.cdiv(max(M, T), block_m))](
+        x, norm_weight, eps, w_q, w_k, w_v,
+        b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
+        cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,
+        T, M, T // B, S, K=K, HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k,
+        HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=_dot_precision(x),
+        num_warps=warps, num_stages=stages,
+    )
+    return q

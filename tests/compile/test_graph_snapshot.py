@@ -74,8 +74,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
-  skipgpt.rms_norm.default
-  skipgpt.gated_mlp.default
+  skipgpt.norm_gated_mlp.default
   skipgpt.linear_residual.default
 [cond_false_0]
   skipgpt.exact_rows.default
@@ -89,8 +88,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
-  skipgpt.rms_norm.default
-  skipgpt.gated_mlp.default
+  skipgpt.norm_gated_mlp.default
   skipgpt.linear_residual.default""")
 
     def test_dense_layer(self):

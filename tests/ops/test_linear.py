@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from skipgpt.ops import linear
 from skipgpt.ops.linear import gated_mlp_reference, linear_residual_reference, linear_rows_reference
-from tests.helpers import KERNEL_DEVICE, KERNEL_DTYPES, TOL, requires_triton
+from tests.helpers import KERNEL_DEVICE, KERNEL_DTYPES, TOL, poison, requires_triton
 from tests.ops.opsutil import assert_rel, make_routes, poisoned_outputs, randn
 
 ACT64 = {"silu": lambda t: t / (1 + torch.exp(-t)), "relu": lambda t: t.clamp(min=0)}
@@ -263,6 +263,139 @@ def test_exact_paths_as_registered(dtype, B, L, p):
 
 
 # ---------------------------------------------------------------------------------------------
+# the fused RMSNorm ops: norm_gated_mlp and norm_qkv (their CUDA registrations, kernels run by
+# the interpreter on CPU)
+
+EPS = 1e-5
+
+
+def brute_norm(x, w):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
+
+
+def brute_rope(y, cos, sin):
+    """y [M, heads, D] float64 rotated with cos/sin [M, D]."""
+    half = y.shape[-1] // 2
+    rotated = torch.cat((-y[..., half:], y[..., :half]), dim=-1)
+    return y * cos.double()[:, None] + rotated * sin.double()[:, None]
+
+
+def _norm_weight(K, dtype, seed):
+    return (1 + 0.2 * randn(K, seed=seed)).to(dtype=dtype, device=KERNEL_DEVICE)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,L,p", [(2, 7, 0.6), (1, 1, 1.0), (2, 63, 0.0), (1, 129, 0.75)])
+@pytest.mark.parametrize("form", ["capacity", "exact"])
+def test_norm_gated_mlp(dtype, B, L, p, form):
+    from skipgpt.ops.linear import kernels
+
+    T, K, I = B * L, 72, 40
+    routes = make_routes(B, L, p, seed=L, device=KERNEL_DEVICE)
+    x = randn(T, K, dtype=dtype, device=KERNEL_DEVICE, seed=L + 1, scale=3.0)
+    nw = _norm_weight(K, dtype, L + 2)
+    wg, wu = _w(I, K, dtype, KERNEL_DEVICE, L + 3), _w(I, K, dtype, KERNEL_DEVICE, L + 4)
+    rows, count = (routes.rows_cap, routes.count) if form == "capacity" else (routes.rows, None)
+    with poisoned_outputs(kernels):
+        out = linear._norm_gated_mlp_cuda(x, nw, EPS, wg, wu, "silu", rows, count)
+    n = routes.n
+    assert out.shape == (rows.shape[0], I) and out.dtype == dtype
+    want = linear.norm_gated_mlp_reference(x, nw, EPS, wg, wu, "silu", rows, count)
+    assert_rel(out[:n], want[:n], TOL[dtype], "vs the reference")
+    assert_rel(out[:n], brute_gated(brute_norm(x[routes.rows.long()], nw), wg, wu, "silu"), TOL[dtype], "vs float64")
+    if form == "capacity":
+        assert torch.isnan(out[n:]).all(), "rows at or past the count were written"
+
+
+def _qkv_case(dtype, B, L, p, Hq, Hk, D, bias, K=40, S_extra=4, start=3):
+    T = B * L
+    routes = make_routes(B, L, p, seed=L + D, device=KERNEL_DEVICE, route_set=0)
+    x = randn(T, K, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0)
+    weights = [_w(h * D, K, dtype, KERNEL_DEVICE, seed) for h, seed in ((Hq, 2), (Hk, 3), (Hk, 4))]
+    biases = [randn(w.shape[0], dtype=dtype, device=KERNEL_DEVICE, seed=5 + i) if bias else None
+              for i, w in enumerate(weights)]
+    positions = torch.arange(start, start + L).repeat(B).double()
+    angles = positions[:, None] * 10000.0 ** (-torch.arange(0, D, 2).double() / D)
+    table = torch.cat([angles, angles], -1)
+    cos, sin = (t.to(dtype=dtype, device=KERNEL_DEVICE) for t in (table.cos(), table.sin()))
+    caches = [poison(torch.empty(B, L + S_extra + start, Hk, D, dtype=dtype, device=KERNEL_DEVICE)) for _ in range(2)]
+    start_t = torch.tensor([start], device=KERNEL_DEVICE)
+    args = (x, _norm_weight(K, dtype, 9), EPS, *weights, *biases, cos, sin, routes.rows_cap, routes.count)
+    return routes, args, caches, start_t
+
+
+QKV_CASES = [
+    (2, 7, 0.6, 4, 2, 8, False),  # a head narrower than a tile's columns
+    (1, 1, 1.0, 2, 2, 64, True),  # one decode token
+    (2, 63, 0.0, 4, 1, 16, False),  # no query executes; K/V are still written
+    (1, 129, 0.75, 4, 1, 64, True),  # GQA 4, two column chunks per head
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,L,p,Hq,Hk,D,bias", QKV_CASES)
+def test_norm_qkv(dtype, B, L, p, Hq, Hk, D, bias):
+    from skipgpt.ops.linear import kernels
+
+    routes, args, (k_cache, v_cache), start = _qkv_case(dtype, B, L, p, Hq, Hk, D, bias)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    with poisoned_outputs(kernels):
+        q = linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
+    want_q = linear.norm_qkv_reference(*args, want_k, want_v, start)
+    n, s = routes.n, int(start)
+    assert q.shape == (B * L, Hq, D) and q.dtype == dtype
+    assert_rel(q[:n], want_q[:n], TOL[dtype], "q vs the reference")
+    assert torch.isnan(q[n:]).all(), "query rows at or past the count were written"
+    for got, want, name in ((k_cache, want_k, "k"), (v_cache, want_v, "v")):
+        assert_rel(got[:, s:s + L], want[:, s:s + L], TOL[dtype], f"{name} cache vs the reference")
+        assert torch.isnan(got[:, :s]).all() and torch.isnan(got[:, s + L:]).all(), f"{name}: a slot outside the step was written"
+    # q and K against float64
+    x, nw, _, wq, wk, _, bq, bk, _, cos, sin, *_ = args
+    xn = brute_norm(x, nw)
+    rows = routes.rows.long()
+    q64 = brute_rope(brute_linear(xn[rows], wq, bq).view(n, Hq, D), cos[rows], sin[rows])
+    assert_rel(q[:n], q64, TOL[dtype], "q vs float64")
+    k64 = brute_rope(brute_linear(xn, wk, bk).view(B * L, Hk, D), cos, sin).view(B, L, Hk, D)
+    assert_rel(k_cache[:, s:s + L], k64, TOL[dtype], "k vs float64")
+
+
+@requires_triton
+@pytest.mark.parametrize("rows", [1, 20, 130])  # one per tile regime of `_tiles` on a GPU
+def test_norm_qkv_with_the_gpu_tiles(monkeypatch, rows):
+    from skipgpt.ops.linear import kernels
+
+    gpu_tiles = kernels._tiles
+    monkeypatch.setattr(kernels, "_tiles", lambda r, size, gated, on_gpu: gpu_tiles(r, size, gated, True))
+    dtype = torch.float16
+    routes, args, (k_cache, v_cache), start = _qkv_case(dtype, 1, rows, 0.7, 2, 1, 128, True, K=300)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    q = linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
+    want_q = linear.norm_qkv_reference(*args, want_k, want_v, start)
+    assert_rel(q[:routes.n], want_q[:routes.n], TOL[dtype], "q")
+    s = int(start)
+    assert_rel(k_cache[:, s:s + rows], want_k[:, s:s + rows], TOL[dtype], "k")
+    assert_rel(v_cache[:, s:s + rows], want_v[:, s:s + rows], TOL[dtype], "v")
+
+
+@requires_triton
+def test_norm_qkv_drops_writes_past_the_cache():
+    """start is device data: slots past the cache's end are dropped, never written out of bounds
+    (the CPU implementation, which reads start for free, raises instead)."""
+    routes, args, (k_cache, v_cache), _ = _qkv_case(torch.float32, 1, 7, 1.0, 2, 1, 16, False, S_extra=0, start=0)
+    S = k_cache.shape[1]  # 7 slots
+    start = torch.tensor([S - 2], device=KERNEL_DEVICE)
+    linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
+    assert torch.isfinite(k_cache[:, S - 2:]).all() and torch.isnan(k_cache[:, :S - 2]).all()
+    assert torch.isfinite(v_cache[:, S - 2:]).all() and torch.isnan(v_cache[:, :S - 2]).all()
+    with pytest.raises(ValueError, match="start: slots 5..11 fall outside a cache of 7 slots"):
+        linear.norm_qkv(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args),
+                        k_cache.cpu(), v_cache.cpu(), start.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
 # opcheck and errors
 
 
@@ -288,6 +421,13 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
     torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x[:0], w, wu, "silu"))
+    nw = 1 + randn(K, seed=8)
+    for rows, c in ((routes.rows_cap.clone(), cnt), (routes.rows.clone(), None)):
+        torch.library.opcheck(torch.ops.skipgpt.norm_gated_mlp.default, (x, nw, EPS, w, wu, "silu", rows, c))
+    torch.library.opcheck(torch.ops.skipgpt.norm_gated_mlp.default, (x, nw, EPS, w, wu, "relu", rows[:0], None))
+    for bias in (False, True):
+        routes_q, args, caches, start = _qkv_case(torch.float32, 2, 4, 0.5, 4, 2, 8, bias)
+        torch.library.opcheck(torch.ops.skipgpt.norm_qkv.default, (*args, *(c.zero_() for c in caches), start))
 
 
 def _bad_cases():
@@ -320,6 +460,54 @@ def _bad_cases():
         (rs, (res, x, w, None, count), ValueError, "count: given without slot"),
         (rs, (torch.zeros(5, 4).t(), x, w), ValueError, "residual: expected a contiguous tensor"),
     ]
+
+
+def _bad_fused_cases():
+    x, nw, w = torch.zeros(4, 6), torch.ones(6), torch.zeros(5, 6)
+    rows, count = torch.zeros(4, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    ng = linear.norm_gated_mlp
+    _, qkv, (kc, vc), start = _qkv_case(torch.float32, 2, 2, 0.5, 2, 1, 8, False, K=6)
+    # qkv: x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count
+    def with_(i, value, caches=(kc, vc), start=start):
+        args = list(qkv)
+        if i is not None:
+            args[i] = value
+        return (*args, *caches, start)
+    nq = linear.norm_qkv
+    wide = torch.zeros(*kc.shape[:3], 16)  # two caches side by side: strided views
+    return [
+        (ng, (x, nw[:5], 1e-5, w, w, "silu", rows), ValueError, "norm_weight: dim 0 must equal x's feature size"),
+        (ng, (x, nw.half(), 1e-5, w, w, "silu", rows), TypeError, "norm_weight: dtype"),
+        (ng, (x, nw, 1, w, w, "silu", rows), None, None),  # an int eps is a float
+        (ng, (x, nw, 1e-5, w, w, "silu", None), ValueError, "rows: required"),
+        (ng, (x, nw, 1e-5, w, w, "silu", rows.long()), TypeError, "rows: expected dtype int32"),
+        (ng, (x, nw, 1e-5, w, w, "silu", rows, count.long()), TypeError, "count: expected dtype int32"),
+        (nq, with_(None, None), None, None),
+        (nq, with_(0, qkv[0][:3]), ValueError, "x: 3 rows do not split into the cache's batch of 2"),
+        (nq, with_(3, qkv[3][:5]), ValueError, "w_q: 5 output features are not a whole number of 8-wide heads"),
+        (nq, with_(4, qkv[5][:0]), ValueError, "w_k: dim 0 must equal the cache's KV heads times head dim"),
+        (nq, with_(5, qkv[5].half()), TypeError, "w_v: dtype"),
+        (nq, with_(6, torch.zeros(16)), ValueError, "b_q, b_k, b_v: give all three biases or none"),
+        (nq, with_(9, qkv[9][:, :4].contiguous()), ValueError, r"cos: expected shape \(4, 8\)"),
+        (nq, with_(10, qkv[10].long()), TypeError, "sin: expected dtype"),
+        (nq, with_(11, None), ValueError, "rows: required"),
+        (nq, with_(12, count.long()), TypeError, "count: expected dtype int32"),
+        (nq, with_(None, None, caches=(kc, vc[:, :2].contiguous())), ValueError, "v_cache: shape"),
+        (nq, with_(None, None, caches=(kc.half(), vc.half())), TypeError, "k_cache: dtype"),
+        (nq, with_(None, None, caches=(kc[..., :7].contiguous(), vc[..., :7].contiguous())), ValueError, "k_cache: head dim must be even"),
+        (nq, with_(None, None, caches=(wide[..., :8], wide[..., 8:])), ValueError, "k_cache: expected a contiguous tensor"),
+        (nq, with_(None, None, start=start.int()), TypeError, "start: expected dtype int64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_fused_cases())))
+def test_fused_ops_reject_bad_input(case):
+    op, args, exc, msg = _bad_fused_cases()[case]
+    if exc is None:  # a valid call, beside the bad ones
+        op(*args)
+        return
+    with pytest.raises(exc, match=msg):
+        op(*args)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))

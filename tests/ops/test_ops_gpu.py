@@ -206,6 +206,7 @@ def _weights(seed):
     s = H ** -0.5
     return dict(
         q=randn(HQ * D, H, seed=seed, scale=s), q_bias=randn(HQ * D, seed=seed + 1, scale=0.1),
+        k=randn(HK * D, H, seed=seed + 6, scale=s), v=randn(HK * D, H, seed=seed + 7, scale=s),
         o=randn(H, HQ * D, seed=seed + 2, scale=s),
         gate=randn(I, H, seed=seed + 3, scale=s), up=randn(I, H, seed=seed + 4, scale=s),
         down=randn(H, I, seed=seed + 5, scale=I ** -0.5),
@@ -248,6 +249,42 @@ def test_linear_8b(B, L):
         check(out, residual.double() + lin64(x, W["o"]), "linear_residual dense")
 
 
+@pytest.mark.parametrize("B,L", [(2, 300), (8, 1)])
+def test_fused_norm_ops_8b(B, L):
+    """norm_qkv (capacity form: one launch) and norm_gated_mlp (both forms) against float64."""
+    T = B * L
+    W = _weights(40)
+    _, rows, slot, offsets = routes(B, L, seed=41)
+    n_attn, n_mlp = int(offsets[0, -1]), int(offsets[1, -1])
+    x = randn(T, H, seed=42, scale=2.0)
+    w_norm = (1 + 0.1 * torch.randn(H, generator=gen(43), device=DEV)).to(BF16)
+    start, S = 5, L + 9
+    cos64, sin64 = rope_tables(start + torch.arange(L, device=DEV).repeat(B))
+    cos, sin = cos64.to(BF16), sin64.to(BF16)
+    k_cache = torch.full((B, S, HK, D), float("nan"), dtype=BF16, device=DEV)
+    v_cache = k_cache.clone()
+    start_t = torch.full((1,), start, dtype=torch.int64, device=DEV)
+    lin64 = lambda inp, w, b=None: inp.double() @ w.double().T + (0 if b is None else b.double())
+    xn = rms_norm64(x, w_norm)
+    ra = rows[0, :n_attn].long()
+    with poisoned():
+        q = torch.ops.skipgpt.norm_qkv(x, w_norm, EPS, W["q"], W["k"], W["v"], None, None, None, cos, sin,
+                                       rows[0], offsets[0, B:], k_cache, v_cache, start_t)
+    check(q[:n_attn], rope64(lin64(xn[ra], W["q"]).view(-1, HQ, D), cos64[ra], sin64[ra]), "norm_qkv q")
+    k64 = rope64(lin64(xn, W["k"]).view(T, HK, D), cos64, sin64).view(B, L, HK, D)
+    check(k_cache[:, start:start + L], k64, "norm_qkv k cache")
+    check(v_cache[:, start:start + L], lin64(xn, W["v"]).view(B, L, HK, D), "norm_qkv v cache")
+    assert k_cache[:, :start].isnan().all() and v_cache[:, start + L:].isnan().all(), "norm_qkv wrote outside the step"
+    silu64 = lambda t: t / (1 + torch.exp(-t))
+    rm = rows[1, :n_mlp].long()
+    want = silu64(lin64(xn[rm], W["gate"])) * lin64(xn[rm], W["up"])
+    exact = torch.ops.skipgpt.exact_rows(rows, offsets)[1]
+    with poisoned():
+        for form, r, count in (("exact", exact, None), ("capacity", rows[1], offsets[1, B:])):
+            out = torch.ops.skipgpt.norm_gated_mlp(x, w_norm, EPS, W["gate"], W["up"], "silu", r, count)
+            check(out[:n_mlp], want, f"norm_gated_mlp {form}")
+
+
 # -- no recompilation for new sequence lengths ----------------------------------------------------
 
 
@@ -282,6 +319,7 @@ def _jit_functions():
         "act_mul": linear_k._act_mul_kernel,
         "scatter_residual": linear_k._scatter_residual_kernel,
         "rows_gemm": linear_k._rows_gemm_kernel,
+        "norm_qkv": linear_k._norm_qkv_kernel,
     }
 
 
@@ -306,6 +344,8 @@ def _layer_step(W, B, L, start, S, seed):
     xn, xq = torch.ops.skipgpt.rms_norm_split(x, w_norm, EPS, slot[0], T)
     k = v = xn[:, : HK * D].reshape(B, L, HK, D).contiguous()
     torch.ops.skipgpt.rope_kv_write(k, v, cos, sin, k_cache, v_cache, start_t)
+    torch.ops.skipgpt.norm_qkv(x, w_norm, EPS, W["q"], W["k"], W["v"], None, None, None, cos.view(T, D), sin.view(T, D),
+                               rows[0], offsets[0, B:], k_cache, v_cache, start_t)
     for i in range(0, len(forms), 2):
         (ra, ca), (rm, cm) = forms[i], forms[i + 1]
         q = torch.ops.skipgpt.linear_rows(xq[: ra.shape[0]], W["q"], None, ca).view(-1, HQ, D)
@@ -315,6 +355,7 @@ def _layer_step(W, B, L, start, S, seed):
         hn = torch.ops.skipgpt.rms_norm(h, w_norm, EPS, rm, cm)
         a = torch.ops.skipgpt.gated_mlp(hn, W["gate"], W["up"], "silu", cm)
         torch.ops.skipgpt.linear_residual(h, a, W["down"], slot[1], cm)
+        torch.ops.skipgpt.norm_gated_mlp(h, w_norm, EPS, W["gate"], W["up"], "silu", rm, cm)
     torch.ops.skipgpt.rms_norm(x, w_norm, EPS)
     torch.cuda.synchronize()
 
@@ -366,12 +407,13 @@ def test_bucketed_recompilation_stays_bounded():
     buckets = {
         "compact": {min(1024, np2(2 * L)) for L in lengths},
         "rows_gemm": {_tiles(2 * L, 2, False, True) for L in lengths},  # its tiles follow the row count's bucket
+        "norm_qkv": {_tiles(2 * L, 2, False, True) for L in lengths},
     }
     for name in first:
         new = after[name] - first[name]
         if name not in buckets:
             assert new == 0, f"{name} recompiled for a new length ({first[name]} -> {after[name]})"
         else:
-            # rows_gemm runs in 3 epilogue variants (plain, gated, residual) per bucket
-            per_bucket = 3 if name == "rows_gemm" else 1
+            # rows_gemm runs in 4 variants (plain, gated, residual, gathered + normalised + gated)
+            per_bucket = 4 if name == "rows_gemm" else 1
             assert new <= (len(buckets[name]) - 1) * per_bucket, f"{name}: {first[name]} -> {after[name]}"
