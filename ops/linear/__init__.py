@@ -178,7 +178,7 @@ def norm_gated_mlp(
     count: Optional[Tensor] = None,
 ) -> Tensor:
     """`gated_mlp` of `rms_norm(x, norm_weight, eps, rows, count)`, the RMSNorm fused into the
-    GEMM in the capacity form (see kernels.py for where it rounds).
+    GEMM in the capacity form.
 
     x: [T, K] un-normalised token rows; norm_weight: [K]; w_gate, w_up: [I, K]; rows: [M] int32
     flat token indices (output row m is token rows[m]); count: optional [1] int32 (capacity
@@ -251,8 +251,7 @@ def norm_qkv(
     w_k, w_v: [Hk*D, H]; b_q, b_k, b_v: all [out features] or all None; cos, sin: [T, D] per
     token; rows: [M] int32 flat token indices of the queries; count: optional [1] int32 (capacity
     form: query rows m >= count unspecified); k_cache, v_cache: [B, S, Hk, D]; start: [1] int64.
-    Returns q [M, Hq, D]. One launch on CUDA, which fuses the RMSNorm into the projections (see
-    kernels.py for where it rounds).
+    Returns q [M, Hq, D]. One launch on CUDA, the RMSNorm fused into the projections.
     rows, count and start are device data, never synced to check: a query row outside [0, T)
     projects a zero row, count is clamped to [0, M], and the Triton kernel drops the writes of
     slots outside [0, S) (the CPU implementation raises ValueError instead).

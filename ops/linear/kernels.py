@@ -9,11 +9,10 @@
   the gathered executing rows and the K/V projections of every token, RoPE on Q and K, and the
   K/V write into the seq-first cache.
 
-The fused RMSNorm: the prologue scales each A tile by the norm weight and sums the squares of
-x's row on the way through K; the epilogue multiplies the accumulator by 1/rms. No pass over
-memory of its own, and no normalised copy of x. It rounds x * weight to x's dtype where the
-Hugging Face RMSNorm rounds x / rms and then the product with the weight: the same relative
-error, at a different place.
+The fused RMSNorm: a first pass over the program's rows of x sums their squares (the rows are
+read again by the GEMM, from L2); the prologue then normalises each A tile and scales it by the
+norm weight, rounding where the Hugging Face RMSNorm rounds. No normalised copy of x is written
+or read, and the result is the unfused ops' to the GEMM's accumulation order.
 """
 import torch
 import triton
@@ -64,20 +63,27 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
 
 
 @triton.jit
-def _normed(a, norm_ptr, offs_k, k_ok):
-    """The A tile `a` (columns offs_k) scaled by the RMSNorm weight, and its rows' fp32 sums of
-    squares (summed over K, they give 1/rms for the epilogue)."""
-    af = a.to(tl.float32)
-    w = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    return (af * w[None, :]).to(a.dtype), tl.sum(af * af, axis=1)
-
-
-@triton.jit
-def _inv_rms(squares, eps, K: tl.constexpr):
-    if K == 0:  # no features: the normalised row is empty, its projection the bias alone
+def _inv_rms(x_ptr, src, a_ok, k_end, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M] fp32 1/rms of the rows x[src] (1 where K == 0: an empty row's projection is
+    its bias alone)."""
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        a = a.to(tl.float32)
+        squares += tl.sum(a * a, axis=1)
+    if K == 0:
         return squares + 1.0
     # The cast: Inductor passes a Python float as fp64 (Triton's launcher: fp32).
     return tl.rsqrt(squares / K + tl.cast(eps, tl.float32))
+
+
+@triton.jit
+def _normed(a, inv_rms, norm_ptr, offs_k, k_ok):
+    """The A tile `a` (columns offs_k) RMS-normalised, rounded to its dtype, then scaled by the
+    norm weight and rounded again, as the Hugging Face RMSNorm (and the rms_norm op) does."""
+    y = (a.to(tl.float32) * inv_rms[:, None]).to(a.dtype).to(tl.float32)
+    return (y * tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(a.dtype)
 
 
 # Index pointers and sizes unspecialised, as for the scatter kernel above.
@@ -112,25 +118,21 @@ def _rows_gemm_kernel(
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     # No executing row in this block: skip the K loop, so the weights are never read.
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
+    if NORM:
+        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
-            a, sq = _normed(a, norm_ptr, offs_k, k_ok)
-            squares += sq
+            a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
         w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
         w_ok = n_ok[None, :] & k_ok[:, None]
         acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
         if GATED:
             acc2 += tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
-    if NORM:
-        inv_rms = _inv_rms(squares, eps, K)[:, None]
-        acc = acc * inv_rms
-        acc2 = acc2 * inv_rms
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -265,28 +267,24 @@ def _norm_qkv_kernel(
     w_ok = c_ok[None, :]
     acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)  # no row: never read weights
+    inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        a, sq = _normed(a, norm_ptr, offs_k, k_ok)
-        squares += sq
+        a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
         w_off = lo[None, :].to(tl.int64) * K + offs_k[:, None]
         w_mask = w_ok & k_ok[:, None]
         acc_lo += tl.dot(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
         acc_hi += tl.dot(a, tl.load(w_ptr + w_off + HALF * K, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
-    inv_rms = _inv_rms(squares, eps, K)[:, None]
-    y_lo = acc_lo * inv_rms
-    y_hi = acc_hi * inv_rms
     if HAS_BIAS:
-        y_lo += tl.load(b_ptr + lo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        y_hi += tl.load(b_ptr + lo + HALF, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc_lo += tl.load(b_ptr + lo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc_hi += tl.load(b_ptr + lo + HALF, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     # Round as the projection's output is rounded, then rotate in fp32 as the rope op does.
     dtype = q_ptr.dtype.element_ty
-    y_lo = y_lo.to(dtype).to(tl.float32)
-    y_hi = y_hi.to(dtype).to(tl.float32)
+    y_lo = acc_lo.to(dtype).to(tl.float32)
+    y_hi = acc_hi.to(dtype).to(tl.float32)
     ok = live[:, None] & c_ok[None, :]
     table = src[:, None] * HEAD_DIM + c[None, :]
     rotate = ok & (head < HQ + HK)  # Q and K heads; V is stored as projected

@@ -309,6 +309,30 @@ def test_norm_gated_mlp(dtype, B, L, p, form):
         assert torch.isnan(out[n:]).all(), "rows at or past the count were written"
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_fused_norm_rounds_as_the_unfused_ops(dtype):
+    """The fused prologue normalises and rounds where the rms_norm op does: the gathered,
+    normalised gated GEMM equals rms_norm then the gated GEMM (same tiles) up to the order in
+    which 1/rms sums the squares (one fp32 ulp, which a 16-bit rounding almost always absorbs).
+    Rounding x * weight instead, say, would change most 16-bit outputs."""
+    from skipgpt.ops.linear import kernels
+    from skipgpt.ops.norm import kernels as norm_kernels
+
+    routes = make_routes(2, 63, 0.7, seed=5, device=KERNEL_DEVICE)
+    x = randn(126, 72, dtype=dtype, device=KERNEL_DEVICE, seed=6, scale=3.0)
+    nw = _norm_weight(72, dtype, 7)
+    wg, wu = _w(40, 72, dtype, KERNEL_DEVICE, 8), _w(40, 72, dtype, KERNEL_DEVICE, 9)
+    rows, count, n = routes.rows_cap, routes.count, routes.n
+    fused = kernels.rows_gemm(x, wg, count, w2=wu, activation="silu", rows=rows, norm_weight=nw, eps=EPS)
+    xn = norm_kernels.rms_norm(x, nw, EPS, rows, count)
+    unfused = kernels.rows_gemm(xn, wg, count, w2=wu, activation="silu")
+    if dtype == torch.float32:
+        assert_rel(fused[:n], unfused[:n], 1e-6)
+    else:
+        assert (fused[:n] != unfused[:n]).float().mean() <= 0.01
+
+
 def _qkv_case(dtype, B, L, p, Hq, Hk, D, bias, K=40, S_extra=4, start=3):
     T = B * L
     routes = make_routes(B, L, p, seed=L + D, device=KERNEL_DEVICE, route_set=0)
