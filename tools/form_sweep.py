@@ -41,7 +41,7 @@ def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
         kernels._rows_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(rows, bm))](
             x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
             slot if slot is not None else out, out, count, out, M, rows, M, 0.0, N=N, K=K,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"],
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NORM_BLOCK_K=bk, ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"],
             GATED=w2 is not None, HAS_BIAS=False, RESIDUAL=residual is not None, GATHER=False, NORM=False,
             DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
         return out

@@ -62,6 +62,15 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
+# Elements of x a program's first (sum of squares) pass loads at once. Wide tiles keep enough
+# bytes in flight: that loop has no dot for Triton to pipeline its loads against.
+NORM_TILE_ELEMENTS = 16384
+
+
+def _norm_block_k(K: int, block_m: int, block_k: int) -> int:
+    return max(block_k, min(triton.next_power_of_2(max(K, 1)), NORM_TILE_ELEMENTS // block_m))
+
+
 @triton.jit
 def _inv_rms(x_ptr, src, a_ok, k_end, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_M] fp32 1/rms of the rows x[src] (1 where K == 0: an empty row's projection is
@@ -92,7 +101,7 @@ def _rows_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, rows_ptr, count_ptr, norm_ptr,
     M, T, XR, eps,
     N: tl.constexpr, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
     GATHER: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -121,7 +130,7 @@ def _rows_gemm_kernel(
     # No executing row in this block: skip the K loop, so the weights are never read.
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
     if NORM:
-        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, BLOCK_K)
+        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -211,6 +220,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
         residual if residual is not None else dummy, out, slot if slot is not None else dummy,
         rows if rows is not None else dummy, count, norm_weight if norm_weight is not None else dummy,
         M, out_rows, x.shape[0], eps, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k),
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None, GATHER=rows is not None, NORM=norm_weight is not None,
         DOT_PRECISION=_dot_precision(x),
@@ -230,7 +240,7 @@ def _norm_qkv_kernel(
     rows_ptr, count_ptr, q_ptr, kc_ptr, vc_ptr, start_ptr,
     T, M, L, S,
     K: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Program (n, m): rows m*BLOCK_M.. of one head's BLOCK_H column pairs (c, c + HEAD_DIM/2),
@@ -268,7 +278,7 @@ def _norm_qkv_kernel(
     acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)  # no row: never read weights
-    inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, BLOCK_K)
+    inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -330,6 +340,7 @@ def norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, 
         b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
         cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,
         T, M, T // B, S, K=K, HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k,
+        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k),
         HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )
