@@ -6,8 +6,8 @@ bounds the step.
 
 Variants: hf (baseline); exact (triton-sparse, exact form); unfused (capacity form as before
 norm_qkv: rms_norm_split, cuBLAS K/V, rope_kv_write, Q GEMM, rope, rms_norm, gated GEMM);
-fused-qkv (norm_qkv, unfused MLP norm); fused (both); fused-narrow (both, the sum-of-squares
-pass at the GEMM's BLOCK_K).
+fused-qkv (norm_qkv, unfused MLP norm); prenorm-qkv (rms_norm, then norm_qkv without its norm;
+unfused MLP norm); fused (norm_qkv and norm_gated_mlp).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
 """
@@ -19,29 +19,33 @@ import torch
 import skipgpt.ops
 from skipgpt import ops
 from skipgpt.benchmark import LayerBench, cuda_timer
-from skipgpt.ops.linear import kernels
 
-VARIANTS = ("hf", "exact", "unfused", "fused-qkv", "fused", "fused-narrow")
+VARIANTS = ("hf", "exact", "unfused", "fused-qkv", "prenorm-qkv", "fused")
+FUSED_QKV = skipgpt.ops.norm_qkv
 
 
 def _unfused_mlp(x, norm_weight, eps, w_gate, w_up, activation, rows, count=None):
     return ops.gated_mlp(ops.rms_norm(x, norm_weight, eps, rows, count), w_gate, w_up, activation, count)
 
 
+def _prenorm_qkv(x, norm_weight, eps, *rest):
+    return FUSED_QKV(ops.rms_norm(x, norm_weight, eps), None, eps, *rest)
+
+
 @contextlib.contextmanager
 def variant(bench, name):
     layer, state = bench.routed, bench.state
-    saved = (layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, kernels.NORM_TILE_ELEMENTS, state.capacity_max_tokens)
+    saved = (layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, skipgpt.ops.norm_qkv, state.capacity_max_tokens)
     try:
         state.use_form("exact" if name == "exact" else "capacity")
-        layer.fuses_qkv = name in ("fused-qkv", "fused", "fused-narrow")
-        if name in ("unfused", "fused-qkv"):
+        layer.fuses_qkv = name in ("fused-qkv", "prenorm-qkv", "fused")
+        if name in ("unfused", "fused-qkv", "prenorm-qkv"):
             skipgpt.ops.norm_gated_mlp = _unfused_mlp
-        if name == "fused-narrow":
-            kernels.NORM_TILE_ELEMENTS = 0
+        if name == "prenorm-qkv":
+            skipgpt.ops.norm_qkv = _prenorm_qkv
         yield
     finally:
-        layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, kernels.NORM_TILE_ELEMENTS, state.capacity_max_tokens = saved
+        layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, skipgpt.ops.norm_qkv, state.capacity_max_tokens = saved
 
 
 def gpu_time(fn, steps=10):

@@ -198,7 +198,8 @@ def _norm_gated_mlp_fake(x, norm_weight, eps, w_gate, w_up, activation, rows, co
 
 def _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_norm(x, norm_weight, eps)
+    if norm_weight is not None:
+        _check_norm(x, norm_weight, eps)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, t, ndim=4, device=x.device, device_of="x")
         check_same_dtype(name, t, "x", x)
@@ -240,14 +241,15 @@ def _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin,
 
 @torch.library.custom_op("skipgpt::norm_qkv", mutates_args=("k_cache", "v_cache"))
 def norm_qkv(
-    x: Tensor, norm_weight: Tensor, eps: float, w_q: Tensor, w_k: Tensor, w_v: Tensor,
+    x: Tensor, norm_weight: Optional[Tensor], eps: float, w_q: Tensor, w_k: Tensor, w_v: Tensor,
     b_q: Optional[Tensor], b_k: Optional[Tensor], b_v: Optional[Tensor], cos: Tensor, sin: Tensor,
     rows: Tensor, count: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
 ) -> Tensor:
     """The attention's input stage: RMSNorm; K and V of every token, K rotated, written into the
     caches at slots start .. start+L-1 (in place, as `rope_kv_write`); Q of the rows, rotated.
 
-    x: [T, H] un-normalised tokens of B sequences of L (T = B*L); norm_weight: [H]; w_q: [Hq*D, H],
+    x: [T, H] tokens of B sequences of L (T = B*L), RMS-normalised here with norm_weight [H], or
+    taken as normalised already where norm_weight is None; w_q: [Hq*D, H],
     w_k, w_v: [Hk*D, H]; b_q, b_k, b_v: all [out features] or all None; cos, sin: [T, D] per
     token; rows: [M] int32 flat token indices of the queries; count: optional [1] int32 (capacity
     form: query rows m >= count unspecified); k_cache, v_cache: [B, S, Hk, D]; start: [1] int64.

@@ -233,6 +233,28 @@ def _dot_precision(x):
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, w_ptr, lo, c_ok, K: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """x[src] @ w[lo].T and x[src] @ w[lo + HALF].T, [BLOCK_M, BLOCK_H] fp32 each: a head's two
+    halves, which RoPE rotates together. Called with each weight argument itself (not a pointer
+    picked at run time), so Triton knows its alignment and vectorises the loads."""
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
+        w_off = lo[None, :].to(tl.int64) * K + offs_k[:, None]
+        w_mask = c_ok[None, :] & k_ok[:, None]
+        acc_lo += tl.dot(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_hi += tl.dot(a, tl.load(w_ptr + w_off + HALF * K, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    return acc_lo, acc_hi
+
+
 # Index pointers and sizes unspecialised, as for the scatter kernel above.
 @triton.jit(do_not_specialize=["T", "M", "L", "S", "rows_ptr", "count_ptr", "start_ptr"])
 def _norm_qkv_kernel(
@@ -241,7 +263,7 @@ def _norm_qkv_kernel(
     T, M, L, S,
     K: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Program (n, m): rows m*BLOCK_M.. of one head's BLOCK_H column pairs (c, c + HEAD_DIM/2),
     # the pairs RoPE rotates together. Heads run Q (gathered rows), then K, then V (every token).
@@ -253,18 +275,7 @@ def _norm_qkv_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     is_q = head < HQ
     is_v = head >= HQ + HK
-    if is_q:
-        h = head
-        w_ptr = wq_ptr
-        b_ptr = bq_ptr
-    elif is_v:
-        h = head - HQ - HK
-        w_ptr = wv_ptr
-        b_ptr = bv_ptr
-    else:
-        h = head - HQ
-        w_ptr = wk_ptr
-        b_ptr = bk_ptr
+    h = tl.where(is_q, head, tl.where(is_v, head - HQ - HK, head - HQ))
     limit = M
     if HAS_COUNT:
         limit = tl.minimum(tl.load(count_ptr), M)
@@ -274,20 +285,22 @@ def _norm_qkv_kernel(
     a_ok = live & (src >= 0) & (src < T)
     src = tl.where(a_ok, src, 0).to(tl.int64)  # and rotates with table row 0, as the rope op does
     lo = h * HEAD_DIM + c  # output features (weight rows) of the first half; + HALF the second
-    w_ok = c_ok[None, :]
-    acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)  # no row: never read weights
-    inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
-        w_off = lo[None, :].to(tl.int64) * K + offs_k[:, None]
-        w_mask = w_ok & k_ok[:, None]
-        acc_lo += tl.dot(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
-        acc_hi += tl.dot(a, tl.load(w_ptr + w_off + HALF * K, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
+    if is_q:
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wq_ptr, lo, c_ok, K, HALF,
+                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        b_ptr = bq_ptr
+    elif is_v:
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wv_ptr, lo, c_ok, K, HALF,
+                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        b_ptr = bv_ptr
+    else:
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wk_ptr, lo, c_ok, K, HALF,
+                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        b_ptr = bk_ptr
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + lo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + lo + HALF, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -336,11 +349,11 @@ def norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, 
     chunks = triton.cdiv(D // 2, block_h)
     dummy = x
     launch(_norm_qkv_kernel)[((HQ + 2 * HK) * chunks, triton.cdiv(max(M, T), block_m))](
-        x, norm_weight, eps, w_q, w_k, w_v,
+        x, norm_weight if norm_weight is not None else dummy, eps, w_q, w_k, w_v,
         b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
         cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,
         T, M, T // B, S, K=K, HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k,
-        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k),
+        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k), NORM=norm_weight is not None,
         HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )

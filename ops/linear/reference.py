@@ -54,13 +54,19 @@ def norm_gated_mlp_reference(x, norm_weight, eps: float, w_gate, w_up, activatio
 
 def norm_qkv_reference(x, norm_weight, eps: float, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count,
                        k_cache, v_cache, start):
-    """RMSNorm, then K/V of every token of x [T, H] written into the caches [B, S, Hk, D] at
-    slots start.. (K rotated), and rotated Q of the rows [M] -> [M, Hq, D]; rows >= count zero."""
+    """RMSNorm (none where norm_weight is None), then K/V of every token of x [T, H] written into
+    the caches [B, S, Hk, D] at slots start.. (K rotated), and rotated Q of the rows [M] ->
+    [M, Hq, D]; rows >= count zero."""
     B, _, num_kv_heads, head_dim = k_cache.shape
     L = x.shape[0] // B if B else 0
-    xn = rms_norm_reference(x, norm_weight, eps)
+    xn = x if norm_weight is None else rms_norm_reference(x, norm_weight, eps)
     kv_shape = (B, L, num_kv_heads, head_dim)
     rope_kv_write_reference(F.linear(xn, w_k, b_k).view(kv_shape), F.linear(xn, w_v, b_v).view(kv_shape),
                             cos.view(B, L, head_dim), sin.view(B, L, head_dim), k_cache, v_cache, start)
-    q = linear_rows_reference(rms_norm_reference(x, norm_weight, eps, rows, count), w_q, b_q, count)
+    if norm_weight is None:  # the gather alone: rms_norm_reference's row rules, without the norm
+        valid = (rows >= 0) & (rows < x.shape[0])
+        xq = torch.where(valid[:, None], x[torch.where(valid, rows, 0).long()], torch.zeros((), dtype=x.dtype))
+    else:
+        xq = rms_norm_reference(x, norm_weight, eps, rows, count)
+    q = linear_rows_reference(xq, w_q, b_q, count)
     return rope_reference(q.view(q.shape[0], w_q.shape[0] // head_dim, head_dim), cos, sin, rows, count)
