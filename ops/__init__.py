@@ -4,7 +4,7 @@ One subpackage per op family, each with a pure-PyTorch `reference.py` (the CPU i
 Triton `kernels.py` (the CUDA implementation) and the op registration in its `__init__.py`.
 """
 from .attention import sparse_attention
-from .linear import gated_mlp, linear_residual, linear_rows, norm_gated_mlp, norm_qkv
+from .linear import gated_mlp, linear_residual, linear_rows, qkv_rope_write
 from .norm import rms_norm, rms_norm_split
 from .rope import rope, rope_kv_write
 from .routing import compact, exact_rows, forced_execute, router_execute
@@ -22,6 +22,5 @@ __all__ = [
     "linear_rows",
     "gated_mlp",
     "linear_residual",
-    "norm_gated_mlp",
-    "norm_qkv",
+    "qkv_rope_write",
 ]

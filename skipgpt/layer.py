@@ -43,8 +43,8 @@ class RoutedDecoderLayer(nn.Module):
         self.sliding_window = family.sliding_window(config)
         self.state = state
         self.pipeline = "dense"
-        # triton-sparse's capacity form runs the attention's input stage as one op (norm_qkv),
-        # which has no per-head q/k norm and takes all three q/k/v biases or none.
+        # triton-sparse's capacity form projects Q/K/V in one op (qkv_rope_write), which has no
+        # per-head q/k norm and takes all three q/k/v biases or none.
         biases = {getattr(base_layer.self_attn, p).bias is None for p in ("q_proj", "k_proj", "v_proj")}
         self.fuses_qkv = not family.qk_norm and len(biases) == 1
         # [tokens executing attention, tokens executing the MLP, non-padding tokens] since the
@@ -248,12 +248,14 @@ class RoutedDecoderLayer(nn.Module):
         rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
         if capacity is True and self.fuses_qkv:
-            # The attention's input stage in one launch. (Not inside torch.cond, whose branches
-            # may not write the cache: there K/V are written before the branch, below.)
+            # The attention's input stage in two launches: RMSNorm, then Q/K/V, RoPE and the
+            # cache write. (Not inside torch.cond, whose branches may not write the cache: there
+            # K/V are written before the branch, below.)
             counts = _counts(seq_offsets)
-            q = ops.norm_qkv(x, self.input_layernorm.weight, g.rms_norm_eps, attn.q_proj.weight, attn.k_proj.weight,
-                             attn.v_proj.weight, attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias,
-                             cos.view(T, -1), sin.view(T, -1), rows[0], counts[0], k_cache, v_cache, start)
+            xn = ops.rms_norm(x, self.input_layernorm.weight, g.rms_norm_eps)
+            q = ops.qkv_rope_write(xn, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.q_proj.bias,
+                                   attn.k_proj.bias, attn.v_proj.bias, cos.view(T, -1), sin.view(T, -1), rows[0],
+                                   counts[0], k_cache, v_cache, start)
             return self._attend_and_mlp(x, q, (rows[0], rows[1]), counts, slot, seq_offsets, k_cache, v_cache, start,
                                         key_mask, L).view(B, L, H)
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
@@ -298,8 +300,8 @@ class RoutedDecoderLayer(nn.Module):
         eps, scale = self._float_constants()
         o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0])
-        a = ops.norm_gated_mlp(h, self.post_attention_layernorm.weight, eps, mlp.gate_proj.weight,
-                               mlp.up_proj.weight, g.activation, rows[1], counts[1])
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
+        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1])
         return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1])
 
 

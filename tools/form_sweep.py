@@ -40,10 +40,9 @@ def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
     def run():
         kernels._rows_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(rows, bm))](
             x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
-            slot if slot is not None else out, out, count, out, M, rows, M, 0.0, N=N, K=K,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NORM_BLOCK_K=bk, ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"],
-            GATED=w2 is not None, HAS_BIAS=False, RESIDUAL=residual is not None, GATHER=False, NORM=False,
-            DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
+            slot if slot is not None else out, count, M, rows, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"], GATED=w2 is not None, HAS_BIAS=False,
+            RESIDUAL=residual is not None, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
         return out
     return run
 
@@ -91,7 +90,7 @@ def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, unfused=
     `compiled`, compiled-sparse at the default switch) in the same run; the whole grid
     `repeats` times over, since host-bound points jitter between runs. With `unfused`, also the
     capacity form with the attention's input stage unfused (rms_norm_split, cuBLAS K/V,
-    rope_kv_write, Q GEMM, rope: how the form ran before norm_qkv)."""
+    rope_kv_write, Q GEMM, rope: how the form ran before qkv_rope_write)."""
     limit = state.capacity_max_tokens
     layers = [bench.routed] if bench.scope == "layer" else routed_layers(bench.routed)
     for run in range(repeats):

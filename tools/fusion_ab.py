@@ -1,13 +1,11 @@
-"""The fused RMSNorm ops (norm_qkv, norm_gated_mlp) against the capacity form they replaced, one
+"""triton-sparse's capacity form with its attention input fused (rms_norm, then qkv_rope_write)
+against the form before it (rms_norm_split, cuBLAS K/V, rope_kv_write, Q GEMM, rope), one
 Llama-3.1-8B layer at prefill (device machine). Per variant and point: wall time per step
 (skipgpt.benchmark.cuda_timer, median), GPU time per step (torch.profiler: the step's kernels
 summed), kernels per step, and the biggest kernels. Where wall time exceeds GPU time, the host
 bounds the step.
 
-Variants: hf (baseline); exact (triton-sparse, exact form); unfused (capacity form as before
-norm_qkv: rms_norm_split, cuBLAS K/V, rope_kv_write, Q GEMM, rope, rms_norm, gated GEMM);
-fused-qkv (norm_qkv, unfused MLP norm); prenorm-qkv (rms_norm, then norm_qkv without its norm;
-unfused MLP norm); fused (norm_qkv and norm_gated_mlp).
+Variants: hf (baseline), exact (triton-sparse in the exact form), unfused, fused (the default).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
 """
@@ -16,36 +14,21 @@ import contextlib
 
 import torch
 
-import skipgpt.ops
-from skipgpt import ops
 from skipgpt.benchmark import LayerBench, cuda_timer
 
-VARIANTS = ("hf", "exact", "unfused", "fused-qkv", "prenorm-qkv", "fused")
-FUSED_QKV = skipgpt.ops.norm_qkv
-
-
-def _unfused_mlp(x, norm_weight, eps, w_gate, w_up, activation, rows, count=None):
-    return ops.gated_mlp(ops.rms_norm(x, norm_weight, eps, rows, count), w_gate, w_up, activation, count)
-
-
-def _prenorm_qkv(x, norm_weight, eps, *rest):
-    return FUSED_QKV(ops.rms_norm(x, norm_weight, eps), None, eps, *rest)
+VARIANTS = ("hf", "exact", "unfused", "fused")
 
 
 @contextlib.contextmanager
 def variant(bench, name):
     layer, state = bench.routed, bench.state
-    saved = (layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, skipgpt.ops.norm_qkv, state.capacity_max_tokens)
+    saved = (layer.fuses_qkv, state.capacity_max_tokens)
     try:
         state.use_form("exact" if name == "exact" else "capacity")
-        layer.fuses_qkv = name in ("fused-qkv", "prenorm-qkv", "fused")
-        if name in ("unfused", "fused-qkv", "prenorm-qkv"):
-            skipgpt.ops.norm_gated_mlp = _unfused_mlp
-        if name == "prenorm-qkv":
-            skipgpt.ops.norm_qkv = _prenorm_qkv
+        layer.fuses_qkv = name == "fused"
         yield
     finally:
-        layer.fuses_qkv, skipgpt.ops.norm_gated_mlp, skipgpt.ops.norm_qkv, state.capacity_max_tokens = saved
+        layer.fuses_qkv, state.capacity_max_tokens = saved
 
 
 def gpu_time(fn, steps=10):
@@ -57,10 +40,10 @@ def gpu_time(fn, steps=10):
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    kernels_ = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in kernels_) / steps
-    launches = sum(e.count for e in kernels_) / steps
-    top = sorted(kernels_, key=lambda e: -e.self_device_time_total)[:6]
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels) / steps
+    launches = sum(e.count for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
     return total, launches, [(e.key[:60], e.self_device_time_total / steps) for e in top]
 
 
@@ -86,7 +69,7 @@ def main():
                 provider = "hf" if name == "hf" else "triton-sparse"
                 gpu, launches, top = gpu_time(bench.step(provider, "prefill", B, L, args.skip))
             wall = " ".join(f"{w:7.1f}" for w in walls[name])
-            print(f"B={B} L={L} skip={args.skip} {name:12s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
+            print(f"B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
             for kernel, us in top:
                 print(f"      {us:7.1f} us  {kernel}")
 

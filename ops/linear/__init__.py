@@ -1,8 +1,6 @@
-"""Projection ops over compacted rows: the gated MLP, and projections whose output is added
-back into the residual stream through `slot` (no zero-fill, no separate residual pass). Two of
-them take the module's input un-normalised and fuse its RMSNorm: `norm_gated_mlp` (the MLP of
-the gathered executing rows) and `norm_qkv` (the attention's Q/K/V projections with RoPE and
-the KV-cache write).
+"""Projection ops over compacted rows: the gated MLP, projections whose output is added back
+into the residual stream through `slot` (no zero-fill, no separate residual pass), and
+`qkv_rope_write`, the attention's Q/K/V projections with RoPE and the KV-cache write.
 
 Exact form (count None): cuBLAS does the GEMM over the compacted rows, Triton the epilogue pass.
 Capacity form (count given): one Triton GEMM reads the count on the device; blocks with no
@@ -35,21 +33,18 @@ from .reference import (
     gated_mlp_reference,
     linear_residual_reference,
     linear_rows_reference,
-    norm_gated_mlp_reference,
-    norm_qkv_reference,
+    qkv_rope_write_reference,
 )
 
 __all__ = [
     "linear_rows",
     "gated_mlp",
     "linear_residual",
-    "norm_gated_mlp",
-    "norm_qkv",
+    "qkv_rope_write",
     "linear_rows_reference",
     "gated_mlp_reference",
     "linear_residual_reference",
-    "norm_gated_mlp_reference",
-    "norm_qkv_reference",
+    "qkv_rope_write_reference",
     "ACTIVATIONS",
 ]
 
@@ -157,49 +152,8 @@ def _linear_residual_fake(residual, x, weight, slot=None, count=None):
     return torch.empty_like(residual)
 
 
-def _check_norm(x, norm_weight, eps):
-    check_tensor("norm_weight", norm_weight, ndim=1, device=x.device, device_of="x")
-    check_same_dtype("norm_weight", norm_weight, "x", x)
-    check_dim("norm_weight", norm_weight, 0, x.shape[1], "x's feature size")
-    check_scalar("eps", eps, float)
-
-
-def _check_norm_gated(x, norm_weight, eps, w_gate, w_up, activation, rows, count):
-    _check_gated(x, w_gate, w_up, activation, count)
-    _check_norm(x, norm_weight, eps)
-    check_rows("rows", rows, x.device, device_of="x")
-    if rows is None:
-        raise ValueError("rows: required (the executing rows to gather)")
-
-
-@torch.library.custom_op("skipgpt::norm_gated_mlp", mutates_args=())
-def norm_gated_mlp(
-    x: Tensor, norm_weight: Tensor, eps: float, w_gate: Tensor, w_up: Tensor, activation: str, rows: Tensor,
-    count: Optional[Tensor] = None,
-) -> Tensor:
-    """`gated_mlp` of `rms_norm(x, norm_weight, eps, rows, count)`, the RMSNorm fused into the
-    GEMM in the capacity form.
-
-    x: [T, K] un-normalised token rows; norm_weight: [K]; w_gate, w_up: [I, K]; rows: [M] int32
-    flat token indices (output row m is token rows[m]); count: optional [1] int32 (capacity
-    form: rows m >= count unspecified). Returns [M, I] in x's dtype.
-    rows and count are device data, never synced to check: a row outside [0, T) gathers a zero
-    row, and count is clamped to [0, M].
-    """
-    _check_norm_gated(x, norm_weight, eps, w_gate, w_up, activation, rows, count)
-    return norm_gated_mlp_reference(x, norm_weight, eps, w_gate, w_up, activation, rows, count)
-
-
-@norm_gated_mlp.register_fake
-def _norm_gated_mlp_fake(x, norm_weight, eps, w_gate, w_up, activation, rows, count=None):
-    _check_norm_gated(x, norm_weight, eps, w_gate, w_up, activation, rows, count)
-    return x.new_empty((rows.shape[0], w_gate.shape[0]))
-
-
-def _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+def _check_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if norm_weight is not None:
-        _check_norm(x, norm_weight, eps)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, t, ndim=4, device=x.device, device_of="x")
         check_same_dtype(name, t, "x", x)
@@ -239,39 +193,38 @@ def _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin,
     check_dim("start", start, 0, 1, "one element")
 
 
-@torch.library.custom_op("skipgpt::norm_qkv", mutates_args=("k_cache", "v_cache"))
-def norm_qkv(
-    x: Tensor, norm_weight: Optional[Tensor], eps: float, w_q: Tensor, w_k: Tensor, w_v: Tensor,
-    b_q: Optional[Tensor], b_k: Optional[Tensor], b_v: Optional[Tensor], cos: Tensor, sin: Tensor,
-    rows: Tensor, count: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, start: Tensor,
+@torch.library.custom_op("skipgpt::qkv_rope_write", mutates_args=("k_cache", "v_cache"))
+def qkv_rope_write(
+    x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, b_q: Optional[Tensor], b_k: Optional[Tensor],
+    b_v: Optional[Tensor], cos: Tensor, sin: Tensor, rows: Tensor, count: Optional[Tensor], k_cache: Tensor,
+    v_cache: Tensor, start: Tensor,
 ) -> Tensor:
-    """The attention's input stage: RMSNorm; K and V of every token, K rotated, written into the
-    caches at slots start .. start+L-1 (in place, as `rope_kv_write`); Q of the rows, rotated.
+    """The attention's input stage after its RMSNorm: K and V of every token, K rotated, written
+    into the caches at slots start .. start+L-1 (in place, as `rope_kv_write`); Q of the rows,
+    rotated (as `linear_rows` then `rope`). One launch on CUDA.
 
-    x: [T, H] tokens of B sequences of L (T = B*L), RMS-normalised here with norm_weight [H], or
-    taken as normalised already where norm_weight is None; w_q: [Hq*D, H],
-    w_k, w_v: [Hk*D, H]; b_q, b_k, b_v: all [out features] or all None; cos, sin: [T, D] per
-    token; rows: [M] int32 flat token indices of the queries; count: optional [1] int32 (capacity
-    form: query rows m >= count unspecified); k_cache, v_cache: [B, S, Hk, D]; start: [1] int64.
-    Returns q [M, Hq, D]. One launch on CUDA, the RMSNorm fused into the projections.
+    x: [T, H] normalised tokens of B sequences of L (T = B*L); w_q: [Hq*D, H], w_k, w_v:
+    [Hk*D, H]; b_q, b_k, b_v: all [out features] or all None; cos, sin: [T, D] per token; rows:
+    [M] int32 flat token indices of the queries; count: optional [1] int32 (capacity form: query
+    rows m >= count unspecified); k_cache, v_cache: [B, S, Hk, D]; start: [1] int64.
+    Returns q [M, Hq, D].
     rows, count and start are device data, never synced to check: a query row outside [0, T)
-    projects a zero row, count is clamped to [0, M], and the Triton kernel drops the writes of
-    slots outside [0, S) (the CPU implementation raises ValueError instead).
+    projects a zero row (its bias, rotated with table row 0), count is clamped to [0, M], and the
+    Triton kernel drops the writes of slots outside [0, S) (the CPU implementation raises
+    ValueError instead).
     """
-    _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
-    return norm_qkv_reference(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count,
-                              k_cache, v_cache, start)
+    _check_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
+    return qkv_rope_write_reference(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
 
 
-@norm_qkv.register_fake
-def _norm_qkv_fake(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
-    _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
+@qkv_rope_write.register_fake
+def _qkv_rope_write_fake(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+    _check_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
     head_dim = k_cache.shape[3]
     return x.new_empty((rows.shape[0], w_q.shape[0] // head_dim, head_dim))
 
 
 if HAS_TRITON:
-    from ..norm import kernels as norm_kernels
     from . import kernels
 
     @linear_rows.register_kernel("cuda")
@@ -298,22 +251,11 @@ if HAS_TRITON:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
         return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot)
 
-    @norm_gated_mlp.register_kernel("cuda")
+    @qkv_rope_write.register_kernel("cuda")
     @on_input_device
-    def _norm_gated_mlp_cuda(x, norm_weight, eps, w_gate, w_up, activation, rows, count=None):
-        _check_norm_gated(x, norm_weight, eps, w_gate, w_up, activation, rows, count)
-        if count is None:  # exact form: the RMSNorm kernel gathers, cuBLAS projects
-            xn = norm_kernels.rms_norm(x, norm_weight, eps, rows)
-            return kernels.act_mul(F.linear(xn, w_gate), F.linear(xn, w_up), activation)
-        return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation, rows=rows,
-                                 norm_weight=norm_weight, eps=eps)
-
-    @norm_qkv.register_kernel("cuda")
-    @on_input_device
-    def _norm_qkv_cuda(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
-        _check_norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
-        return kernels.norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count,
-                                k_cache, v_cache, start)
+    def _qkv_rope_write_cuda(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+        _check_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
+        return kernels.qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
 
     # The exact form (cuBLAS, then an elementwise kernel) traces into the graph. The capacity
     # form stays one op: its tiles depend on the bucketed row count, which would guard on the
@@ -324,18 +266,12 @@ if HAS_TRITON:
     decompose_under_compile(
         linear_residual, _linear_residual_cuda, lambda residual, x, weight, slot=None, count=None: count is None
     )
-    decompose_under_compile(
-        norm_gated_mlp, _norm_gated_mlp_cuda,
-        lambda x, norm_weight, eps, w_gate, w_up, activation, rows, count=None: count is None,
-    )
     # Its tiles follow the bucketed token count: traced where that count is static (a decode
     # graph), one op where it is symbolic.
-    decompose_under_compile(norm_qkv, _norm_qkv_cuda, lambda x, *args: static_ints(x))
-
+    decompose_under_compile(qkv_rope_write, _qkv_rope_write_cuda, lambda x, *args: static_ints(x))
 
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
 linear_rows = eager_entry(linear_rows, _linear_rows_cuda if HAS_TRITON else None)
 gated_mlp = eager_entry(gated_mlp, _gated_mlp_cuda if HAS_TRITON else None)
 linear_residual = eager_entry(linear_residual, _linear_residual_cuda if HAS_TRITON else None)
-norm_gated_mlp = eager_entry(norm_gated_mlp, _norm_gated_mlp_cuda if HAS_TRITON else None)
-norm_qkv = eager_entry(norm_qkv, _norm_qkv_cuda if HAS_TRITON else None)
+qkv_rope_write = eager_entry(qkv_rope_write, _qkv_rope_write_cuda if HAS_TRITON else None)

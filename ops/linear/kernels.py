@@ -2,17 +2,11 @@
 
 - `act_mul` and `scatter_residual` finish the exact-count path, whose GEMMs run in cuBLAS.
 - `rows_gemm` is the capacity-form GEMM: it reads the executing count on the device, so a
-  module that no row executes exits before streaming a byte of its weights. Optional prologue:
-  a row gather through `rows` and the RMSNorm that precedes the module. Optional epilogues:
+  module that no row executes exits before streaming a byte of its weights. Optional epilogues:
   bias, gated activation (two weights), residual add scattered through `slot`.
-- `norm_qkv` is the attention's whole input stage in one launch: RMSNorm, the Q projection of
-  the gathered executing rows and the K/V projections of every token, RoPE on Q and K, and the
-  K/V write into the seq-first cache.
-
-The fused RMSNorm: a first pass over the program's rows of x sums their squares (the rows are
-read again by the GEMM, from L2); the prologue then normalises each A tile and scales it by the
-norm weight, rounding where the Hugging Face RMSNorm rounds. No normalised copy of x is written
-or read, and the result is the unfused ops' to the GEMM's accumulation order.
+- `qkv_rope_write` is the attention's input stage after its RMSNorm in one launch: the Q
+  projection of the gathered executing rows and the K/V projections of every token, RoPE on Q
+  and K, and the K/V write into the seq-first cache.
 """
 import torch
 import triton
@@ -62,66 +56,26 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
-# Elements of x a program's first (sum of squares) pass loads at once. Wide tiles keep enough
-# bytes in flight: that loop has no dot for Triton to pipeline its loads against.
-NORM_TILE_ELEMENTS = 16384
-
-
-def _norm_block_k(K: int, block_m: int, block_k: int) -> int:
-    return max(block_k, min(triton.next_power_of_2(max(K, 1)), NORM_TILE_ELEMENTS // block_m))
-
-
-@triton.jit
-def _inv_rms(x_ptr, src, a_ok, k_end, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M] fp32 1/rms of the rows x[src] (1 where K == 0: an empty row's projection is
-    its bias alone)."""
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        a = a.to(tl.float32)
-        squares += tl.sum(a * a, axis=1)
-    if K == 0:
-        return squares + 1.0
-    # The cast: Inductor passes a Python float as fp64 (Triton's launcher: fp32).
-    return tl.rsqrt(squares / K + tl.cast(eps, tl.float32))
-
-
-@triton.jit
-def _normed(a, inv_rms, norm_ptr, offs_k, k_ok):
-    """The A tile `a` (columns offs_k) RMS-normalised, rounded to its dtype, then scaled by the
-    norm weight and rounded again, as the Hugging Face RMSNorm (and the rms_norm op) does."""
-    y = (a.to(tl.float32) * inv_rms[:, None]).to(a.dtype).to(tl.float32)
-    return (y * tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(a.dtype)
-
-
-# Index pointers and sizes unspecialised, as for the scatter kernel above.
-@triton.jit(do_not_specialize=["M", "T", "XR", "slot_ptr", "rows_ptr", "count_ptr"])
+@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "count_ptr"])
 def _rows_gemm_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, rows_ptr, count_ptr, norm_ptr,
-    M, T, XR, eps,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, count_ptr,
+    M, T,
     N: tl.constexpr, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    GATHER: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     limit = tl.minimum(tl.load(count_ptr), M)
-    # out_ok: output rows to store; a_ok: rows with an input row to read.
     if RESIDUAL:  # output rows are tokens; token t reads x[slot[t]]
         out_ok = offs_m < T
         src = tl.load(slot_ptr + offs_m, mask=out_ok, other=-1)
         a_ok = out_ok & (src >= 0) & (src < limit)
-    elif GATHER:  # output row m reads x[rows[m]], x's XR rows being tokens (else a zero row)
-        out_ok = offs_m < limit
-        src = tl.load(rows_ptr + offs_m, mask=out_ok, other=-1)
-        a_ok = out_ok & (src >= 0) & (src < XR)
     else:  # output rows are x's rows
-        out_ok = offs_m < limit
         src = offs_m
-        a_ok = out_ok
+        a_ok = offs_m < limit
     src = tl.where(a_ok, src, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -129,14 +83,10 @@ def _rows_gemm_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # No executing row in this block: skip the K loop, so the weights are never read.
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
         w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
         w_ok = n_ok[None, :] & k_ok[:, None]
         acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
@@ -155,7 +105,7 @@ def _rows_gemm_kernel(
         y = tl.where(a_ok[:, None], (res.to(tl.float32) + y.to(tl.float32)).to(dtype), res)
         tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
     else:
-        tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + out_off, y, mask=a_ok[:, None] & n_ok[None, :])
 
 
 def _elementwise_block(n: int) -> int:
@@ -202,12 +152,9 @@ def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
     return 128, 128, 64 if wide else 32, 8, 3
 
 
-def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None,
-              rows=None, norm_weight=None, eps=0.0):
-    """Capacity-form GEMM: see the module docstring. Returns [M, N] (M: x's rows, or rows'
-    length with a gather), or [T, N] with residual."""
-    K = x.shape[1]
-    M = rows.shape[0] if rows is not None else x.shape[0]
+def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):
+    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual."""
+    M, K = x.shape
     N = weight.shape[0]
     out_rows = residual.shape[0] if residual is not None else M
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
@@ -217,12 +164,10 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
     launch(_rows_gemm_kernel)[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out, slot if slot is not None else dummy,
-        rows if rows is not None else dummy, count, norm_weight if norm_weight is not None else dummy,
-        M, out_rows, x.shape[0], eps, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k),
+        residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
+        M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None, GATHER=rows is not None, NORM=norm_weight is not None,
+        RESIDUAL=residual is not None,
         DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )
@@ -234,9 +179,8 @@ def _dot_precision(x):
 
 
 @triton.jit
-def _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, w_ptr, lo, c_ok, K: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+def _head_halves(x_ptr, src, a_ok, k_end, w_ptr, lo, c_ok, K: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """x[src] @ w[lo].T and x[src] @ w[lo + HALF].T, [BLOCK_M, BLOCK_H] fp32 each: a head's two
     halves, which RoPE rotates together. Called with each weight argument itself (not a pointer
     picked at run time), so Triton knows its alignment and vectorises the loads."""
@@ -246,8 +190,6 @@ def _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, w_ptr, lo, c_ok, K:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            a = _normed(a, inv_rms, norm_ptr, offs_k, k_ok)
         w_off = lo[None, :].to(tl.int64) * K + offs_k[:, None]
         w_mask = c_ok[None, :] & k_ok[:, None]
         acc_lo += tl.dot(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
@@ -257,13 +199,13 @@ def _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, w_ptr, lo, c_ok, K:
 
 # Index pointers and sizes unspecialised, as for the scatter kernel above.
 @triton.jit(do_not_specialize=["T", "M", "L", "S", "rows_ptr", "count_ptr", "start_ptr"])
-def _norm_qkv_kernel(
-    x_ptr, norm_ptr, eps, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr,
+def _qkv_rope_write_kernel(
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr,
     rows_ptr, count_ptr, q_ptr, kc_ptr, vc_ptr, start_ptr,
     T, M, L, S,
     K: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Program (n, m): rows m*BLOCK_M.. of one head's BLOCK_H column pairs (c, c + HEAD_DIM/2),
     # the pairs RoPE rotates together. Heads run Q (gathered rows), then K, then V (every token).
@@ -286,20 +228,17 @@ def _norm_qkv_kernel(
     src = tl.where(a_ok, src, 0).to(tl.int64)  # and rotates with table row 0, as the rope op does
     lo = h * HEAD_DIM + c  # output features (weight rows) of the first half; + HALF the second
     k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)  # no row: never read weights
-    inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, src, a_ok, k_end, eps, K, BLOCK_M, NORM_BLOCK_K)
     if is_q:
-        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wq_ptr, lo, c_ok, K, HALF,
-                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, wq_ptr, lo, c_ok, K, HALF, BLOCK_M, BLOCK_H,
+                                      BLOCK_K, DOT_PRECISION)
         b_ptr = bq_ptr
     elif is_v:
-        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wv_ptr, lo, c_ok, K, HALF,
-                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, wv_ptr, lo, c_ok, K, HALF, BLOCK_M, BLOCK_H,
+                                      BLOCK_K, DOT_PRECISION)
         b_ptr = bv_ptr
     else:
-        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, inv_rms, norm_ptr, wk_ptr, lo, c_ok, K, HALF,
-                                      BLOCK_M, BLOCK_H, BLOCK_K, NORM, DOT_PRECISION)
+        acc_lo, acc_hi = _head_halves(x_ptr, src, a_ok, k_end, wk_ptr, lo, c_ok, K, HALF, BLOCK_M, BLOCK_H,
+                                      BLOCK_K, DOT_PRECISION)
         b_ptr = bk_ptr
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + lo, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -334,7 +273,7 @@ def _norm_qkv_kernel(
             tl.store(kc_ptr + dst + HALF, out_hi, mask=ok)
 
 
-def norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+def qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
     T, K = x.shape
     B, S, HK, D = k_cache.shape
     M = rows.shape[0]
@@ -348,12 +287,11 @@ def norm_qkv(x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, 
     block_h = max(16, min(block_n // 2, triton.next_power_of_2(D // 2)))
     chunks = triton.cdiv(D // 2, block_h)
     dummy = x
-    launch(_norm_qkv_kernel)[((HQ + 2 * HK) * chunks, triton.cdiv(max(M, T), block_m))](
-        x, norm_weight if norm_weight is not None else dummy, eps, w_q, w_k, w_v,
+    launch(_qkv_rope_write_kernel)[((HQ + 2 * HK) * chunks, triton.cdiv(max(M, T), block_m))](
+        x, w_q, w_k, w_v,
         b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
         cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,
         T, M, T // B, S, K=K, HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k,
-        NORM_BLOCK_K=_norm_block_k(K, block_m, block_k), NORM=norm_weight is not None,
         HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )

@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..norm.reference import rms_norm_reference
 from ..rope.reference import rope_kv_write_reference, rope_reference
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
@@ -47,26 +46,16 @@ def linear_residual_reference(residual, x, weight, slot=None, count=None):
     return torch.where(take[:, None], residual + y[torch.where(take, slot, 0).long()], residual)
 
 
-def norm_gated_mlp_reference(x, norm_weight, eps: float, w_gate, w_up, activation: str, rows, count=None):
-    """The gated MLP of RMSNorm(x[rows]): x [T, K], rows [M] -> [M, I]; rows >= count zero."""
-    return gated_mlp_reference(rms_norm_reference(x, norm_weight, eps, rows, count), w_gate, w_up, activation, count)
-
-
-def norm_qkv_reference(x, norm_weight, eps: float, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count,
-                       k_cache, v_cache, start):
-    """RMSNorm (none where norm_weight is None), then K/V of every token of x [T, H] written into
-    the caches [B, S, Hk, D] at slots start.. (K rotated), and rotated Q of the rows [M] ->
-    [M, Hq, D]; rows >= count zero."""
+def qkv_rope_write_reference(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
+    """K/V of every token of x [T, H] written into the caches [B, S, Hk, D] at slots start..
+    (K rotated), and rotated Q of the rows [M] -> [M, Hq, D]; rows >= count zero, a row outside
+    [0, T) a zero row."""
     B, _, num_kv_heads, head_dim = k_cache.shape
     L = x.shape[0] // B if B else 0
-    xn = x if norm_weight is None else rms_norm_reference(x, norm_weight, eps)
     kv_shape = (B, L, num_kv_heads, head_dim)
-    rope_kv_write_reference(F.linear(xn, w_k, b_k).view(kv_shape), F.linear(xn, w_v, b_v).view(kv_shape),
+    rope_kv_write_reference(F.linear(x, w_k, b_k).view(kv_shape), F.linear(x, w_v, b_v).view(kv_shape),
                             cos.view(B, L, head_dim), sin.view(B, L, head_dim), k_cache, v_cache, start)
-    if norm_weight is None:  # the gather alone: rms_norm_reference's row rules, without the norm
-        valid = (rows >= 0) & (rows < x.shape[0])
-        xq = torch.where(valid[:, None], x[torch.where(valid, rows, 0).long()], torch.zeros((), dtype=x.dtype))
-    else:
-        xq = rms_norm_reference(x, norm_weight, eps, rows, count)
+    valid = (rows >= 0) & (rows < x.shape[0])
+    xq = torch.where(valid[:, None], x[torch.where(valid, rows, 0).long()], torch.zeros((), dtype=x.dtype))
     q = linear_rows_reference(xq, w_q, b_q, count)
     return rope_reference(q.view(q.shape[0], w_q.shape[0] // head_dim, head_dim), cos, sin, rows, count)

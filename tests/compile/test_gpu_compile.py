@@ -63,7 +63,7 @@ def test_compiled_layer_launches_its_kernels_itself():
     # compact and exact_rows (host counts), forced_execute and sparse_attention (block or
     # kernel chosen by the symbolic L), the capacity-form projections (tiles by row bucket)
     assert op_calls <= {"compact", "exact_rows", "forced_execute", "sparse_attention", "linear_rows",
-                        "norm_gated_mlp", "linear_residual"}, op_calls
+                        "gated_mlp", "linear_residual"}, op_calls
     for kernel in ("_rms_norm_kernel", "_rope_kernel", "_rope_kv_write_kernel", "_act_mul_kernel",
                    "_scatter_residual_kernel"):
         assert re.search(rf"def {kernel}\w*\(", code), kernel  # its source, copied into the generated code

@@ -66,7 +66,6 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   linear
   skipgpt.rope_kv_write.default
   cond
-  cat
 [cond_true_0]
   unsqueeze
   unsqueeze
@@ -74,7 +73,8 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
-  skipgpt.norm_gated_mlp.default
+  skipgpt.rms_norm.default
+  skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
 [cond_false_0]
   skipgpt.exact_rows.default
@@ -88,7 +88,8 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope.default
   skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
-  skipgpt.norm_gated_mlp.default
+  skipgpt.rms_norm.default
+  skipgpt.gated_mlp.default
   skipgpt.linear_residual.default""")
 
     def test_dense_layer(self):
@@ -110,5 +111,4 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
-  skipgpt.linear_residual.default
-  cat""")
+  skipgpt.linear_residual.default""")

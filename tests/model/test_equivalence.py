@@ -51,15 +51,15 @@ def test_sparse_pipelines_agree(family, padding, skip, form):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("form", RoutingState.FORMS)
 def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form):
-    """Eager capacity steps run the attention's input stage as one norm_qkv call per layer,
-    except where the family normalises q/k per head (Qwen3); the exact form never does."""
+    """Eager capacity steps project Q/K/V in one qkv_rope_write call per layer, except where the
+    family normalises q/k per head (Qwen3); the exact form never does."""
     _, model = make_pair(family)
     model.model.skipgpt_routing.use_form(form)
     skipgpt.force_routes(model, skip=0.3, seed=3)
     skipgpt.set_pipeline(model, "triton-sparse")
     calls = []
-    fused = skipgpt.ops.norm_qkv
-    monkeypatch.setattr(skipgpt.ops, "norm_qkv", lambda *a: calls.append(1) or fused(*a))
+    fused = skipgpt.ops.qkv_rope_write
+    monkeypatch.setattr(skipgpt.ops, "qkv_rope_write", lambda *a: calls.append(1) or fused(*a))
     ids, mask = random_batch(model.config.vocab_size, 2, 5, "left")
     with torch.no_grad():
         model(ids, attention_mask=mask)

@@ -263,15 +263,7 @@ def test_exact_paths_as_registered(dtype, B, L, p):
 
 
 # ---------------------------------------------------------------------------------------------
-# the fused RMSNorm ops: norm_gated_mlp and norm_qkv (their CUDA registrations, kernels run by
-# the interpreter on CPU)
-
-EPS = 1e-5
-
-
-def brute_norm(x, w):
-    x = x.double()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
+# qkv_rope_write (its CUDA registration; the kernel runs in the interpreter on CPU)
 
 
 def brute_rope(y, cos, sin):
@@ -279,58 +271,6 @@ def brute_rope(y, cos, sin):
     half = y.shape[-1] // 2
     rotated = torch.cat((-y[..., half:], y[..., :half]), dim=-1)
     return y * cos.double()[:, None] + rotated * sin.double()[:, None]
-
-
-def _norm_weight(K, dtype, seed):
-    return (1 + 0.2 * randn(K, seed=seed)).to(dtype=dtype, device=KERNEL_DEVICE)
-
-
-@requires_triton
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("B,L,p", [(2, 7, 0.6), (1, 1, 1.0), (2, 63, 0.0), (1, 129, 0.75)])
-@pytest.mark.parametrize("form", ["capacity", "exact"])
-def test_norm_gated_mlp(dtype, B, L, p, form):
-    from skipgpt.ops.linear import kernels
-
-    T, K, I = B * L, 72, 40
-    routes = make_routes(B, L, p, seed=L, device=KERNEL_DEVICE)
-    x = randn(T, K, dtype=dtype, device=KERNEL_DEVICE, seed=L + 1, scale=3.0)
-    nw = _norm_weight(K, dtype, L + 2)
-    wg, wu = _w(I, K, dtype, KERNEL_DEVICE, L + 3), _w(I, K, dtype, KERNEL_DEVICE, L + 4)
-    rows, count = (routes.rows_cap, routes.count) if form == "capacity" else (routes.rows, None)
-    with poisoned_outputs(kernels):
-        out = linear._norm_gated_mlp_cuda(x, nw, EPS, wg, wu, "silu", rows, count)
-    n = routes.n
-    assert out.shape == (rows.shape[0], I) and out.dtype == dtype
-    want = linear.norm_gated_mlp_reference(x, nw, EPS, wg, wu, "silu", rows, count)
-    assert_rel(out[:n], want[:n], TOL[dtype], "vs the reference")
-    assert_rel(out[:n], brute_gated(brute_norm(x[routes.rows.long()], nw), wg, wu, "silu"), TOL[dtype], "vs float64")
-    if form == "capacity":
-        assert torch.isnan(out[n:]).all(), "rows at or past the count were written"
-
-
-@requires_triton
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_fused_norm_rounds_as_the_unfused_ops(dtype):
-    """The fused prologue normalises and rounds where the rms_norm op does: the gathered,
-    normalised gated GEMM equals rms_norm then the gated GEMM (same tiles) up to the order in
-    which 1/rms sums the squares (one fp32 ulp, which a 16-bit rounding almost always absorbs).
-    Rounding x * weight instead, say, would change most 16-bit outputs."""
-    from skipgpt.ops.linear import kernels
-    from skipgpt.ops.norm import kernels as norm_kernels
-
-    routes = make_routes(2, 63, 0.7, seed=5, device=KERNEL_DEVICE)
-    x = randn(126, 72, dtype=dtype, device=KERNEL_DEVICE, seed=6, scale=3.0)
-    nw = _norm_weight(72, dtype, 7)
-    wg, wu = _w(40, 72, dtype, KERNEL_DEVICE, 8), _w(40, 72, dtype, KERNEL_DEVICE, 9)
-    rows, count, n = routes.rows_cap, routes.count, routes.n
-    fused = kernels.rows_gemm(x, wg, count, w2=wu, activation="silu", rows=rows, norm_weight=nw, eps=EPS)
-    xn = norm_kernels.rms_norm(x, nw, EPS, rows, count)
-    unfused = kernels.rows_gemm(xn, wg, count, w2=wu, activation="silu")
-    if dtype == torch.float32:
-        assert_rel(fused[:n], unfused[:n], 1e-6)
-    else:
-        assert (fused[:n] != unfused[:n]).float().mean() <= 0.01
 
 
 def _qkv_case(dtype, B, L, p, Hq, Hk, D, bias, K=40, S_extra=4, start=3):
@@ -346,7 +286,7 @@ def _qkv_case(dtype, B, L, p, Hq, Hk, D, bias, K=40, S_extra=4, start=3):
     cos, sin = (t.to(dtype=dtype, device=KERNEL_DEVICE) for t in (table.cos(), table.sin()))
     caches = [poison(torch.empty(B, L + S_extra + start, Hk, D, dtype=dtype, device=KERNEL_DEVICE)) for _ in range(2)]
     start_t = torch.tensor([start], device=KERNEL_DEVICE)
-    args = (x, _norm_weight(K, dtype, 9), EPS, *weights, *biases, cos, sin, routes.rows_cap, routes.count)
+    args = (x, *weights, *biases, cos, sin, routes.rows_cap, routes.count)
     return routes, args, caches, start_t
 
 
@@ -361,14 +301,14 @@ QKV_CASES = [
 @requires_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("B,L,p,Hq,Hk,D,bias", QKV_CASES)
-def test_norm_qkv(dtype, B, L, p, Hq, Hk, D, bias):
+def test_qkv_rope_write(dtype, B, L, p, Hq, Hk, D, bias):
     from skipgpt.ops.linear import kernels
 
     routes, args, (k_cache, v_cache), start = _qkv_case(dtype, B, L, p, Hq, Hk, D, bias)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     with poisoned_outputs(kernels):
-        q = linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
-    want_q = linear.norm_qkv_reference(*args, want_k, want_v, start)
+        q = linear._qkv_rope_write_cuda(*args, k_cache, v_cache, start)
+    want_q = linear.qkv_rope_write_reference(*args, want_k, want_v, start)
     n, s = routes.n, int(start)
     assert q.shape == (B * L, Hq, D) and q.dtype == dtype
     assert_rel(q[:n], want_q[:n], TOL[dtype], "q vs the reference")
@@ -377,8 +317,8 @@ def test_norm_qkv(dtype, B, L, p, Hq, Hk, D, bias):
         assert_rel(got[:, s:s + L], want[:, s:s + L], TOL[dtype], f"{name} cache vs the reference")
         assert torch.isnan(got[:, :s]).all() and torch.isnan(got[:, s + L:]).all(), f"{name}: a slot outside the step was written"
     # q and K against float64
-    x, nw, _, wq, wk, _, bq, bk, _, cos, sin, *_ = args
-    xn = brute_norm(x, nw)
+    x, wq, wk, _, bq, bk, _, cos, sin, *_ = args
+    xn = x.double()
     rows = routes.rows.long()
     q64 = brute_rope(brute_linear(xn[rows], wq, bq).view(n, Hq, D), cos[rows], sin[rows])
     assert_rel(q[:n], q64, TOL[dtype], "q vs float64")
@@ -388,7 +328,7 @@ def test_norm_qkv(dtype, B, L, p, Hq, Hk, D, bias):
 
 @requires_triton
 @pytest.mark.parametrize("rows", [1, 20, 130])  # one per tile regime of `_tiles` on a GPU
-def test_norm_qkv_with_the_gpu_tiles(monkeypatch, rows):
+def test_qkv_rope_write_with_the_gpu_tiles(monkeypatch, rows):
     from skipgpt.ops.linear import kernels
 
     gpu_tiles = kernels._tiles
@@ -396,8 +336,8 @@ def test_norm_qkv_with_the_gpu_tiles(monkeypatch, rows):
     dtype = torch.float16
     routes, args, (k_cache, v_cache), start = _qkv_case(dtype, 1, rows, 0.7, 2, 1, 128, True, K=300)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    q = linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
-    want_q = linear.norm_qkv_reference(*args, want_k, want_v, start)
+    q = linear._qkv_rope_write_cuda(*args, k_cache, v_cache, start)
+    want_q = linear.qkv_rope_write_reference(*args, want_k, want_v, start)
     assert_rel(q[:routes.n], want_q[:routes.n], TOL[dtype], "q")
     s = int(start)
     assert_rel(k_cache[:, s:s + rows], want_k[:, s:s + rows], TOL[dtype], "k")
@@ -405,17 +345,17 @@ def test_norm_qkv_with_the_gpu_tiles(monkeypatch, rows):
 
 
 @requires_triton
-def test_norm_qkv_drops_writes_past_the_cache():
+def test_qkv_rope_write_drops_writes_past_the_cache():
     """start is device data: slots past the cache's end are dropped, never written out of bounds
     (the CPU implementation, which reads start for free, raises instead)."""
     routes, args, (k_cache, v_cache), _ = _qkv_case(torch.float32, 1, 7, 1.0, 2, 1, 16, False, S_extra=0, start=0)
     S = k_cache.shape[1]  # 7 slots
     start = torch.tensor([S - 2], device=KERNEL_DEVICE)
-    linear._norm_qkv_cuda(*args, k_cache, v_cache, start)
+    linear._qkv_rope_write_cuda(*args, k_cache, v_cache, start)
     assert torch.isfinite(k_cache[:, S - 2:]).all() and torch.isnan(k_cache[:, :S - 2]).all()
     assert torch.isfinite(v_cache[:, S - 2:]).all() and torch.isnan(v_cache[:, :S - 2]).all()
     with pytest.raises(ValueError, match="start: slots 5..11 fall outside a cache of 7 slots"):
-        linear.norm_qkv(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args),
+        linear.qkv_rope_write(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args),
                         k_cache.cpu(), v_cache.cpu(), start.cpu())
 
 
@@ -445,13 +385,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
     torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x[:0], w, wu, "silu"))
-    nw = 1 + randn(K, seed=8)
-    for rows, c in ((routes.rows_cap.clone(), cnt), (routes.rows.clone(), None)):
-        torch.library.opcheck(torch.ops.skipgpt.norm_gated_mlp.default, (x, nw, EPS, w, wu, "silu", rows, c))
-    torch.library.opcheck(torch.ops.skipgpt.norm_gated_mlp.default, (x, nw, EPS, w, wu, "relu", rows[:0], None))
     for bias in (False, True):
-        routes_q, args, caches, start = _qkv_case(torch.float32, 2, 4, 0.5, 4, 2, 8, bias)
-        torch.library.opcheck(torch.ops.skipgpt.norm_qkv.default, (*args, *(c.zero_() for c in caches), start))
+        _, args, caches, start = _qkv_case(torch.float32, 2, 4, 0.5, 4, 2, 8, bias)
+        torch.library.opcheck(torch.ops.skipgpt.qkv_rope_write.default, (*args, *(c.zero_() for c in caches), start))
 
 
 def _bad_cases():
@@ -486,52 +422,47 @@ def _bad_cases():
     ]
 
 
-def _bad_fused_cases():
-    x, nw, w = torch.zeros(4, 6), torch.ones(6), torch.zeros(5, 6)
-    rows, count = torch.zeros(4, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    ng = linear.norm_gated_mlp
+def _bad_qkv_cases():
     _, qkv, (kc, vc), start = _qkv_case(torch.float32, 2, 2, 0.5, 2, 1, 8, False, K=6)
-    # qkv: x, norm_weight, eps, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count
+    wide = torch.zeros(*kc.shape[:3], 16)  # two caches side by side: strided views
+
     def with_(i, value, caches=(kc, vc), start=start):
-        args = list(qkv)
+        args = list(qkv)  # x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count
         if i is not None:
             args[i] = value
         return (*args, *caches, start)
-    nq = linear.norm_qkv
-    wide = torch.zeros(*kc.shape[:3], 16)  # two caches side by side: strided views
+
     return [
-        (ng, (x, nw[:5], 1e-5, w, w, "silu", rows), ValueError, "norm_weight: dim 0 must equal x's feature size"),
-        (ng, (x, nw.half(), 1e-5, w, w, "silu", rows), TypeError, "norm_weight: dtype"),
-        (ng, (x, nw, 1, w, w, "silu", rows), None, None),  # an int eps is a float
-        (ng, (x, nw, 1e-5, w, w, "silu", None), ValueError, "rows: required"),
-        (ng, (x, nw, 1e-5, w, w, "silu", rows.long()), TypeError, "rows: expected dtype int32"),
-        (ng, (x, nw, 1e-5, w, w, "silu", rows, count.long()), TypeError, "count: expected dtype int32"),
-        (nq, with_(None, None), None, None),
-        (nq, with_(0, qkv[0][:3]), ValueError, "x: 3 rows do not split into the cache's batch of 2"),
-        (nq, with_(3, qkv[3][:5]), ValueError, "w_q: 5 output features are not a whole number of 8-wide heads"),
-        (nq, with_(4, qkv[5][:0]), ValueError, "w_k: dim 0 must equal the cache's KV heads times head dim"),
-        (nq, with_(5, qkv[5].half()), TypeError, "w_v: dtype"),
-        (nq, with_(6, torch.zeros(16)), ValueError, "b_q, b_k, b_v: give all three biases or none"),
-        (nq, with_(9, qkv[9][:, :4].contiguous()), ValueError, r"cos: expected shape \(4, 8\)"),
-        (nq, with_(10, qkv[10].long()), TypeError, "sin: expected dtype"),
-        (nq, with_(11, None), ValueError, "rows: required"),
-        (nq, with_(12, count.long()), TypeError, "count: expected dtype int32"),
-        (nq, with_(None, None, caches=(kc, vc[:, :2].contiguous())), ValueError, "v_cache: shape"),
-        (nq, with_(None, None, caches=(kc.half(), vc.half())), TypeError, "k_cache: dtype"),
-        (nq, with_(None, None, caches=(kc[..., :7].contiguous(), vc[..., :7].contiguous())), ValueError, "k_cache: head dim must be even"),
-        (nq, with_(None, None, caches=(wide[..., :8], wide[..., 8:])), ValueError, "k_cache: expected a contiguous tensor"),
-        (nq, with_(None, None, start=start.int()), TypeError, "start: expected dtype int64"),
+        (with_(None, None), None, None),
+        (with_(0, qkv[0][:3]), ValueError, "x: 3 rows do not split into the cache's batch of 2"),
+        (with_(0, qkv[0].half()), TypeError, "k_cache: dtype"),
+        (with_(1, qkv[1][:5]), ValueError, "w_q: 5 output features are not a whole number of 8-wide heads"),
+        (with_(2, qkv[3][:0]), ValueError, "w_k: dim 0 must equal the cache's KV heads times head dim"),
+        (with_(3, qkv[3].half()), TypeError, "w_v: dtype"),
+        (with_(3, qkv[3][:, :5].contiguous()), ValueError, "w_v: dim 1 must equal x's feature size"),
+        (with_(4, torch.zeros(16)), ValueError, "b_q, b_k, b_v: give all three biases or none"),
+        (with_(7, qkv[7][:, :4].contiguous()), ValueError, r"cos: expected shape \(4, 8\)"),
+        (with_(8, qkv[8].long()), TypeError, "sin: expected dtype"),
+        (with_(9, None), ValueError, "rows: required"),
+        (with_(9, qkv[9].long()), TypeError, "rows: expected dtype int32"),
+        (with_(10, torch.ones(1, dtype=torch.int64)), TypeError, "count: expected dtype int32"),
+        (with_(None, None, caches=(kc, vc[:, :2].contiguous())), ValueError, "v_cache: shape"),
+        (with_(None, None, caches=(kc.half(), vc.half())), TypeError, "k_cache: dtype"),
+        (with_(None, None, caches=(kc[..., :7].contiguous(), vc[..., :7].contiguous())), ValueError,
+         "k_cache: head dim must be even"),
+        (with_(None, None, caches=(wide[..., :8], wide[..., 8:])), ValueError, "k_cache: expected a contiguous tensor"),
+        (with_(None, None, start=start.int()), TypeError, "start: expected dtype int64"),
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_fused_cases())))
-def test_fused_ops_reject_bad_input(case):
-    op, args, exc, msg = _bad_fused_cases()[case]
+@pytest.mark.parametrize("case", range(len(_bad_qkv_cases())))
+def test_qkv_rope_write_rejects_bad_input(case):
+    args, exc, msg = _bad_qkv_cases()[case]
     if exc is None:  # a valid call, beside the bad ones
-        op(*args)
+        linear.qkv_rope_write(*args)
         return
     with pytest.raises(exc, match=msg):
-        op(*args)
+        linear.qkv_rope_write(*args)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))

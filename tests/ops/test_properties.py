@@ -702,29 +702,11 @@ def _residual_compare(out, want, args, kernel, case):
 
 
 # ---------------------------------------------------------------------------------------------
-# the fused RMSNorm ops: norm_gated_mlp, norm_qkv
+# qkv_rope_write
 
 
 @st.composite
-def norm_gated_mlp_cases(draw):
-    T, K, N, dtype, seed, count = draw(_linear_dims())
-    M = draw(_sizes(0, 1, 3, 6))
-    rows, _ = _index_rows(draw, T, M, seed)
-    activation = draw(st.sampled_from(["silu", "relu"]))
-
-    def base(device, put):
-        return dict(x=put(randn(T, K, dtype=dtype, seed=seed), "x"),
-                    norm_weight=put(randn(K, dtype=dtype, seed=seed + 3), "norm_weight"), eps=1e-5,
-                    w_gate=put(randn(N, K, dtype=dtype, seed=seed + 1, scale=0.3), "w_gate"),
-                    w_up=put(randn(N, K, dtype=dtype, seed=seed + 2, scale=0.3), "w_up"),
-                    activation=activation, rows=put(rows, "rows"), count=_count_tensor(count, put))
-
-    return draw(mutations(Case("norm_gated_mlp", base), ["x", "norm_weight", "w_gate", "w_up", "rows", "count"],
-                          {"activation": ["gelu"], "eps": ["1e-5"]}))
-
-
-@st.composite
-def norm_qkv_cases(draw):
+def qkv_rope_write_cases(draw):
     B, L, Hk, group = draw(_sizes(0, 1, 2)), draw(_sizes(1, 1, 3)), draw(_sizes(1, 2)), draw(_sizes(1, 2))
     D, K = draw(_sizes(2, 6, 16)), draw(_sizes(0, 1, 5, 16))
     dtype, seed, has_bias = draw(st.sampled_from(FLOATS)), draw(st.integers(0, 99)), draw(st.booleans())
@@ -742,7 +724,6 @@ def norm_qkv_cases(draw):
         bias = lambda n, i: put(randn(n, dtype=dtype, seed=seed + i), f"b_{'qkv'[i - 5]}") if has_bias else None
         return dict(
             x=put(randn(T, K, dtype=dtype, seed=seed), "x"),
-            norm_weight=put(randn(K, dtype=dtype, seed=seed + 1), "norm_weight"), eps=1e-5,
             w_q=put(randn(Hq * D, K, dtype=dtype, seed=seed + 2, scale=0.3), "w_q"),
             w_k=put(randn(Hk * D, K, dtype=dtype, seed=seed + 3, scale=0.3), "w_k"),
             w_v=put(randn(Hk * D, K, dtype=dtype, seed=seed + 4, scale=0.3), "w_v"),
@@ -754,30 +735,30 @@ def norm_qkv_cases(draw):
             start=put(torch.tensor([first]), "start"),
         )
 
-    case = Case("norm_qkv", base)
+    case = Case("qkv_rope_write", base)
     if not 0 <= first <= S - L and T:
         case.target = "start"  # the CPU op must name it; the kernel drops the writes
         return case
-    tensors = ["x", "norm_weight", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "cos", "sin", "rows", "count",
-               "k_cache", "v_cache", "start"]
-    return draw(mutations(case, tensors, {"eps": ["1e-5"]}))
+    tensors = ["x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "cos", "sin", "rows", "count", "k_cache", "v_cache",
+               "start"]
+    return draw(mutations(case, tensors, {}))
 
 
-def _norm_qkv_expect(args):
+def _qkv_expect(args):
     """(q, k_cache, v_cache) by the reference, which raises for a start outside the cache."""
-    q = linear.norm_qkv_reference(*args.values())
+    q = linear.qkv_rope_write_reference(*args.values())
     return q, args["k_cache"], args["v_cache"]
 
 
-def _norm_qkv_kernel_expect(args):
-    """As `_norm_qkv_expect`, but a start partly or wholly outside the cache writes only the
+def _qkv_kernel_expect(args):
+    """As `_qkv_expect`, but a start partly or wholly outside the cache writes only the
     slots inside it (the kernel's documented behaviour)."""
     k_cache, v_cache, start = args["k_cache"], args["v_cache"], args["start"]
     B, S, Hk, D = k_cache.shape
     L = args["x"].shape[0] // B if B else 0
     step = dict(args, k_cache=torch.zeros(B, L, Hk, D, dtype=k_cache.dtype), v_cache=torch.zeros(B, L, Hk, D, dtype=v_cache.dtype),
                 start=torch.zeros(1, dtype=torch.int64))
-    q = linear.norm_qkv_reference(*step.values())
+    q = linear.qkv_rope_write_reference(*step.values())
     first = int(start[0])
     for l in range(L):
         if 0 <= first + l < S:
@@ -786,11 +767,11 @@ def _norm_qkv_kernel_expect(args):
     return q, k_cache, v_cache
 
 
-def _norm_qkv_compare(out, want, args, kernel, case):
+def _qkv_compare(out, want, args, kernel, case):
     q_want, k_want, v_want = want
     assert out.shape == q_want.shape
     n = _count(args, q_want.shape[0])
-    _close(out[:n], q_want[:n], "norm_qkv q", kernel)
+    _close(out[:n], q_want[:n], "qkv_rope_write q", kernel)
     _close(args["k_cache"], k_want, "k_cache", kernel)
     _close(args["v_cache"], v_want, "v_cache", kernel)
 
@@ -835,12 +816,8 @@ SPECS = {
     "linear_residual": Spec(linear.linear_residual, _impl(linear, "linear_residual"),
                             _ref(linear.linear_residual_reference, ["residual", "x", "weight", "slot", "count"]),
                             _residual_compare),
-    "norm_gated_mlp": Spec(linear.norm_gated_mlp, _impl(linear, "norm_gated_mlp"),
-                           _ref(linear.norm_gated_mlp_reference,
-                                ["x", "norm_weight", "eps", "w_gate", "w_up", "activation", "rows", "count"]),
-                           _rows_compare),
-    "norm_qkv": Spec(linear.norm_qkv, _impl(linear, "norm_qkv"), _norm_qkv_expect, _norm_qkv_compare,
-                     kernel_expect=_norm_qkv_kernel_expect, kernel_only_errors=(r"^start: slots",)),
+    "qkv_rope_write": Spec(linear.qkv_rope_write, _impl(linear, "qkv_rope_write"), _qkv_expect, _qkv_compare,
+                     kernel_expect=_qkv_kernel_expect, kernel_only_errors=(r"^start: slots",)),
 }
 
 
@@ -861,7 +838,7 @@ STRATEGIES = {
     "exact_rows": exact_rows_cases, "rms_norm": rms_norm_cases, "rms_norm_split": rms_norm_split_cases,
     "rope": rope_cases, "rope_kv_write": kv_write_cases, "sparse_attention": attention_cases,
     "linear_rows": linear_rows_cases, "gated_mlp": gated_mlp_cases, "linear_residual": linear_residual_cases,
-    "norm_gated_mlp": norm_gated_mlp_cases, "norm_qkv": norm_qkv_cases,
+    "qkv_rope_write": qkv_rope_write_cases,
 }
 
 
