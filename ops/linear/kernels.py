@@ -136,20 +136,30 @@ def scatter_residual(residual, y, slot):
 def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows.
     Picked from the bucketed row count only, so a new batch or length never recompiles.
-    Measured on an H100 with tools/form_sweep.py (Llama-3.1-8B projections, bf16): up to 64 rows
-    (decode) the GEMM streams weights, and narrow 32-column tiles spread them over more SMs (the
-    4096-wide projections get 128 programs instead of 64); from 128 rows (a capacity-form
-    prefill) 128x128 tiles reuse each weight tile across rows."""
+    Measured on an H100 with tools/form_sweep.py (Llama-3.1-8B projections, bf16;
+    docs/bench/form-sweep-gemm-and-layer.json): up to 64 rows (decode) the GEMM streams weights,
+    and narrow 32-column tiles spread them over more SMs (the 4096-wide projections get 128
+    programs instead of 64). From 128 rows (a capacity-form prefill) 128-row tiles reuse each
+    weight tile across rows; a single GEMM's tiles widen with the rows (64, 128, then 256
+    columns: enough programs for the SMs first, then fewer passes over the rows), while the
+    gated GEMM's two accumulators keep it at 128x128."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, triton.next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
     # Hopper SM's 227 KB (the gated GEMM's 128x128x64 pipeline would need 288 KB in fp32).
     wide = itemsize <= 2
+    block_k = 64 if wide else 32
     if rows <= 16:
         return (16, 32, 256 if wide else 128, 4, 3) if gated else (16, 32, 128 if wide else 64, 2, 6)
     if rows <= 64:
         return triton.next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
-    return 128, 128, 64 if wide else 32, 8, 3
+    if gated:
+        return 128, 128, block_k, 8, 3
+    if rows <= 256:
+        return 128, 64, block_k, 4, 4
+    if rows <= 512:
+        return 128, 128, block_k, 4, 4
+    return 128, 256, block_k, 8, 3
 
 
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):

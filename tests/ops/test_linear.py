@@ -142,7 +142,7 @@ def test_rows_gemm_gated(dtype, M, c, activation):
 
 @requires_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("rows", [1, 20, 130])  # one per tile regime of `_tiles` on a GPU
+@pytest.mark.parametrize("rows", [1, 20, 130, 300, 600])  # one per tile regime of `_tiles` on a GPU
 @pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
 def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
     """The interpreter normally runs small tiles; here rows_gemm runs the tiles a GPU picks,
