@@ -133,8 +133,10 @@ def scatter_residual(residual, y, slot):
     return out
 
 
-def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows.
+def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows;
+    kind: "single" (one accumulator), "gated" (two: gate and up) or "halves" (two, each half the
+    tile's columns: a head's halves in qkv_rope_write).
     Picked from the bucketed row count only, so a new batch or length never recompiles.
     Measured on an H100 with tools/form_sweep.py (Llama-3.1-8B projections, bf16;
     docs/bench/form-sweep-gemm-and-layer.json): up to 64 rows (decode) the GEMM streams weights,
@@ -142,18 +144,19 @@ def _tiles(rows: int, itemsize: int, gated: bool, on_gpu: bool):
     programs instead of 64). From 128 rows (a capacity-form prefill) 128-row tiles reuse each
     weight tile across rows; a single GEMM's tiles widen with the rows (64, 128, then 256
     columns: enough programs for the SMs first, then fewer passes over the rows), while the
-    gated GEMM's two accumulators keep it at 128x128."""
+    two-accumulator GEMMs stay at 128x128."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, triton.next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
     # Hopper SM's 227 KB (the gated GEMM's 128x128x64 pipeline would need 288 KB in fp32).
     wide = itemsize <= 2
     block_k = 64 if wide else 32
+    gated = kind == "gated"
     if rows <= 16:
         return (16, 32, 256 if wide else 128, 4, 3) if gated else (16, 32, 128 if wide else 64, 2, 6)
     if rows <= 64:
         return triton.next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
-    if gated:
+    if kind != "single":  # two accumulators (wider tiles run out of registers or shared memory)
         return 128, 128, block_k, 8, 3
     if rows <= 256:
         return 128, 64, block_k, 4, 4
@@ -170,7 +173,8 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
     if known_empty(out_rows * N):
         return out
-    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), w2 is not None, x.device.type == "cuda")
+    kind = "gated" if w2 is not None else "single"
+    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), kind, x.device.type == "cuda")
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
     launch(_rows_gemm_kernel)[(triton.cdiv(N, block_n), triton.cdiv(out_rows, block_m))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
@@ -291,9 +295,9 @@ def qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cac
     q = torch.empty(M, HQ, D, dtype=x.dtype, device=x.device)
     if known_empty(max(M, T) * D):
         return q
-    # A plain GEMM's tiles, their columns split into the two dots' halves (tl.dot needs >= 16):
-    # as many programs as the Q projection alone had, so decode still spreads its weights wide.
-    block_m, block_n, block_k, warps, stages = _tiles(max(M, T), x.element_size(), False, x.device.type == "cuda")
+    # Tiles whose columns split into the two dots' halves (tl.dot needs >= 16): at decode as many
+    # programs as the Q projection alone had, so the weights still spread over the SMs.
+    block_m, block_n, block_k, warps, stages = _tiles(max(M, T), x.element_size(), "halves", x.device.type == "cuda")
     block_h = max(16, min(block_n // 2, triton.next_power_of_2(D // 2)))
     chunks = triton.cdiv(D // 2, block_h)
     dummy = x

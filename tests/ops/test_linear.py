@@ -150,7 +150,7 @@ def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
     from skipgpt.ops.linear import kernels
 
     gpu_tiles = kernels._tiles
-    monkeypatch.setattr(kernels, "_tiles", lambda r, size, gated, on_gpu: gpu_tiles(r, size, gated, True))
+    monkeypatch.setattr(kernels, "_tiles", lambda r, size, kind, on_gpu: gpu_tiles(r, size, kind, True))
     K, N = 300, 100
     x = randn(rows, K, dtype=dtype, device=KERNEL_DEVICE, seed=rows)
     w = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 1)
@@ -327,12 +327,12 @@ def test_qkv_rope_write(dtype, B, L, p, Hq, Hk, D, bias):
 
 
 @requires_triton
-@pytest.mark.parametrize("rows", [1, 20, 130])  # one per tile regime of `_tiles` on a GPU
+@pytest.mark.parametrize("rows", [1, 20, 130, 600])  # one per tile regime of `_tiles` on a GPU
 def test_qkv_rope_write_with_the_gpu_tiles(monkeypatch, rows):
     from skipgpt.ops.linear import kernels
 
     gpu_tiles = kernels._tiles
-    monkeypatch.setattr(kernels, "_tiles", lambda r, size, gated, on_gpu: gpu_tiles(r, size, gated, True))
+    monkeypatch.setattr(kernels, "_tiles", lambda r, size, kind, on_gpu: gpu_tiles(r, size, kind, True))
     dtype = torch.float16
     routes, args, (k_cache, v_cache), start = _qkv_case(dtype, 1, rows, 0.7, 2, 1, 128, True, K=300)
     want_k, want_v = k_cache.clone(), v_cache.clone()
