@@ -196,8 +196,8 @@ def _dot_precision(x):
 def _head_halves(x_ptr, src, a_ok, k_end, w_ptr, lo, c_ok, K: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """x[src] @ w[lo].T and x[src] @ w[lo + HALF].T, [BLOCK_M, BLOCK_H] fp32 each: a head's two
-    halves, which RoPE rotates together. Called with each weight argument itself (not a pointer
-    picked at run time), so Triton knows its alignment and vectorises the loads."""
+    halves, which RoPE rotates together. Called with each weight argument itself rather than a
+    pointer picked at run time, whose alignment Triton could not see."""
     acc_lo = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
