@@ -1,20 +1,22 @@
 """triton-sparse's capacity form with its attention input fused (rms_norm, then qkv_rope_write)
 against the form before it (rms_norm_split, cuBLAS K/V, rope_kv_write, Q GEMM, rope), one
-Llama-3.1-8B layer at prefill (device machine). Per variant and point: wall time per step
-(skipgpt.benchmark.cuda_timer, median), GPU time per step (torch.profiler: the step's kernels
-summed), kernels per step, and the biggest kernels. Where wall time exceeds GPU time, the host
-bounds the step.
+Llama-3.1-8B layer at prefill, or at decode (`--mode decode`: 64 one-token steps over a cached
+context of L tokens, timed as a replayed CUDA graph, as generate() runs them) on the device
+machine. Per variant and point: time per step (skipgpt.benchmark.cuda_timer, median; at decode
+cuda_graph_timer), GPU time per step (torch.profiler: the step's kernels summed, eager), kernels
+per step, and the biggest kernels. Where wall time exceeds GPU time, the host bounds the step.
 
 Variants: hf (baseline), exact (triton-sparse in the exact form), unfused, fused (the default).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
+    python tools/fusion_ab.py --mode decode --points 1:2048,8:2048,64:2048 --variants hf,unfused,fused
 """
 import argparse
 import contextlib
 
 import torch
 
-from skipgpt.benchmark import LayerBench, cuda_timer
+from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer
 
 VARIANTS = ("hf", "exact", "unfused", "fused")
 
@@ -49,12 +51,15 @@ def gpu_time(fn, steps=10):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", default="1:512,1:1024,4:512", help="comma-separated B:L prefill points")
+    parser.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
+    parser.add_argument("--points", default="1:512,1:1024,4:512", help="comma-separated B:L points")
     parser.add_argument("--skip", type=float, default=0.25, help="skip rate of the forced routes (default 0.25)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=2, help="wall-time rounds over the variants (default 2)")
     args = parser.parse_args()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
+    bench.decode_steps = 64
+    timer = cuda_graph_timer if args.mode == "decode" else cuda_timer
     names = args.variants.split(",")
     for point in args.points.split(","):
         B, L = (int(v) for v in point.split(":"))
@@ -63,13 +68,13 @@ def main():
             for name in names:
                 with variant(bench, name):
                     provider = "hf" if name == "hf" else "triton-sparse"
-                    walls[name].append(cuda_timer(bench.step(provider, "prefill", B, L, args.skip))[0] * 1e3)
+                    walls[name].append(timer(bench.step(provider, args.mode, B, L, args.skip))[0] * 1e3)
         for name in names:
             with variant(bench, name):
                 provider = "hf" if name == "hf" else "triton-sparse"
-                gpu, launches, top = gpu_time(bench.step(provider, "prefill", B, L, args.skip))
+                gpu, launches, top = gpu_time(bench.step(provider, args.mode, B, L, args.skip))
             wall = " ".join(f"{w:7.1f}" for w in walls[name])
-            print(f"B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
+            print(f"{args.mode} B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
             for kernel, us in top:
                 print(f"      {us:7.1f} us  {kernel}")
 
