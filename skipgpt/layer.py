@@ -20,6 +20,11 @@ from .ops.rope.reference import rotate_half
 from .routing import RoutingState
 
 PIPELINES = ("dense", "torch-sparse", "triton-sparse")
+# triton-sparse's capacity form projects Q/K/V in one launch (qkv_rope_write) from this many
+# tokens per step. Decode-sized steps keep the separate ops: replayed in a CUDA graph, where
+# launches cost nothing, the fused kernel's decode tiles took ~1.8x their GPU time (64 decode
+# steps at B=1-64: 4-6% slower; docs/BENCHMARKS.md).
+FUSED_QKV_MIN_TOKENS = 65
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -247,7 +252,8 @@ class RoutedDecoderLayer(nn.Module):
         # a CUDA graph is being captured). With torch.cond either form may run, so always.
         rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
-        if capacity is True and self.fuses_qkv:
+        # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
+        if capacity is True and self.fuses_qkv and type(T) is int and T >= FUSED_QKV_MIN_TOKENS:
             # The attention's input stage in two launches: RMSNorm, then Q/K/V, RoPE and the
             # cache write. (Not inside torch.cond, whose branches may not write the cache: there
             # K/V are written before the branch, below.)

@@ -50,9 +50,13 @@ def test_sparse_pipelines_agree(family, padding, skip, form):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("form", RoutingState.FORMS)
-def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form):
-    """Eager capacity steps project Q/K/V in one qkv_rope_write call per layer, except where the
-    family normalises q/k per head (Qwen3); the exact form never does."""
+@pytest.mark.parametrize("length", [5, 40])
+def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form, length):
+    """Eager capacity steps of at least FUSED_QKV_MIN_TOKENS tokens project Q/K/V in one
+    qkv_rope_write call per layer, except where the family normalises q/k per head (Qwen3); the
+    exact form and decode-sized steps never do."""
+    from skipgpt.layer import FUSED_QKV_MIN_TOKENS
+
     _, model = make_pair(family)
     model.model.skipgpt_routing.use_form(form)
     skipgpt.force_routes(model, skip=0.3, seed=3)
@@ -60,11 +64,14 @@ def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form):
     calls = []
     fused = skipgpt.ops.qkv_rope_write
     monkeypatch.setattr(skipgpt.ops, "qkv_rope_write", lambda *a: calls.append(1) or fused(*a))
-    ids, mask = random_batch(model.config.vocab_size, 2, 5, "left")
+    ids, mask = random_batch(model.config.vocab_size, 2, length, "left")
     with torch.no_grad():
-        model(ids, attention_mask=mask)
-    fuses = form == "capacity" and family != "qwen3"
+        out = model(ids, attention_mask=mask).logits
+        skipgpt.set_pipeline(model, "torch-sparse")
+        ref = model(ids, attention_mask=mask).logits
+    fuses = form == "capacity" and family != "qwen3" and 2 * length >= FUSED_QKV_MIN_TOKENS
     assert len(calls) == (model.config.num_hidden_layers if fuses else 0)
+    valid_close(out, ref, mask, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
