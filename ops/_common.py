@@ -91,6 +91,16 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise TypeError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
 
 
+def check_kv_caches(k_cache, v_cache, ref_name: str, ref: torch.Tensor) -> None:
+    """A seq-first cache pair: 4-d [B, S, Hk, D] tensors of one shape, on the device and in the
+    dtype of argument `ref_name` (`ref`)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, ndim=4, device=ref.device, device_of=ref_name)
+        check_same_dtype(name, t, ref_name, ref)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+
+
 def check_count(count: Optional[torch.Tensor], device: torch.device, device_of: Optional[str] = None) -> None:
     """`count` holds the number of valid rows of a capacity-sized tensor, on the device: [1] (or
     a scalar) int32. Its value is data: kernels clamp it to [0, rows], never sync to check it."""

@@ -10,8 +10,8 @@ from .._common import (
     FLOAT_DTYPES,
     HAS_TRITON,
     check_kernel_head_dim,
+    check_kv_caches,
     check_rows,
-    check_same_dtype,
     check_scalar,
     check_tensor,
     decompose_under_compile,
@@ -28,11 +28,7 @@ def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_scalar("seq_len", seq_len, int)
     check_scalar("scale", scale, float)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, ndim=4, device=q.device, device_of="q")
-        check_same_dtype(name, t, "q", q)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    check_kv_caches(k_cache, v_cache, "q", q)
     B, S, Hk, D = k_cache.shape
     M, Hq, Dq = q.shape
     if Dq != D:

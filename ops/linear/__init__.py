@@ -19,6 +19,7 @@ from .._common import (
     HAS_TRITON,
     check_count,
     check_dim,
+    check_kv_caches,
     check_rows,
     check_same_dtype,
     check_scalar,
@@ -154,11 +155,7 @@ def _linear_residual_fake(residual, x, weight, slot=None, count=None):
 
 def _check_qkv(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, ndim=4, device=x.device, device_of="x")
-        check_same_dtype(name, t, "x", x)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    check_kv_caches(k_cache, v_cache, "x", x)
     B, _, num_kv_heads, head_dim = k_cache.shape
     if head_dim % 2:
         raise ValueError(f"k_cache: head dim must be even for rotary embeddings, got shape {tuple(k_cache.shape)}")
