@@ -6,7 +6,7 @@
    form (capacity, exact), against hf and dense from the same run.
 
 Usage: python tools/form_sweep.py [--json PATH] [--layer-only] [--scope model --layers 8]
-                                  [--repeats 3] [--skips 0,0.25,0.5] [--compiled] [--unfused]
+                                  [--repeats 3] [--skips 0,0.25,0.5] [--compiled]
                                   [--points 1:512,1:1024]
 """
 import argparse
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import triton
 
 from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer
-from skipgpt.model import routed_layers
 from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
@@ -85,14 +84,12 @@ def gemm_sweep(results):
 POINTS = ((1, 256), (1, 512), (2, 512), (4, 256), (1, 1024), (4, 512), (2, 1024), (1, 2048))
 
 
-def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, unfused=False, points=POINTS):
+def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, points=POINTS):
     """Each point with triton-sparse forced into each form, against hf and dense (and with
     `compiled`, compiled-sparse at the default switch) in the same run; the whole grid
-    `repeats` times over, since host-bound points jitter between runs. With `unfused`, also the
-    capacity form with the attention's input stage unfused (rms_norm_split, cuBLAS K/V,
-    rope_kv_write, Q GEMM, rope: how the form ran before qkv_rope_write)."""
+    `repeats` times over, since host-bound points jitter between runs. (The fused and unfused
+    capacity forms: tools/fusion_ab.py.)"""
     limit = state.capacity_max_tokens
-    layers = [bench.routed] if bench.scope == "layer" else routed_layers(bench.routed)
     for run in range(repeats):
         for B, L in points:
             for skip in skips:
@@ -102,14 +99,6 @@ def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, unfused=
                 for form in state.FORMS:
                     state.use_form(form)
                     row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
-                if unfused:
-                    state.use_form("capacity")
-                    fused = [layer.fuses_qkv for layer in layers]
-                    for layer in layers:
-                        layer.fuses_qkv = False
-                    row["capacity-unfused"] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
-                    for layer, was in zip(layers, fused):
-                        layer.fuses_qkv = was
                 state.capacity_max_tokens = limit
                 results.append(row)
                 print(row, flush=True)
@@ -126,8 +115,6 @@ if __name__ == "__main__":
     parser.add_argument("--scope", choices=("layer", "model"), default="layer",
                         help="sweep one 8B layer, or a whole model of --layers 8B layers (default layer)")
     parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")
-    parser.add_argument("--unfused", action="store_true",
-                        help="also time the capacity form with the attention's input stage unfused")
     parser.add_argument("--points", help="B:L,B:L,... prefill points (default: 256 to 2048 tokens)")
     args = parser.parse_args()
     points = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")] if args.points else POINTS
@@ -142,7 +129,7 @@ if __name__ == "__main__":
     else:
         bench = ModelBench("llama-3.1-8b", torch.bfloat16, device, layers=args.layers, fp32_reference=False)
         state = bench.routed.model.skipgpt_routing
-    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled, args.unfused, points)
+    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled, points)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)
