@@ -21,7 +21,8 @@ from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
 # (block_m, block_n, block_k, num_warps, num_stages); None: what rows_gemm picks today.
-PREFILL_CONFIGS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+PREFILL_CONFIGS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                   (64, 128, 64, 4, 4)]
 DECODE_CONFIGS = [None, (16, 32, 128, 4, 4), (16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
                   (16, 16, 128, 2, 4), (16, 32, 128, 2, 6), (32, 32, 128, 4, 4), (64, 32, 128, 4, 4)]
 
@@ -37,7 +38,7 @@ def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
     out = torch.empty(rows, N, dtype=x.dtype, device=x.device)
 
     def run():
-        kernels._rows_gemm_kernel[(triton.cdiv(N, bn), triton.cdiv(rows, bm))](
+        kernels._rows_gemm_kernel[(triton.cdiv(rows, bm), triton.cdiv(N, bn))](
             x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
             slot if slot is not None else out, count, M, rows, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"], GATED=w2 is not None, HAS_BIAS=False,
@@ -51,7 +52,7 @@ def gemm_sweep(results):
     w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
     w_g, w_u = (torch.randn(I, H, device=dev, dtype=dt) * 0.02 for _ in range(2))
     w_d = torch.randn(H, I, device=dev, dtype=dt) * 0.02
-    for T in (1, 8, 64, 128, 256, 512, 1024):
+    for T in (1, 8, 64, 128, 256, 512, 1024, 2048):
         M = max(1, int(T * 0.75))  # 25% skip
         count = torch.tensor([M], dtype=torch.int32, device=dev)
         slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
