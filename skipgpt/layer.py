@@ -25,6 +25,12 @@ PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 # launches cost nothing, the fused kernel's decode tiles took ~1.8x their GPU time (64 decode
 # steps at B=1-64: 4-6% slower; docs/BENCHMARKS.md).
 FUSED_QKV_MIN_TOKENS = 65
+# Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
+# capacity form's GEMMs take the tiles of this many rows (ops' tile_rows), so that Inductor
+# launches them rather than calling each op through the dispatcher (~100 us of host time a call,
+# which bounds these steps). The tiles that suit 257-512 rows; at 1024 rows they cost ~15% more
+# GPU time than the best ones (tools/form_sweep.py's GEMM sweep).
+COND_TILE_ROWS = 512
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -249,8 +255,10 @@ class RoutedDecoderLayer(nn.Module):
         if not use_cond:
             capacity = bool(capacity)
         # The exact form reads the counts on the host: start copying them early (skipped while
-        # a CUDA graph is being captured). With torch.cond either form may run, so always.
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
+        # a CUDA graph is being captured). Not under torch.cond, where the copy would keep compact
+        # one op through the dispatcher whichever form runs: there the exact form's exact_rows
+        # reads the counts itself, waiting for the work queued before it.
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=not use_cond and not capacity)
         self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
         if capacity is True and self.fuses_qkv and type(T) is int and T >= FUSED_QKV_MIN_TOKENS:
@@ -274,9 +282,11 @@ class RoutedDecoderLayer(nn.Module):
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
         cos, sin = cos.view(T, -1), sin.view(T, -1)
 
+        tile_rows = COND_TILE_ROWS if use_cond else None
+
         def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
             return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos, sin,
-                                        k_cache, v_cache, start, key_mask, L)
+                                        k_cache, v_cache, start, key_mask, L, tile_rows)
 
         def exact_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
@@ -290,25 +300,30 @@ class RoutedDecoderLayer(nn.Module):
             out = (capacity_form if capacity else exact_form)(*operands)
         return out.view(B, L, H)
 
-    def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L):
+    def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L,
+                        tile_rows=None):
         """Q from the normalised compacted rows xq, then `_attend_and_mlp`. rows/counts:
         (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
         g, attn = self.geometry, self.self_attn
-        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, counts[0]).view(-1, g.num_heads, g.head_dim)
-        q = self.family.q_norm(attn, q)
+        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, counts[0], tile_rows=tile_rows)
+        q = self.family.q_norm(attn, q.view(-1, g.num_heads, g.head_dim))
         q = ops.rope(q.contiguous(), cos, sin, rows[0], counts[0])
-        return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L)
+        return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
+                                    tile_rows)
 
-    def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L):
+    def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
+                        tile_rows=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
-        over the MLP rows, each scattered back onto the residual stream x [T, H]."""
+        over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
+        capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()
         o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
-        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0])
+        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
+                                tile_rows=tile_rows)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
-        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1])
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1])
+        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1], tile_rows=tile_rows)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], tile_rows=tile_rows)
 
 
 def _counts(seq_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,13 +56,19 @@ def _check_weight(name: str, w: Tensor, x: Tensor) -> None:
     check_dim(name, w, 1, x.shape[1], "x's feature size")
 
 
-def _check_x(x: Tensor, count: Optional[Tensor]) -> None:
+def _check_x(x: Tensor, count: Optional[Tensor], tile_rows: Optional[int]) -> None:
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_count(count, x.device, device_of="x")
+    if tile_rows is not None:
+        check_scalar("tile_rows", tile_rows, int)
+        if count is None:
+            raise ValueError("tile_rows: given without count; only the capacity form picks its own tiles")
+        if tile_rows < 1:
+            raise ValueError(f"tile_rows: expected a row count >= 1, got {tile_rows}")
 
 
-def _check_linear_rows(x, weight, bias, count):
-    _check_x(x, count)
+def _check_linear_rows(x, weight, bias, count, tile_rows):
+    _check_x(x, count, tile_rows)
     _check_weight("weight", weight, x)
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=x.device, device_of="x")
@@ -71,25 +77,33 @@ def _check_linear_rows(x, weight, bias, count):
 
 
 @torch.library.custom_op("skipgpt::linear_rows", mutates_args=())
-def linear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, count: Optional[Tensor] = None) -> Tensor:
+def linear_rows(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, count: Optional[Tensor] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
     """x [M, K] @ weight [N, K].T + bias [N] -> [M, N].
 
     count: optional [1] int32 on the device (capacity form): rows m >= count are not computed
     (unspecified in the output) and a zero count reads no weights. The count is data, never
     synced to the host: a value outside [0, M] is clamped to it.
+    tile_rows: optional int, capacity form only: pick the GEMM's tiles as for this many rows
+    instead of by the actual row count. Compiled code whose token count is symbolic passes one,
+    so that the GEMM traces into its graph (Inductor launches the kernel); without it the tile
+    choice would guard on the count, so such a call stays one op through the dispatcher, at
+    ~100 us of host time. Results do not depend on it.
     """
-    _check_linear_rows(x, weight, bias, count)
+    _check_linear_rows(x, weight, bias, count, tile_rows)
     return linear_rows_reference(x, weight, bias, count)
 
 
 @linear_rows.register_fake
-def _linear_rows_fake(x, weight, bias=None, count=None):
-    _check_linear_rows(x, weight, bias, count)
+def _linear_rows_fake(x, weight, bias=None, count=None, tile_rows=None):
+    _check_linear_rows(x, weight, bias, count, tile_rows)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _check_gated(x, w_gate, w_up, activation, count):
-    _check_x(x, count)
+def _check_gated(x, w_gate, w_up, activation, count, tile_rows):
+    _check_x(x, count, tile_rows)
     _check_weight("w_gate", w_gate, x)
     _check_weight("w_up", w_up, x)
     if w_up.shape != w_gate.shape:
@@ -100,24 +114,28 @@ def _check_gated(x, w_gate, w_up, activation, count):
 
 
 @torch.library.custom_op("skipgpt::gated_mlp", mutates_args=())
-def gated_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str, count: Optional[Tensor] = None) -> Tensor:
+def gated_mlp(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str, count: Optional[Tensor] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
     """act(x @ w_gate.T) * (x @ w_up.T), the first half of a gated MLP on compacted rows.
 
     x: [M, K]; w_gate, w_up: [I, K]; activation: "silu" or "relu"; count: optional [1] int32
-    (capacity form, as in `linear_rows`). Returns [M, I] in x's dtype.
+    (capacity form, as in `linear_rows`). Returns [M, I] in x's dtype. tile_rows: as in
+    `linear_rows`.
     """
-    _check_gated(x, w_gate, w_up, activation, count)
+    _check_gated(x, w_gate, w_up, activation, count, tile_rows)
     return gated_mlp_reference(x, w_gate, w_up, activation, count)
 
 
 @gated_mlp.register_fake
-def _gated_mlp_fake(x, w_gate, w_up, activation, count=None):
-    _check_gated(x, w_gate, w_up, activation, count)
+def _gated_mlp_fake(x, w_gate, w_up, activation, count=None, tile_rows=None):
+    _check_gated(x, w_gate, w_up, activation, count, tile_rows)
     return x.new_empty((x.shape[0], w_gate.shape[0]))
 
 
-def _check_residual(residual, x, weight, slot, count):
-    _check_x(x, count)
+def _check_residual(residual, x, weight, slot, count, tile_rows):
+    _check_x(x, count, tile_rows)
     _check_weight("weight", weight, x)
     check_tensor("residual", residual, ndim=2, device=x.device, device_of="x")
     check_same_dtype("residual", residual, "x", x)
@@ -133,7 +151,8 @@ def _check_residual(residual, x, weight, slot, count):
 
 @torch.library.custom_op("skipgpt::linear_residual", mutates_args=())
 def linear_residual(
-    residual: Tensor, x: Tensor, weight: Tensor, slot: Optional[Tensor] = None, count: Optional[Tensor] = None
+    residual: Tensor, x: Tensor, weight: Tensor, slot: Optional[Tensor] = None, count: Optional[Tensor] = None,
+    tile_rows: Optional[int] = None,
 ) -> Tensor:
     """out = residual; out[t] += x[slot[t]] @ weight.T for every token t with slot[t] >= 0.
 
@@ -142,14 +161,15 @@ def linear_residual(
     Returns a new [T, N]: skipping tokens keep their residual row bit for bit.
     slot and count are device data, not checked on the host: a token whose slot falls outside
     [0, M) (or [0, count) in the capacity form) keeps its residual row, as a skipping token does.
+    tile_rows: as in `linear_rows`.
     """
-    _check_residual(residual, x, weight, slot, count)
+    _check_residual(residual, x, weight, slot, count, tile_rows)
     return linear_residual_reference(residual, x, weight, slot, count)
 
 
 @linear_residual.register_fake
-def _linear_residual_fake(residual, x, weight, slot=None, count=None):
-    _check_residual(residual, x, weight, slot, count)
+def _linear_residual_fake(residual, x, weight, slot=None, count=None, tile_rows=None):
+    _check_residual(residual, x, weight, slot, count, tile_rows)
     return torch.empty_like(residual)
 
 
@@ -226,27 +246,27 @@ if HAS_TRITON:
 
     @linear_rows.register_kernel("cuda")
     @on_input_device
-    def _linear_rows_cuda(x, weight, bias=None, count=None):
-        _check_linear_rows(x, weight, bias, count)
+    def _linear_rows_cuda(x, weight, bias=None, count=None, tile_rows=None):
+        _check_linear_rows(x, weight, bias, count, tile_rows)
         if count is None:
             return F.linear(x, weight, bias)
-        return kernels.rows_gemm(x, weight, count, bias=bias)
+        return kernels.rows_gemm(x, weight, count, bias=bias, tile_rows=tile_rows)
 
     @gated_mlp.register_kernel("cuda")
     @on_input_device
-    def _gated_mlp_cuda(x, w_gate, w_up, activation, count=None):
-        _check_gated(x, w_gate, w_up, activation, count)
+    def _gated_mlp_cuda(x, w_gate, w_up, activation, count=None, tile_rows=None):
+        _check_gated(x, w_gate, w_up, activation, count, tile_rows)
         if count is None:
             return kernels.act_mul(F.linear(x, w_gate), F.linear(x, w_up), activation)
-        return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation)
+        return kernels.rows_gemm(x, w_gate, count, w2=w_up, activation=activation, tile_rows=tile_rows)
 
     @linear_residual.register_kernel("cuda")
     @on_input_device
-    def _linear_residual_cuda(residual, x, weight, slot=None, count=None):
-        _check_residual(residual, x, weight, slot, count)
+    def _linear_residual_cuda(residual, x, weight, slot=None, count=None, tile_rows=None):
+        _check_residual(residual, x, weight, slot, count, tile_rows)
         if count is None:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
-        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot)
+        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot, tile_rows=tile_rows)
 
     @qkv_rope_write.register_kernel("cuda")
     @on_input_device
@@ -255,13 +275,23 @@ if HAS_TRITON:
         return kernels.qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start)
 
     # The exact form (cuBLAS, then an elementwise kernel) traces into the graph. The capacity
-    # form stays one op: its tiles depend on the bucketed row count, which would guard on the
-    # token count. Inside a CUDA graph (decode) the dispatcher then costs nothing; a compiled
-    # prefill of up to 1024 tokens pays it per call (docs/BENCHMARKS.md).
-    decompose_under_compile(linear_rows, _linear_rows_cuda, lambda x, weight, bias=None, count=None: count is None)
-    decompose_under_compile(gated_mlp, _gated_mlp_cuda, lambda x, w_gate, w_up, activation, count=None: count is None)
+    # form's tiles depend on the bucketed row count, which would guard on the token count: it
+    # traces only with tile_rows given, else stays one op. Inside a CUDA graph (decode) the
+    # dispatcher costs nothing; outside one, each such call costs ~100 us of host time.
+    def _gemm_traceable(count, tile_rows):
+        return count is None or tile_rows is not None
+
     decompose_under_compile(
-        linear_residual, _linear_residual_cuda, lambda residual, x, weight, slot=None, count=None: count is None
+        linear_rows, _linear_rows_cuda,
+        lambda x, weight, bias=None, count=None, tile_rows=None: _gemm_traceable(count, tile_rows),
+    )
+    decompose_under_compile(
+        gated_mlp, _gated_mlp_cuda,
+        lambda x, w_gate, w_up, activation, count=None, tile_rows=None: _gemm_traceable(count, tile_rows),
+    )
+    decompose_under_compile(
+        linear_residual, _linear_residual_cuda,
+        lambda residual, x, weight, slot=None, count=None, tile_rows=None: _gemm_traceable(count, tile_rows),
     )
     # Its tiles follow the bucketed token count: traced where that count is static (a decode
     # graph), one op where it is symbolic.

@@ -168,8 +168,10 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     return 128, 256, block_k, 8, 3
 
 
-def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None):
-    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual."""
+def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None, tile_rows=None):
+    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual.
+    tile_rows: the row count to pick tiles by (default: the output's rows; a symbolic one would
+    guard)."""
     M, K = x.shape
     N = weight.shape[0]
     out_rows = residual.shape[0] if residual is not None else M
@@ -177,7 +179,8 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     if known_empty(out_rows * N):
         return out
     kind = "gated" if w2 is not None else "single"
-    block_m, block_n, block_k, warps, stages = _tiles(out_rows, x.element_size(), kind, x.device.type == "cuda")
+    tiled_as = out_rows if tile_rows is None else tile_rows
+    block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), kind, x.device.type == "cuda")
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
     launch(_rows_gemm_kernel)[(triton.cdiv(out_rows, block_m), triton.cdiv(N, block_n))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,

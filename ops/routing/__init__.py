@@ -24,7 +24,6 @@ from .._common import (
     decompose_under_compile,
     eager_entry,
     on_input_device,
-    static_ints,
 )
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
@@ -136,12 +135,9 @@ if HAS_TRITON:
         _check_forced(params, start, batch, seq_len, layer_idx)
         return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
 
-    # compact stays one op: it may copy the counts to the host (exact form), a side effect.
+    # Their kernels' blocks follow L or T where static, and are fixed where symbolic (no guard).
     decompose_under_compile(router_execute, _router_execute_cuda)
-    # The forced-route kernel's block size follows L: a symbolic L stays one op.
-    decompose_under_compile(
-        forced_execute, _forced_execute_cuda, lambda params, start, batch, seq_len, layer_idx: static_ints(seq_len)
-    )
+    decompose_under_compile(forced_execute, _forced_execute_cuda)
 
     @compact.register_kernel("cuda")
     @on_input_device
@@ -156,6 +152,9 @@ if HAS_TRITON:
             # Kept on the tensor itself: exact_rows trusts it only for this very tensor, unmodified.
             seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
         return rows, slot, seq_offsets
+
+    # With host_counts, compact stays one op: the copy to the host is a side effect.
+    decompose_under_compile(compact, _compact_cuda, lambda execute, host_counts=False: not host_counts)
 
 
 @compact.register_fake

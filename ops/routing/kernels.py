@@ -37,6 +37,12 @@ def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: t
         tl.store(rows_ptr + t, -1, mask=(t >= carry) & (t < T))
 
 
+def _block(n, symbolic_block: int) -> int:
+    """The block of a kernel that loops over n items: n's next power of two up to 1024, or, for a
+    symbolic n (a traced op), a fixed `symbolic_block`, since picking by n would guard on it."""
+    return min(1024, triton.next_power_of_2(n)) if type(n) is int else symbolic_block
+
+
 def compact(execute: torch.Tensor):
     R, B, L = execute.shape
     T = B * L
@@ -48,8 +54,7 @@ def compact(execute: torch.Tensor):
     if known_empty(T):
         offsets.zero_()
         return rows, slot, offsets
-    block = min(1024, triton.next_power_of_2(T))
-    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=block)
+    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=_block(T, 128))
     return rows, slot, offsets
 
 
@@ -105,9 +110,8 @@ def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
 def forced_execute(params, start, batch, seq_len, layer_idx):
     out = torch.empty(2, batch, seq_len, dtype=torch.int8, device=start.device)
     if not known_empty(batch * seq_len):
-        block = min(1024, triton.next_power_of_2(seq_len))
         launch(_forced_execute_kernel)[(2 * batch,)](
-            params, start, out, seq_len, layer_term(layer_idx), BLOCK=block
+            params, start, out, seq_len, layer_term(layer_idx), BLOCK=_block(seq_len, 256)
         )
     return bytes_to_bool(out)
 

@@ -169,6 +169,40 @@ def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
     assert torch.isnan(out[n:]).all()
 
 
+@requires_triton
+@pytest.mark.parametrize("rows,tile_rows", [(20, 512), (300, 1)])  # tiles far bigger, far smaller than the rows'
+@pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
+def test_rows_gemm_tile_rows_picks_tiles_not_results(monkeypatch, rows, tile_rows, kind):
+    """tile_rows (what compiled code under torch.cond passes) changes the tiles, not the output."""
+    from skipgpt.ops.linear import kernels
+
+    gpu_tiles, picked = kernels._tiles, []
+
+    def tiles(r, size, kind, on_gpu):
+        picked.append(r)
+        return gpu_tiles(r, size, kind, True)
+
+    monkeypatch.setattr(kernels, "_tiles", tiles)
+    K, N = 100, 40
+    x = randn(rows, K, device=KERNEL_DEVICE, seed=rows)
+    w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=rows + 1)
+    n, count = _count(rows, rows * 7 // 10)
+    if kind == "residual":
+        routes = make_routes(1, rows, 0.3, seed=rows, device=KERNEL_DEVICE)
+        residual = randn(rows, N, device=KERNEL_DEVICE, seed=rows + 2)
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot, tile_rows=tile_rows)
+        _check_residual(out, residual, x, w, routes, torch.float32)
+    else:
+        w2 = _w(N, K, torch.float32, KERNEL_DEVICE, seed=rows + 3) if kind == "gated" else None
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, count, w2=w2, activation="silu" if w2 is not None else "none",
+                                    tile_rows=tile_rows)
+        want = gated_mlp_reference(x, w, w2, "silu", count) if w2 is not None else linear_rows_reference(x, w, None, count)
+        assert_rel(out[:n], want[:n], TOL[torch.float32])
+    assert picked == [tile_rows]
+
+
 RESIDUAL_CASES = [(2, 1, 1.0), (1, 1, 0.0), (2, 7, 0.6), (2, 63, 0.0), (2, 63, 1.0), (2, 129, 0.75)]
 
 
@@ -372,15 +406,18 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w, b))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w, b, cnt))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x.half(), w.half(), None, cnt))
+    torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x, w, b, cnt, 512))
     wu = _w(N, K, torch.float32, seed=5)
     for act in ("silu", "relu"):
         torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x, w, wu, act))
         torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x, w, wu, act, cnt))
+        torch.library.opcheck(torch.ops.skipgpt.gated_mlp.default, (x, w, wu, act, cnt, 1))
     residual = randn(T, N, seed=6)
     xe = randn(routes.n, K, seed=7)
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w))
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, xe, w, routes.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt, 64))
     none = make_routes(2, 4, 0.0)  # exact form with no executing token: x has no rows
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
@@ -419,6 +456,9 @@ def _bad_cases():
         (rs, (res, x, w, slot.long()), TypeError, "slot: expected dtype int32"),
         (rs, (res, x, w, None, count), ValueError, "count: given without slot"),
         (rs, (torch.zeros(5, 4).t(), x, w), ValueError, "residual: expected a contiguous tensor"),
+        (lr, (x, w, None, None, 4), ValueError, "tile_rows: given without count"),
+        (gm, (x, w, w, "silu", count, 0), ValueError, "tile_rows: expected a row count >= 1"),
+        (rs, (res, x, w, slot, None, 512), ValueError, "tile_rows: given without count"),
     ]
 
 
