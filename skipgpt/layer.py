@@ -255,10 +255,8 @@ class RoutedDecoderLayer(nn.Module):
         if not use_cond:
             capacity = bool(capacity)
         # The exact form reads the counts on the host: start copying them early (skipped while
-        # a CUDA graph is being captured). Not under torch.cond, where the copy would keep compact
-        # one op through the dispatcher whichever form runs: there the exact form's exact_rows
-        # reads the counts itself, waiting for the work queued before it.
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=not use_cond and not capacity)
+        # a CUDA graph is being captured). With torch.cond either form may run, so always.
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
         self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
         if capacity is True and self.fuses_qkv and type(T) is int and T >= FUSED_QKV_MIN_TOKENS:

@@ -24,6 +24,7 @@ from .._common import (
     decompose_under_compile,
     eager_entry,
     on_input_device,
+    static_ints,
 )
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
@@ -135,7 +136,7 @@ if HAS_TRITON:
         _check_forced(params, start, batch, seq_len, layer_idx)
         return kernels.forced_execute(params, start, batch, seq_len, layer_idx)
 
-    # Their kernels' blocks follow L or T where static, and are fixed where symbolic (no guard).
+    # No size-picked launch parameter, or a fixed one where the size is symbolic: always traced.
     decompose_under_compile(router_execute, _router_execute_cuda)
     decompose_under_compile(forced_execute, _forced_execute_cuda)
 
@@ -153,8 +154,12 @@ if HAS_TRITON:
             seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
         return rows, slot, seq_offsets
 
-    # With host_counts, compact stays one op: the copy to the host is a side effect.
-    decompose_under_compile(compact, _compact_cuda, lambda execute, host_counts=False: not host_counts)
+    # One op with host_counts (the copy to the host is a side effect), and where T is symbolic:
+    # its serial scan's block follows T, and a fixed one cost up to ~1 ms a layer at 16K tokens
+    # (128-wide) or GPU time at decode (1024-wide).
+    decompose_under_compile(
+        compact, _compact_cuda, lambda execute, host_counts=False: not host_counts and static_ints(execute)
+    )
 
 
 @compact.register_fake

@@ -37,12 +37,6 @@ def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: t
         tl.store(rows_ptr + t, -1, mask=(t >= carry) & (t < T))
 
 
-def _block(n, symbolic_block: int) -> int:
-    """The block of a kernel that loops over n items: n's next power of two up to 1024, or, for a
-    symbolic n (a traced op), a fixed `symbolic_block`, since picking by n would guard on it."""
-    return min(1024, triton.next_power_of_2(n)) if type(n) is int else symbolic_block
-
-
 def compact(execute: torch.Tensor):
     R, B, L = execute.shape
     T = B * L
@@ -54,7 +48,8 @@ def compact(execute: torch.Tensor):
     if known_empty(T):
         offsets.zero_()
         return rows, slot, offsets
-    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=_block(T, 128))
+    block = min(1024, triton.next_power_of_2(T))  # a serial scan: the block sets its step count
+    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=block)
     return rows, slot, offsets
 
 
@@ -107,11 +102,17 @@ def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
     tl.store(out_ptr + r[None, :] * T + t[:, None], execute.to(tl.int8), mask=t_ok[:, None])
 
 
+def _forced_block(seq_len) -> int:
+    """L's next power of two up to 1024; for a symbolic L (a traced op) a fixed 256, since picking
+    by L would guard on it. Its blocks are independent, so the size barely matters."""
+    return min(1024, triton.next_power_of_2(seq_len)) if type(seq_len) is int else 256
+
+
 def forced_execute(params, start, batch, seq_len, layer_idx):
     out = torch.empty(2, batch, seq_len, dtype=torch.int8, device=start.device)
     if not known_empty(batch * seq_len):
         launch(_forced_execute_kernel)[(2 * batch,)](
-            params, start, out, seq_len, layer_term(layer_idx), BLOCK=_block(seq_len, 256)
+            params, start, out, seq_len, layer_term(layer_idx), BLOCK=_forced_block(seq_len)
         )
     return bytes_to_bool(out)
 

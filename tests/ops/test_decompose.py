@@ -137,9 +137,8 @@ def trace_cases():
         # The capacity form under torch.cond: T symbolic, GEMM tiles fixed by tile_rows.
         T = tokens.shape[0]
         x, res, slot = x0.new_empty((T, H)), x0.new_empty((T, H)), x0.new_empty((T,), dtype=torch.int32)
-        execute = ops.forced_execute(params, start, 1, T, 3)
         return (
-            ops.compact(execute), ops.linear_rows(x, wq, None, count, 512),
+            ops.forced_execute(params, start, 1, T, 3), ops.linear_rows(x, wq, None, count, 512),
             ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, 512),
         )
 
@@ -166,6 +165,10 @@ def trace_cases():
         "symbolic_capacity": traced(
             symbolic_capacity, cuda(4, H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), ints(2, dtype=torch.int64),
             ints(1, dtype=torch.int64), ints(1), DynamicSize(6),
+        ),
+        "symbolic_compact": traced(
+            lambda x0, tokens: ops.compact(x0.new_empty((2, 1, tokens.shape[0]), dtype=torch.bool)),
+            cuda(1), DynamicSize(6),
         ),
         "symbolic_length": traced(
             attend, cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D), ints(1, dtype=torch.int64), ints(5), ints(2),
@@ -241,6 +244,8 @@ def test_calls_that_would_guard_stay_one_op(calls):
     assert calls["capacity_gemm"] == ["skipgpt::linear_rows"]
     # A symbolic L picks the decode or the prefill kernel: it would guard on L == 1.
     assert calls["symbolic_length"] == ["aten::sym_size", "skipgpt::sparse_attention"]
+    # A symbolic T sets the block of compaction's serial scan.
+    assert calls["symbolic_compact"][-1:] == ["skipgpt::compact"] and not kernels(calls["symbolic_compact"])
 
 
 def test_symbolic_sizes_trace_without_guards(traces):
@@ -257,13 +262,13 @@ def test_symbolic_sizes_trace_without_guards(traces):
 
 
 def test_capacity_form_with_tile_rows_traces_at_a_symbolic_length(traces):
-    # What a layer's capacity branch under torch.cond calls: forced routes and compaction (blocks
-    # fixed for a symbolic length) and the GEMMs (tiles fixed by tile_rows), with no guard.
+    # What a layer under torch.cond calls: forced routes (block fixed for a symbolic length) and
+    # the capacity branch's GEMMs (tiles fixed by tile_rows), with no guard.
     trace = traces["symbolic_capacity"]
     assert no_skipgpt_op(trace["calls"]), trace["calls"]
     assert kernels(trace["calls"]) == [
-        "kernel:_forced_execute_kernel", "kernel:_compact_kernel", "kernel:_rows_gemm_kernel",
-        "kernel:_rows_gemm_kernel", "kernel:_rows_gemm_kernel",
+        "kernel:_forced_execute_kernel", "kernel:_rows_gemm_kernel", "kernel:_rows_gemm_kernel",
+        "kernel:_rows_gemm_kernel",
     ]
     assert trace["guards"] == []
 
