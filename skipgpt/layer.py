@@ -317,14 +317,11 @@ class RoutedDecoderLayer(nn.Module):
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()
         o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
-        # Capacity form: rows let the residual GEMMs compute the executing rows only.
-        capacity = counts[0] is not None
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
-                                rows=rows[0] if capacity else None, tile_rows=tile_rows)
+                                tile_rows=tile_rows)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1], tile_rows=tile_rows)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], rows=rows[1] if capacity else None,
-                                   tile_rows=tile_rows)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], tile_rows=tile_rows)
 
 
 def _counts(seq_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

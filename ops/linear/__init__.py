@@ -134,7 +134,7 @@ def _gated_mlp_fake(x, w_gate, w_up, activation, count=None, tile_rows=None):
     return x.new_empty((x.shape[0], w_gate.shape[0]))
 
 
-def _check_residual(residual, x, weight, slot, count, rows, tile_rows):
+def _check_residual(residual, x, weight, slot, count, tile_rows):
     _check_x(x, count, tile_rows)
     _check_weight("weight", weight, x)
     check_tensor("residual", residual, ndim=2, device=x.device, device_of="x")
@@ -147,17 +147,12 @@ def _check_residual(residual, x, weight, slot, count, rows, tile_rows):
         check_dim("x", x, 0, residual.shape[0], "residual's row count (no slot given)")
     else:
         check_dim("slot", slot, 0, residual.shape[0], "residual's row count")
-    if rows is not None:
-        if count is None:
-            raise ValueError("rows: given without count; only the capacity form takes rows")
-        check_rows("rows", rows, x.device, device_of="x")
-        check_dim("rows", rows, 0, x.shape[0], "x's row count")
 
 
 @torch.library.custom_op("skipgpt::linear_residual", mutates_args=())
 def linear_residual(
     residual: Tensor, x: Tensor, weight: Tensor, slot: Optional[Tensor] = None, count: Optional[Tensor] = None,
-    rows: Optional[Tensor] = None, tile_rows: Optional[int] = None,
+    tile_rows: Optional[int] = None,
 ) -> Tensor:
     """out = residual; out[t] += x[slot[t]] @ weight.T for every token t with slot[t] >= 0.
 
@@ -166,20 +161,15 @@ def linear_residual(
     Returns a new [T, N]: skipping tokens keep their residual row bit for bit.
     slot and count are device data, not checked on the host: a token whose slot falls outside
     [0, M) (or [0, count) in the capacity form) keeps its residual row, as a skipping token does.
-    rows: optional [M] int32, capacity form only: `compact`'s rows of the route set whose slot is
-    given (rows[i] is the token of x's row i). Given, the Triton kernel computes x's first `count`
-    rows only and adds each into its token's row, where without it a tile of tokens computes the
-    skipped tokens' rows too (a third more work at 25% skip). rows must agree with slot, as one
-    `compact` call's outputs do: it is data, never checked (the CPU implementation reads slot only).
     tile_rows: as in `linear_rows`.
     """
-    _check_residual(residual, x, weight, slot, count, rows, tile_rows)
+    _check_residual(residual, x, weight, slot, count, tile_rows)
     return linear_residual_reference(residual, x, weight, slot, count)
 
 
 @linear_residual.register_fake
-def _linear_residual_fake(residual, x, weight, slot=None, count=None, rows=None, tile_rows=None):
-    _check_residual(residual, x, weight, slot, count, rows, tile_rows)
+def _linear_residual_fake(residual, x, weight, slot=None, count=None, tile_rows=None):
+    _check_residual(residual, x, weight, slot, count, tile_rows)
     return torch.empty_like(residual)
 
 
@@ -272,11 +262,11 @@ if HAS_TRITON:
 
     @linear_residual.register_kernel("cuda")
     @on_input_device
-    def _linear_residual_cuda(residual, x, weight, slot=None, count=None, rows=None, tile_rows=None):
-        _check_residual(residual, x, weight, slot, count, rows, tile_rows)
+    def _linear_residual_cuda(residual, x, weight, slot=None, count=None, tile_rows=None):
+        _check_residual(residual, x, weight, slot, count, tile_rows)
         if count is None:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
-        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot, rows=rows, tile_rows=tile_rows)
+        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot, tile_rows=tile_rows)
 
     @qkv_rope_write.register_kernel("cuda")
     @on_input_device
@@ -301,7 +291,7 @@ if HAS_TRITON:
     )
     decompose_under_compile(
         linear_residual, _linear_residual_cuda,
-        lambda residual, x, weight, slot=None, count=None, rows=None, tile_rows=None: _gemm_traceable(count, tile_rows),
+        lambda residual, x, weight, slot=None, count=None, tile_rows=None: _gemm_traceable(count, tile_rows),
     )
     # Its tiles follow the bucketed token count: traced where that count is static (a decode
     # graph), one op where it is symbolic.

@@ -56,79 +56,59 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "rows_ptr", "count_ptr"])
+@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "count_ptr"])
 def _rows_gemm_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, rows_ptr, count_ptr,
+    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, count_ptr,
     M, T,
     N: tl.constexpr, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    SCATTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Row tiles vary fastest: the programs that share a weight tile run together and read it from
     # HBM once. With column tiles fastest, each row tile streamed every weight again (the gated
     # MLP's 235 MB at 8B, four times at 512 tokens) after the last pass had left L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    limit = tl.minimum(tl.load(count_ptr), M)
+    if RESIDUAL:  # output rows are tokens; token t reads x[slot[t]]
+        out_ok = offs_m < T
+        src = tl.load(slot_ptr + offs_m, mask=out_ok, other=-1)
+        a_ok = out_ok & (src >= 0) & (src < limit)
+    else:  # output rows are x's rows
+        src = offs_m
+        a_ok = offs_m < limit
+    src = tl.where(a_ok, src, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    limit = tl.minimum(tl.load(count_ptr), M)
-    # SCATTER: the first cdiv(M, BLOCK_M) row tiles compute x's executing rows and add each to its
-    # token's residual row (through rows); the tiles after them copy the skipping tokens' rows.
-    copying = False
-    if SCATTER:
-        copying = pid_m >= tl.cdiv(M, BLOCK_M)
-    if copying:
-        t = (pid_m - tl.cdiv(M, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        t_ok = t < T
-        s = tl.load(slot_ptr + t, mask=t_ok, other=0)
-        keep = (t_ok & ((s < 0) | (s >= limit)))[:, None] & n_ok[None, :]
-        off = t[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(out_ptr + off, tl.load(res_ptr + off, mask=keep, other=0.0), mask=keep)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if RESIDUAL and not SCATTER:  # output rows are tokens; token t reads x[slot[t]]
-            out_ok = offs_m < T
-            src = tl.load(slot_ptr + offs_m, mask=out_ok, other=-1)
-            a_ok = out_ok & (src >= 0) & (src < limit)
-        else:  # x's rows, in order
-            src = offs_m
-            a_ok = offs_m < limit
-        src = tl.where(a_ok, src, 0).to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # No executing row in this block: skip the K loop, so the weights are never read.
-        k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
-        for k0 in range(0, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-            w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-            w_ok = n_ok[None, :] & k_ok[:, None]
-            acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
-            if GATED:
-                acc2 += tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
-        dtype = out_ptr.dtype.element_ty
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = acc.to(dtype)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # No executing row in this block: skip the K loop, so the weights are never read.
+    k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+        w_ok = n_ok[None, :] & k_ok[:, None]
+        acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
         if GATED:
-            a_act = _activate(y.to(tl.float32), ACT).to(dtype)
-            y = (a_act.to(tl.float32) * acc2.to(dtype).to(tl.float32)).to(dtype)
-        if SCATTER:
-            dst = tl.load(rows_ptr + offs_m, mask=a_ok, other=-1)
-            d_ok = (a_ok & (dst >= 0) & (dst < T))[:, None] & n_ok[None, :]
-            out_off = tl.where(d_ok, dst[:, None], 0).to(tl.int64) * N + offs_n[None, :]
-            res = tl.load(res_ptr + out_off, mask=d_ok, other=0.0)
-            tl.store(out_ptr + out_off, (res.to(tl.float32) + y.to(tl.float32)).to(dtype), mask=d_ok)
-        elif RESIDUAL:
-            out_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-            res = tl.load(res_ptr + out_off, mask=out_ok[:, None] & n_ok[None, :], other=0.0)
-            y = tl.where(a_ok[:, None], (res.to(tl.float32) + y.to(tl.float32)).to(dtype), res)
-            tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
-        else:
-            out_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-            tl.store(out_ptr + out_off, y, mask=a_ok[:, None] & n_ok[None, :])
+            acc2 += tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GATED:
+        a_act = _activate(y.to(tl.float32), ACT).to(dtype)
+        y = (a_act.to(tl.float32) * acc2.to(dtype).to(tl.float32)).to(dtype)
+    out_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if RESIDUAL:
+        res = tl.load(res_ptr + out_off, mask=out_ok[:, None] & n_ok[None, :], other=0.0)
+        y = tl.where(a_ok[:, None], (res.to(tl.float32) + y.to(tl.float32)).to(dtype), res)
+        tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(out_ptr + out_off, y, mask=a_ok[:, None] & n_ok[None, :])
 
 
 def _elementwise_block(n: int) -> int:
@@ -188,13 +168,8 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     return 128, 256, block_k, 8, 3
 
 
-def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None, rows=None,
-              tile_rows=None):
+def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None, tile_rows=None):
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual.
-    rows (with residual): x's rows are the executing ones in order, row i belonging to token
-    rows[i]: only they are computed (tiles of the first count rows), and the same launch copies the
-    skipping tokens' residual rows (by slot). Without rows, each token's output row reads x through
-    slot, so a tile computes every token's row, skipped ones included.
     tile_rows: the row count to pick tiles by (default: the output's rows; a symbolic one would
     guard)."""
     M, K = x.shape
@@ -207,16 +182,12 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = out_rows if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), kind, x.device.type == "cuda")
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
-    row_tiles = triton.cdiv(out_rows, block_m)
-    if rows is not None:
-        row_tiles += triton.cdiv(M, block_m)
-    launch(_rows_gemm_kernel)[(row_tiles, triton.cdiv(N, block_n))](
+    launch(_rows_gemm_kernel)[(triton.cdiv(out_rows, block_m), triton.cdiv(N, block_n))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out, slot if slot is not None else dummy,
-        rows if rows is not None else dummy, count,
+        residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
         M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None, SCATTER=rows is not None,
+        RESIDUAL=residual is not None,
         DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )

@@ -139,8 +139,7 @@ def trace_cases():
         x, res, slot = x0.new_empty((T, H)), x0.new_empty((T, H)), x0.new_empty((T,), dtype=torch.int32)
         return (
             ops.forced_execute(params, start, 1, T, 3), ops.linear_rows(x, wq, None, count, 512),
-            # slot stands in for rows (same shape and dtype): the trace does not read values
-            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, slot, 512),
+            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, 512),
         )
 
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]

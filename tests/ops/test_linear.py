@@ -143,7 +143,7 @@ def test_rows_gemm_gated(dtype, M, c, activation):
 @requires_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("rows", [1, 20, 130, 300, 600])  # one per tile regime of `_tiles` on a GPU
-@pytest.mark.parametrize("kind", ["plain", "gated", "residual", "residual-rows"])
+@pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
 def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
     """The interpreter normally runs small tiles; here rows_gemm runs the tiles a GPU picks,
     over K and N that no tile divides (SmolLM2's K=576 leaves a tail of a 256-wide K tile)."""
@@ -155,12 +155,11 @@ def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
     x = randn(rows, K, dtype=dtype, device=KERNEL_DEVICE, seed=rows)
     w = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 1)
     n, count = _count(rows, max(1, rows * 7 // 10))
-    if kind.startswith("residual"):
+    if kind == "residual":
         routes = make_routes(1, rows, 0.3, seed=rows, device=KERNEL_DEVICE)
         residual = randn(rows, N, dtype=dtype, device=KERNEL_DEVICE, seed=rows + 2)
-        by_rows = routes.rows_cap if kind == "residual-rows" else None
         with poisoned_outputs(kernels):
-            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot, rows=by_rows)
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot)
         return _check_residual(out, residual, x, w, routes, dtype)
     w2 = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 3) if kind == "gated" else None
     with poisoned_outputs(kernels):
@@ -210,10 +209,7 @@ RESIDUAL_CASES = [(2, 1, 1.0), (1, 1, 0.0), (2, 7, 0.6), (2, 63, 0.0), (2, 63, 1
 @requires_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("B,L,p", RESIDUAL_CASES)
-@pytest.mark.parametrize("by_rows", [False, True], ids=["slot", "rows"])
-def test_rows_gemm_residual(dtype, B, L, p, by_rows):
-    """Through slot (a tile per block of tokens) or through rows (tiles of the executing rows only,
-    the skipping tokens copied by the same launch): the same output, every row written."""
+def test_rows_gemm_residual(dtype, B, L, p):
     from skipgpt.ops.linear import kernels
 
     K, N = 40, 48
@@ -223,9 +219,8 @@ def test_rows_gemm_residual(dtype, B, L, p, by_rows):
     x[routes.n:] = float("nan")  # capacity padding rows must never be read
     residual = randn(T, N, dtype=dtype, device=KERNEL_DEVICE, seed=L + 2)
     w = _w(N, K, dtype, KERNEL_DEVICE, seed=L + 3)
-    rows = routes.rows_cap if by_rows else None
     with poisoned_outputs(kernels):
-        out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot, rows=rows)
+        out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot)
     assert out.shape == (T, N)
     _check_residual(out, residual, x, w, routes, dtype)
 
@@ -422,10 +417,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w))
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, xe, w, routes.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt))
-    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt, None, 64))
-    torch.library.opcheck(
-        torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt, routes.rows_cap.clone(), 64)
-    )
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt, 64))
     none = make_routes(2, 4, 0.0)  # exact form with no executing token: x has no rows
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
@@ -466,10 +458,7 @@ def _bad_cases():
         (rs, (torch.zeros(5, 4).t(), x, w), ValueError, "residual: expected a contiguous tensor"),
         (lr, (x, w, None, None, 4), ValueError, "tile_rows: given without count"),
         (gm, (x, w, w, "silu", count, 0), ValueError, "tile_rows: expected a row count >= 1"),
-        (rs, (res, x, w, slot, None, None, 512), ValueError, "tile_rows: given without count"),
-        (rs, (res, x, w, slot, None, slot), ValueError, "rows: given without count"),
-        (rs, (res, x, w, slot, count, slot[:3]), ValueError, "rows: dim 0 must equal x's row count"),
-        (rs, (res, x, w, slot, count, slot.long()), TypeError, "rows: expected dtype int32"),
+        (rs, (res, x, w, slot, None, 512), ValueError, "tile_rows: given without count"),
     ]
 
 
