@@ -19,10 +19,14 @@ keeps decode graphs CUDA-graph capturable (below).
 
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
-itself. These stay op calls through the dispatcher: compact and exact_rows (they copy the counts to
-the host), the capacity-form projections (tiles picked by the row bucket), attention and forced
-routes when the step length is symbolic (kernel and block size picked by it), and single-token
-attention when the batch or cache size is symbolic (its split count is picked by them).
+itself. These stay op calls through the dispatcher (~100 us of host time each): exact_rows, and
+compact where it copies the counts to the host or the token count is symbolic (its scan's block is
+picked by it); attention when the step length is symbolic (decode or prefill kernel picked by it)
+and single-token attention when the batch or cache size is symbolic (its split count); and the
+capacity-form projections where the token count is symbolic, except under torch.cond, where the
+layers pass them tile_rows (skipgpt.layer.COND_TILE_ROWS) so that they trace with fixed tiles.
+In CUDA-graph-captured decode the dispatcher costs nothing, and there the projections keep their
+per-size tiles.
 
 Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
 
