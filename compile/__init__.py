@@ -19,7 +19,7 @@ keeps decode graphs CUDA-graph capturable (below).
 
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
-itself. These stay op calls through the dispatcher (~100 us of host time each): exact_rows, and
+itself. These stay op calls through the dispatcher (70-200 us of host time each): exact_rows, and
 compact where it copies the counts to the host or the token count is symbolic (its scan's block is
 picked by it); attention when the step length is symbolic (decode or prefill kernel picked by it)
 and single-token attention when the batch or cache size is symbolic (its split count); and the

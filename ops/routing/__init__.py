@@ -155,8 +155,8 @@ if HAS_TRITON:
         return rows, slot, seq_offsets
 
     # One op with host_counts (the copy to the host is a side effect), and where T is symbolic:
-    # its serial scan's block follows T, and a fixed one cost up to ~1 ms a layer at 16K tokens
-    # (128-wide) or GPU time at decode (1024-wide).
+    # its serial scan's block follows T. A fixed 128-wide block cost ~1.3 ms a layer at 16K tokens
+    # (compiled, docs/BENCHMARKS.md); a fixed 1024-wide one would cost GPU time at decode.
     decompose_under_compile(
         compact, _compact_cuda, lambda execute, host_counts=False: not host_counts and static_ints(execute)
     )
