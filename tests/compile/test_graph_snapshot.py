@@ -10,9 +10,9 @@ from skipgpt.benchmark import LayerBench
 _PLUMBING = {"size", "getitem", "view", "contiguous", "_set_grad_enabled", "item"}
 
 
-def traced_ops(pipeline: str) -> str:
-    """Ops of the dynamo graph of one layer step (tiny geometry, B=2, L=5, forced routes), with
-    torch.cond branches listed under their own headers; shapes and node names left out."""
+def captured_graphs(pipeline: str) -> list:
+    """The dynamo graphs of one layer step (tiny geometry, B=2, L=5, forced routes; the benchmark's
+    layer, compiled as compile_model does: one graph, torch.cond between the forms)."""
     bench = LayerBench("tiny", torch.float32, torch.device("cpu"))
     step = bench.step(pipeline, "prefill", 2, 5, 0.25)
     graphs = []
@@ -24,6 +24,13 @@ def traced_ops(pipeline: str) -> str:
     torch._dynamo.reset()
     torch.compile(step, backend=record, dynamic=True, fullgraph=True)()
     torch._dynamo.reset()
+    return graphs
+
+
+def traced_ops(pipeline: str) -> str:
+    """Ops of `captured_graphs`, with torch.cond branches listed under their own headers; shapes
+    and node names left out."""
+    graphs = captured_graphs(pipeline)
     lines = []
 
     def walk(gm, title):
@@ -112,3 +119,19 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default""")
+
+
+def test_cond_capacity_branch_fixes_the_gemm_tiles():
+    """Under torch.cond the capacity branch's GEMMs pass tile_rows (COND_TILE_ROWS), which lets
+    them trace into Inductor's graph on CUDA instead of staying dispatcher calls; the exact
+    branch's GEMMs (cuBLAS, no count) pass none."""
+    from skipgpt.layer import COND_TILE_ROWS
+
+    gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
+    (top,) = captured_graphs("triton-sparse")
+    (cond,) = [n for n in top.graph.nodes if n.target is torch.ops.higher_order.cond]
+    tiles = {}
+    for branch, attr in (("capacity", cond.args[1]), ("exact", cond.args[2])):
+        sub = getattr(top, attr.target)
+        tiles[branch] = [n.kwargs.get("tile_rows") for n in sub.graph.nodes if str(n.target) in gemms]
+    assert tiles == {"capacity": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
