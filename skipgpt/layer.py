@@ -28,7 +28,7 @@ FUSED_QKV_MIN_TOKENS = 65
 # Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
 # capacity form's GEMMs take the tiles of this many rows (ops' tile_rows), so that Inductor
 # launches them rather than calling each op through the dispatcher (70-200 us of host time a call,
-# which bounds these steps). The tiles that suit 257-512 rows; at 1024 rows the single GEMMs (Q,
+# which bounds these steps). These tiles suit 257-512 rows; at 1024 rows the single GEMMs (Q,
 # o_proj, down_proj) take 13-27% more GPU time with them than with their best tiles
 # (tools/form_sweep.py's GEMM sweep, H200); the gated GEMM's tiles are the same at every size.
 COND_TILE_ROWS = 512
