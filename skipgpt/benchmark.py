@@ -116,17 +116,9 @@ def compile_module(module: torch.nn.Module) -> Callable:
     """`module` under torch.compile with dynamic shapes and compile_model's tracing settings
     (size-oblivious, no duck sizing), without replacing the module's forward (the eager
     providers keep using it). Compilation happens on the first call."""
-    import torch.fx.experimental._config as fx_config
+    from .compile import with_tracing_config
 
-    from .compile import TRACING_CONFIG
-
-    compiled = torch.compile(module, dynamic=True, fullgraph=True)
-
-    def call(*args, **kwargs):
-        with fx_config.patch(**TRACING_CONFIG):
-            return compiled(*args, **kwargs)
-
-    return call
+    return with_tracing_config(torch.compile(module, dynamic=True, fullgraph=True))
 
 
 def _cache_kwarg(forward) -> str:

@@ -86,7 +86,9 @@ def main():
             profiler.runcall(lambda: [fn() for _ in range(50)])
             torch.cuda.synchronize()
             print(f"{args.profile} {mode} B={batch} L={seqlen}, 50 steps, Python profile:")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(35)
+            stats.sort_stats("cumulative").print_stats(45)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import skipgpt
-from skipgpt.compile import compile_model, explain
+import skipgpt.compile as skipgpt_compile
+from skipgpt.compile import TRACING_CONFIG, compile_model, explain, with_tracing_config
 from tests.model.tiny import make_pair, random_batch
 
 # (batch, length, skip): new batch sizes and lengths, single-token steps, no token and every
@@ -49,6 +50,40 @@ def test_one_graph_for_every_shape_and_route_pattern(pipeline):
             ref = eager(ids, attention_mask=mask).logits
         keep = mask.bool()
         torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+def test_tracing_config_is_in_force_only_while_compiling(monkeypatch):
+    """compile_model's size settings apply while Dynamo traces inside a wrapped call, and nowhere
+    else: calls that run compiled code never patch the config (that cost ~700 us a call on the
+    device machine), and other compiled functions keep torch's defaults."""
+    import torch.fx.experimental._config as fx_config
+
+    patches = []
+
+    class CountingConfig:
+        def patch(self, **changes):
+            patches.append(changes)
+            return fx_config.patch(**changes)
+
+    monkeypatch.setattr(skipgpt_compile, "fx_config", CountingConfig())
+    double = with_tracing_config(torch.compile(lambda x: x * 2, dynamic=True, fullgraph=True))
+    double(torch.randn(3))
+    assert patches == [TRACING_CONFIG]
+    assert not fx_config.backed_size_oblivious and fx_config.use_duck_shape  # restored
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in (1, 0, 7):  # sizes 0 and 1 reuse the graph: it was traced size-oblivious
+            torch.testing.assert_close(double(torch.ones(n)), torch.full((n,), 2.0))
+    assert len(patches) == 1
+
+    triple = torch.compile(lambda x: x * 3, dynamic=True, fullgraph=True)  # not wrapped
+    triple(torch.randn(3))
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError, match="recompile"):
+        triple(torch.randn(1))  # torch's default: size 1 is specialised
+    assert len(patches) == 1
+
+    torch._dynamo.reset()  # drops Dynamo's compile hooks; the next wrapped call puts them back
+    double(torch.randn(5))
+    assert len(patches) == 2
 
 
 @pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
