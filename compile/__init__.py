@@ -20,11 +20,14 @@ keeps decode graphs CUDA-graph capturable (below).
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
 itself. These stay op calls through the dispatcher (70-200 us of host time each): exact_rows, and
-compact where it copies the counts to the host or the token count is symbolic (its scan's block is
-picked by it); attention when the step length is symbolic (decode or prefill kernel picked by it)
-and single-token attention when the batch or cache size is symbolic (its split count); and the
-capacity-form projections where the token count is symbolic, except under torch.cond, where the
-layers pass them tile_rows (skipgpt.layer.COND_TILE_ROWS) so that they trace with fixed tiles.
+compact where it copies the counts to the host; attention where the step length is symbolic and
+no kernel is named (decode or prefill kernel picked by it), and single-token attention where the
+batch or cache size is symbolic (its split count); and the capacity-form projections where the
+token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
+graphs) the layers avoid all of these in the capacity form: compaction does not copy the counts
+early (the exact form's exact_rows waits for them instead), the GEMMs take tile_rows
+(skipgpt.layer.COND_TILE_ROWS), and attention names the prefill kernel, which then also serves single-token steps (slower on the GPU
+than the decode kernel; compile_model warns the first time one arrives).
 In CUDA-graph-captured decode the dispatcher costs nothing, and there the projections keep their
 per-size tiles.
 
@@ -197,12 +200,19 @@ def compile_model(
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
-        tokens = _prepare_static_cache(model, args, kwargs)
+        step = _prepare_static_cache(model, args, kwargs)
+        if step is not None and step[1] == 1 and state is not None and state.single_graph and "decode" not in warned \
+                and on_cuda() and _runs_skipgpt_attention(model):
+            warned.add("decode")
+            logger.warning("skipgpt: compile_model without CUDA graphs runs every step in one graph, whose "
+                           "attention takes the prefill kernel: single-token (decode) steps run without its "
+                           "split over the keys. For generation, mode='reduce-overhead' captures decode steps "
+                           "in CUDA graphs with the decode kernel")
         _logits_positions(args, kwargs)
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if cuda_graphs else 0
         out = compiled(*args, **kwargs)
         if cuda_graphs and torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] > skips and on_cuda():
-            _report_cudagraph_skip(model, tokens, warned)
+            _report_cudagraph_skip(model, step[0] * step[1] if step else None, warned)
         return out
 
     model.forward = forward
@@ -213,7 +223,7 @@ def compile_model(
 def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
     """Allocate the static seq-first layers of the call's cache eagerly, before the compiled
     forward runs (see StaticSeqFirstLayer.allocate), swapping fresh transformers static layers
-    for them. Returns the step's token count B*L, when the call shows it."""
+    for them. Returns the step's (B, L), when the call shows it."""
     from skipgpt.cache import StaticSeqFirstLayer, seq_first_layer
     from skipgpt.layer import RoutedDecoderLayer
 
@@ -241,7 +251,7 @@ def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
                 g = layer.geometry
                 kv.allocate(ids.shape[0], g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
         cache._skipgpt_prepared = True
-    return ids.shape[0] * ids.shape[1]
+    return ids.shape[0], ids.shape[1]
 
 
 def _logits_positions(args, kwargs) -> None:
@@ -262,6 +272,12 @@ def _logits_positions(args, kwargs) -> None:
 def _positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
     # Cached: a decode step asks for the same [0] every time (no new tensor, no launch).
     return torch.arange(start, stop, device=device)
+
+
+def _runs_skipgpt_attention(model: nn.Module) -> bool:
+    from skipgpt.layer import RoutedDecoderLayer
+
+    return any(isinstance(m, RoutedDecoderLayer) and m.pipeline != "torch-sparse" for m in model.modules())
 
 
 def _report_cudagraph_skip(model: nn.Module, tokens: Optional[int], warned: set) -> None:

@@ -188,7 +188,7 @@ class RoutedDecoderLayer(nn.Module):
         q, k = self.family.q_norm(attn, q), self.family.k_norm(attn, k)
         q = ops.rope(q, cos.view(T, -1), sin.view(T, -1))
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
-        o = ops.sparse_attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
+        o = self._attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
         h = ops.linear_residual(x, o.view(T, -1), attn.o_proj.weight)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps)
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation)
@@ -256,8 +256,11 @@ class RoutedDecoderLayer(nn.Module):
         if not use_cond:
             capacity = bool(capacity)
         # The exact form reads the counts on the host: start copying them early (skipped while
-        # a CUDA graph is being captured). With torch.cond either form may run, so always.
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=use_cond or not capacity)
+        # a CUDA graph is being captured). Not under torch.cond, where that copy would keep
+        # compaction one dispatcher call (70-200 us of host time) at every step: there the exact
+        # form's exact_rows reads the counts when it gets to them, waiting for the K/V projections
+        # queued before it (a cond around compaction alone guards on T > 1 in Inductor).
+        rows, slot, seq_offsets = ops.compact(execute, host_counts=not (use_cond or capacity))
         self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
         if capacity is True and self.fuses_qkv and type(T) is int and T >= FUSED_QKV_MIN_TOKENS:
@@ -310,6 +313,16 @@ class RoutedDecoderLayer(nn.Module):
         return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
                                     tile_rows)
 
+    def _attention(self, q, k_cache, v_cache, start, L, scale, rows=None, seq_offsets=None, key_mask=None):
+        """ops.sparse_attention. In compile_model's single graph L is symbolic, and a kernel picked
+        by L would guard on L == 1, leaving the op one dispatcher call (70-200 us of host time a
+        step): there every step runs the prefill kernel, single-token steps included, which then
+        pay GPU time for not splitting the keys (compile_model warns when a decode step arrives).
+        (Dynamo shows a symbolic L as a plain int, so the test is on the mode, not on L.)"""
+        single_graph = torch.compiler.is_compiling() and self.state.single_graph
+        return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
+                                    attend_with="prefill" if single_graph else None)
+
     def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
                         tile_rows=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
@@ -317,7 +330,7 @@ class RoutedDecoderLayer(nn.Module):
         capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()
-        o = ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
+        o = self._attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
                                 tile_rows=tile_rows)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])

@@ -21,13 +21,23 @@ from .._common import (
 )
 from .reference import sparse_attention_reference
 
-__all__ = ["sparse_attention", "sparse_attention_reference"]
+__all__ = ["sparse_attention", "sparse_attention_reference", "ATTEND_WITH"]
+
+ATTEND_WITH = ("decode", "prefill")
 
 
-def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask):
+def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask, attend_with):
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_scalar("seq_len", seq_len, int)
     check_scalar("scale", scale, float)
+    if attend_with is not None:
+        check_scalar("attend_with", attend_with, str)
+        if attend_with not in ATTEND_WITH:
+            raise ValueError(f"attend_with: expected one of {ATTEND_WITH} or None, got {attend_with!r}")
+        # A symbolic seq_len (traced) is the caller's to vouch for: compiled layers pass "decode"
+        # only in the branch of a torch.cond taken when seq_len == 1.
+        if attend_with == "decode" and type(seq_len) is int and seq_len != 1:
+            raise ValueError(f"attend_with: 'decode' attends one query per sequence and needs seq_len == 1, got {seq_len}")
     check_kv_caches(k_cache, v_cache, "q", q)
     B, S, Hk, D = k_cache.shape
     M, Hq, Dq = q.shape
@@ -62,6 +72,10 @@ def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
             raise ValueError(f"key_mask: expected {B} sequences, got shape {tuple(key_mask.shape)}")
 
 
+def _kernel_for(seq_len: int) -> str:
+    return "decode" if seq_len == 1 else "prefill"
+
+
 @torch.library.custom_op("skipgpt::sparse_attention", mutates_args=())
 def sparse_attention(
     q: Tensor,
@@ -73,6 +87,7 @@ def sparse_attention(
     rows: Optional[Tensor] = None,
     seq_offsets: Optional[Tensor] = None,
     key_mask: Optional[Tensor] = None,
+    attend_with: Optional[str] = None,
 ) -> Tensor:
     """Causal attention of compacted queries against a seq-first cache (GQA).
 
@@ -87,7 +102,10 @@ def sparse_attention(
 
     The query of token b*L + l sits at slot p = start + l and attends to the keys of sequence b
     at slots <= p that the mask keeps. Returns [M, Hq, D]; a query that sees no key gets zeros.
-    L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel.
+    L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel. attend_with:
+    "decode" or "prefill" to name the kernel instead (results agree; "decode" needs L == 1). Compiled code
+    whose L is symbolic passes it, picking the kernel with torch.cond: a choice by L would guard
+    on L == 1, so such a call stays one op through the dispatcher (70-200 us of host time).
 
     Index values (rows, seq_offsets, start) live on the device and are not checked on the host
     (that would sync); the kernels stay inside every tensor whatever they hold:
@@ -100,13 +118,14 @@ def sparse_attention(
       and the output.
     The CUDA implementation needs D to be a power of two in [16, 256] (ValueError otherwise).
     """
-    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask, attend_with)
     return sparse_attention_reference(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
 
 
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
-    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+def _sparse_attention_fake(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None,
+                           attend_with=None):
+    _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask, attend_with)
     return torch.empty_like(q)
 
 
@@ -115,17 +134,22 @@ if HAS_TRITON:
 
     @sparse_attention.register_kernel("cuda")
     @on_input_device
-    def _sparse_attention_cuda(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None):
-        _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
+    def _sparse_attention_cuda(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None,
+                               attend_with=None):
+        _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask, attend_with)
         # tl.arange tiles the head dim and tl.dot needs at least 16 on it.
         check_kernel_head_dim("q", q, "the head dim", q.shape[2], 16, 256)
-        attend = kernels.decode if seq_len == 1 else kernels.prefill
+        attend = kernels.decode if (attend_with or _kernel_for(seq_len)) == "decode" else kernels.prefill
         return attend(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_mask)
 
-    def _traceable(q, k_cache, v_cache, start, seq_len, *rest):
-        # Decode or prefill kernel is picked by L: a symbolic L would guard (and recompile at L = 1),
-        # so such calls stay one op. The decode kernel's split count depends on every size.
-        return static_ints(seq_len) and (seq_len != 1 or static_ints(q, k_cache))
+    def _traceable(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None,
+                   attend_with=None):
+        # Picking the kernel by a symbolic L would guard (and recompile at L = 1), so such calls
+        # stay one op unless they name the kernel. The decode kernel's split count depends on
+        # every size.
+        if attend_with is None and not static_ints(seq_len):
+            return False
+        return (attend_with or _kernel_for(seq_len)) == "prefill" or static_ints(q, k_cache)
 
     decompose_under_compile(sparse_attention, _sparse_attention_cuda, _traceable)
 

@@ -24,7 +24,6 @@ from .._common import (
     decompose_under_compile,
     eager_entry,
     on_input_device,
-    static_ints,
 )
 from .reference import compact_reference, forced_execute_reference, router_execute_reference
 
@@ -154,12 +153,8 @@ if HAS_TRITON:
             seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
         return rows, slot, seq_offsets
 
-    # One op with host_counts (the copy to the host is a side effect), and where T is symbolic:
-    # its serial scan's block follows T. A fixed 128-wide block cost ~1.3 ms a layer at 16K tokens
-    # (compiled, docs/BENCHMARKS.md); a fixed 1024-wide one would cost GPU time at decode.
-    decompose_under_compile(
-        compact, _compact_cuda, lambda execute, host_counts=False: not host_counts and static_ints(execute)
-    )
+    # One op with host_counts: the copy to the host is a side effect.
+    decompose_under_compile(compact, _compact_cuda, lambda execute, host_counts=False: not host_counts)
 
 
 @compact.register_fake

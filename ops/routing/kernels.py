@@ -48,9 +48,16 @@ def compact(execute: torch.Tensor):
     if known_empty(T):
         offsets.zero_()
         return rows, slot, offsets
-    block = min(1024, triton.next_power_of_2(T))  # a serial scan: the block sets its step count
-    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=block)
+    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=_compact_block(T))
     return rows, slot, offsets
+
+
+def _compact_block(T) -> int:
+    """The scan is serial over blocks, so the block sets its step count: T's next power of two up
+    to 1024, and 1024 for a symbolic T (a traced op), where picking by T would guard on it. That
+    is every large step's block anyway; a step of a few tokens pays a few idle lanes. (A fixed 128
+    cost ~1.3 ms a layer at 16K tokens, compiled; docs/BENCHMARKS.md.)"""
+    return min(1024, triton.next_power_of_2(T)) if type(T) is int else 1024
 
 
 @triton.jit(do_not_specialize=["L", "start_ptr", "layer_term"])  # one compile for every layer

@@ -4,6 +4,7 @@ import expecttest
 import torch
 
 from skipgpt.benchmark import LayerBench
+from skipgpt.compile import with_tracing_config
 
 
 # Shape bookkeeping and grad-mode toggles: not computation.
@@ -22,7 +23,7 @@ def captured_graphs(pipeline: str) -> list:
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(step, backend=record, dynamic=True, fullgraph=True)()
+    with_tracing_config(torch.compile(step, backend=record, dynamic=True, fullgraph=True))()
     torch._dynamo.reset()
     return graphs
 
@@ -84,6 +85,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
 [cond_false_0]
+  aten.sym_size.int
   skipgpt.exact_rows.default
   aten.sym_size.int
   aten.sym_size.int
@@ -121,17 +123,34 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.linear_residual.default""")
 
 
-def test_cond_capacity_branch_fixes_the_gemm_tiles():
-    """Under torch.cond the capacity branch's GEMMs pass tile_rows (COND_TILE_ROWS), which lets
-    them trace into Inductor's graph on CUDA instead of staying dispatcher calls; the exact
-    branch's GEMMs (cuBLAS, no count) pass none."""
+def _cond_branches(top: torch.fx.GraphModule) -> list:
+    """(true branch, false branch) graphs of each torch.cond in `top`, in order."""
+    conds = [n for n in top.graph.nodes if n.target is torch.ops.higher_order.cond]
+    return [(getattr(top, n.args[1].target), getattr(top, n.args[2].target)) for n in conds]
+
+
+def _calls(gm: torch.fx.GraphModule, op: str) -> list:
+    return [n for n in gm.graph.nodes if str(n.target) == op]
+
+
+def test_cond_branches_pick_what_traces():
+    """What lets compile_model's single graph launch the kernels itself rather than call ops
+    through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows
+    (COND_TILE_ROWS), and the exact branch's (cuBLAS, no count) none; compaction does not copy
+    the counts to the host early (that call would stay one op); attention names the prefill
+    kernel, since a choice by the symbolic L would guard."""
     from skipgpt.layer import COND_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
     (top,) = captured_graphs("triton-sparse")
-    (cond,) = [n for n in top.graph.nodes if n.target is torch.ops.higher_order.cond]
-    tiles = {}
-    for branch, attr in (("capacity", cond.args[1]), ("exact", cond.args[2])):
-        sub = getattr(top, attr.target)
-        tiles[branch] = [n.kwargs.get("tile_rows") for n in sub.graph.nodes if str(n.target) in gemms]
+    ((capacity, exact),) = _cond_branches(top)
+    host_counts = [n.kwargs.get("host_counts", False) for n in _calls(top, "skipgpt.compact.default")]
+    assert host_counts == [False], host_counts
+    tiles = {
+        branch: [n.kwargs.get("tile_rows") for n in g.graph.nodes if str(n.target) in gemms]
+        for branch, g in (("capacity", capacity), ("exact", exact))
+    }
     assert tiles == {"capacity": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
+    (dense,) = captured_graphs("dense")
+    kernels = [n.kwargs.get("attend_with") for g in (capacity, exact, dense) for n in _calls(g, "skipgpt.sparse_attention.default")]
+    assert kernels == ["prefill"] * 3, kernels

@@ -230,6 +230,24 @@ def test_kernel_key_mask_narrower_than_cache():
         assert_rel(out, want, 1e-5, launch)
 
 
+@requires_triton
+@pytest.mark.parametrize("kernel,L,ran", [(None, 1, "decode"), (None, 3, "prefill"), ("prefill", 1, "prefill"),
+                                          ("decode", 1, "decode"), ("prefill", 5, "prefill")])
+def test_kernel_argument_picks_the_launch(monkeypatch, kernel, L, ran):
+    # attend_with names the kernel (compiled code at a symbolic L asks for "prefill"); None picks by L.
+    from skipgpt.ops.attention import kernels
+
+    ran_kernels = []
+    for name in ("decode", "prefill"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, _real=real, _name=name: ran_kernels.append(_name) or _real(*args))
+    q, k, v, start, rows, offsets, mask, n = _setup(2, L, 4, 2, 64, 5, 2, "left", 0.6, "capacity", torch.float32, 7)
+    out = attention._sparse_attention_cuda(q, k, v, start, L, 0.125, rows, offsets, mask, attend_with=kernel)
+    assert ran_kernels == [ran]
+    want = sparse_attention_reference(q, k, v, start, L, 0.125, rows, offsets, mask)
+    assert_rel(out[:n], want[:n], TOL[torch.float32])
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck and errors
 
@@ -255,6 +273,12 @@ def _op_args(B=2, L=3, Hq=4, Hk=2, D=16, start=2, p=0.5, form="dense", kind="lef
 def test_opcheck(form, L, kind):
     args = _op_args(L=L, form=form, kind=kind)
     torch.library.opcheck(torch.ops.skipgpt.sparse_attention.default, args)
+
+
+@pytest.mark.parametrize("kernel,L", [("prefill", 1), ("decode", 1), ("prefill", 4)])
+def test_opcheck_naming_the_kernel(kernel, L):
+    args = _op_args(L=L, form="capacity")
+    torch.library.opcheck(torch.ops.skipgpt.sparse_attention.default, args, {"attend_with": kernel})
 
 
 def test_opcheck_fp16_no_executing_tokens():
@@ -289,6 +313,8 @@ def _bad_cases():
         ((qd.transpose(0, 1).contiguous().transpose(0, 1), kd, vd, sd, L, scale), ValueError, "q: expected a contiguous"),
         ((qd, kd, vd, sd, L, scale, None, None, torch.ones(2, 12, dtype=torch.bool)[:, ::2]), ValueError,
          "key_mask: expected a contiguous"),
+        ((qd, kd, vd, sd, L, scale, None, None, None, "flash"), ValueError, "attend_with: expected one of"),
+        ((qd, kd, vd, sd, L, scale, None, None, None, "decode"), ValueError, "attend_with: 'decode' .* needs seq_len == 1"),
     ]
 
 

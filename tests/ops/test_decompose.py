@@ -111,8 +111,8 @@ def trace_cases():
         forced = ops.forced_execute(params, start, 1, 6, 5)  # [2, 1, 6]
         return routed, ops.compact(forced), ops.compact(forced, True)
 
-    def attend(q, kc, vc, start, rows, offsets, tokens):  # L from tokens [L], a dynamic size
-        return ops.sparse_attention(q, kc, vc, start, tokens.shape[0], D ** -0.5, rows, offsets)
+    def attend(q, kc, vc, start, rows, offsets, tokens, attend_with=None):  # L from tokens [L], a dynamic size
+        return ops.sparse_attention(q, kc, vc, start, tokens.shape[0], D ** -0.5, rows, offsets, attend_with=attend_with)
 
     def symbolic_sizes(x0, w, wq, wg, wu, wd, wr, br, start, count, tokens):
         # Sizes as a compiled layer sees them: T tokens (a dynamic length: backed) and n executing
@@ -173,6 +173,10 @@ def trace_cases():
         "symbolic_length": traced(
             attend, cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D), ints(1, dtype=torch.int64), ints(5), ints(2),
             DynamicSize(6),
+        ),
+        "symbolic_prefill": traced(
+            lambda *args: attend(*args, attend_with="prefill"), cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D),
+            ints(1, dtype=torch.int64), ints(5), ints(2), DynamicSize(6),
         ),
         "symbolic_sizes": traced(
             symbolic_sizes, cuda(4, H), cuda(H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), cuda(4, H), cuda(4),
@@ -244,8 +248,15 @@ def test_calls_that_would_guard_stay_one_op(calls):
     assert calls["capacity_gemm"] == ["skipgpt::linear_rows"]
     # A symbolic L picks the decode or the prefill kernel: it would guard on L == 1.
     assert calls["symbolic_length"] == ["aten::sym_size", "skipgpt::sparse_attention"]
-    # A symbolic T sets the block of compaction's serial scan.
-    assert calls["symbolic_compact"][-1:] == ["skipgpt::compact"] and not kernels(calls["symbolic_compact"])
+
+
+def test_calls_that_name_their_choice_trace_at_symbolic_sizes(traces):
+    # Attention that names its kernel (compile_model's single graph), and compaction, whose scan
+    # takes a fixed block at a symbolic T: their kernels go into the graph, without a guard.
+    prefill, compact = traces["symbolic_prefill"], traces["symbolic_compact"]
+    assert no_skipgpt_op(prefill["calls"]) and kernels(prefill["calls"]) == ["kernel:_prefill_kernel"], prefill
+    assert no_skipgpt_op(compact["calls"]) and kernels(compact["calls"]) == ["kernel:_compact_kernel"], compact
+    assert prefill["guards"] == [] and compact["guards"] == [], (prefill["guards"], compact["guards"])
 
 
 def test_symbolic_sizes_trace_without_guards(traces):
