@@ -160,6 +160,9 @@ def compile_model(
     between devices in hooks that run outside torch.compile (`torch.compiler.disable`), so the
     graph breaks at each hooked module; by default such a model compiles with fullgraph=False
     (and a warning), and fullgraph=True raises ValueError.
+    `options` go to Inductor: options={"cpp_wrapper": True} cuts the host time of a step that
+    the host bounds (a C++ wrapper launches the kernels; about 4x the compile time; measured in
+    docs/BENCHMARKS.md).
     `cuda_graphs` (default: from `mode`) says whether compiled code must be CUDA-graph
     capturable; pass True with `backend=CudaGraphCheck()` to check what reduce-overhead gets.
     transformers' own auto-compile in generate() is turned off for this model: it would wrap
