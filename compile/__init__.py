@@ -26,8 +26,10 @@ batch or cache size is symbolic (its split count); and the capacity-form project
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
 graphs) the layers avoid all of these in the capacity form: compaction does not copy the counts
 early (the exact form's exact_rows waits for them instead), the GEMMs take tile_rows
-(skipgpt.layer.COND_TILE_ROWS), and attention names the prefill kernel, which then also serves single-token steps (slower on the GPU
-than the decode kernel; compile_model warns the first time one arrives).
+(skipgpt.layer.COND_TILE_ROWS), and attention names the prefill kernel, which then also serves
+single-token steps (slower on the GPU than the decode kernel; compile_model warns the first time
+one arrives). Without the early copy, exact-form steps of 4096-8192 tokens took 3-4% longer
+(docs/BENCHMARKS.md).
 In CUDA-graph-captured decode the dispatcher costs nothing, and there the projections keep their
 per-size tiles.
 

@@ -34,10 +34,12 @@ def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         check_scalar("attend_with", attend_with, str)
         if attend_with not in ATTEND_WITH:
             raise ValueError(f"attend_with: expected one of {ATTEND_WITH} or None, got {attend_with!r}")
-        # A symbolic seq_len (traced) is the caller's to vouch for: compiled layers pass "decode"
-        # only in the branch of a torch.cond taken when seq_len == 1.
+        # A symbolic seq_len (traced) cannot be checked without a guard: "decode" with one is the
+        # caller's to vouch for (skipgpt's layers never pass it).
         if attend_with == "decode" and type(seq_len) is int and seq_len != 1:
-            raise ValueError(f"attend_with: 'decode' attends one query per sequence and needs seq_len == 1, got {seq_len}")
+            raise ValueError(
+                f"attend_with: 'decode' attends one query per sequence and needs seq_len == 1, got {seq_len}"
+            )
     check_kv_caches(k_cache, v_cache, "q", q)
     B, S, Hk, D = k_cache.shape
     M, Hq, Dq = q.shape
@@ -102,10 +104,10 @@ def sparse_attention(
 
     The query of token b*L + l sits at slot p = start + l and attends to the keys of sequence b
     at slots <= p that the mask keeps. Returns [M, Hq, D]; a query that sees no key gets zeros.
-    L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel. attend_with:
-    "decode" or "prefill" to name the kernel instead (results agree; "decode" needs L == 1). Compiled code
-    whose L is symbolic passes it, picking the kernel with torch.cond: a choice by L would guard
-    on L == 1, so such a call stays one op through the dispatcher (70-200 us of host time).
+    L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel.
+    attend_with: "decode" or "prefill" to name the kernel instead (results agree; "decode" needs
+    L == 1). Compiled code whose L is symbolic names it: a choice by L would guard on L == 1, so
+    such a call stays one op through the dispatcher (70-200 us of host time).
 
     Index values (rows, seq_offsets, start) live on the device and are not checked on the host
     (that would sync); the kernels stay inside every tensor whatever they hold:

@@ -240,7 +240,9 @@ def test_kernel_argument_picks_the_launch(monkeypatch, kernel, L, ran):
     ran_kernels = []
     for name in ("decode", "prefill"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *args, _real=real, _name=name: ran_kernels.append(_name) or _real(*args))
+        monkeypatch.setattr(
+            kernels, name, lambda *args, _real=real, _name=name: ran_kernels.append(_name) or _real(*args)
+        )
     q, k, v, start, rows, offsets, mask, n = _setup(2, L, 4, 2, 64, 5, 2, "left", 0.6, "capacity", torch.float32, 7)
     out = attention._sparse_attention_cuda(q, k, v, start, L, 0.125, rows, offsets, mask, attend_with=kernel)
     assert ran_kernels == [ran]
