@@ -19,17 +19,16 @@ keeps decode graphs CUDA-graph capturable (below).
 
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
-itself. These stay op calls through the dispatcher (70-200 us of host time each): exact_rows, and
-compact where it copies the counts to the host; attention where the step length is symbolic and
+itself. These stay op calls through the dispatcher (70-200 us of host time each): exact_rows and
+counts_to_host (host reads of the exact form); attention where the step length is symbolic and
 no kernel is named (decode or prefill kernel picked by it), and single-token attention where the
 batch or cache size is symbolic (its split count); and the capacity-form projections where the
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
-graphs) the layers avoid all of these in the capacity form: compaction does not copy the counts
-early (the exact form's exact_rows waits for them instead), the GEMMs take tile_rows
-(skipgpt.layer.COND_TILE_ROWS), and attention names the prefill kernel, which then also serves
+graphs) the capacity form calls none of these: counts_to_host runs in a torch.cond of its own,
+taken only where the exact form will run; the GEMMs take tile_rows
+(skipgpt.layer.COND_TILE_ROWS); and attention names the prefill kernel, which then also serves
 single-token steps (slower on the GPU than the decode kernel; compile_model warns the first time
-one arrives). Without the early copy, exact-form steps of 4096-8192 tokens took 3-4% longer
-(docs/BENCHMARKS.md).
+one arrives).
 In CUDA-graph-captured decode the dispatcher costs nothing, and there the projections keep their
 per-size tiles.
 

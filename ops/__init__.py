@@ -7,12 +7,13 @@ from .attention import sparse_attention
 from .linear import gated_mlp, linear_residual, linear_rows, qkv_rope_write
 from .norm import rms_norm, rms_norm_split
 from .rope import rope, rope_kv_write
-from .routing import compact, exact_rows, forced_execute, router_execute
+from .routing import compact, counts_to_host, exact_rows, forced_execute, router_execute
 
 __all__ = [
     "router_execute",
     "forced_execute",
     "compact",
+    "counts_to_host",
     "exact_rows",
     "rms_norm",
     "rms_norm_split",

@@ -137,7 +137,7 @@ def on_input_device(cuda_impl):
     """Run the CUDA implementation `cuda_impl` with its first argument's device current.
 
     Triton launches on the *current* CUDA device and its current stream (so does an event's
-    `record()`, which `compact(host_counts=True)` uses), so a tensor on cuda:1 while cuda:0 is
+    `record()`, which `counts_to_host` uses), so a tensor on cuda:1 while cuda:0 is
     current would be handed to a kernel running on the wrong GPU. The dispatcher gives no help:
     only ATen's generated kernel wrappers install a DeviceGuard; a Python kernel registered with torch.library is called as it is (PyTorch's
     PythonKernelHolder), and `eager_entry` bypasses the dispatcher altogether. Eager decode is

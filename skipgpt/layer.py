@@ -255,12 +255,15 @@ class RoutedDecoderLayer(nn.Module):
         use_cond = torch.compiler.is_compiling() and self.state.single_graph
         if not use_cond:
             capacity = bool(capacity)
-        # The exact form reads the counts on the host: start copying them early (skipped while
-        # a CUDA graph is being captured). Not under torch.cond, where that copy would keep
-        # compaction one dispatcher call (70-200 us of host time) at every step: there the exact
-        # form's exact_rows reads the counts when it gets to them, waiting for the K/V projections
-        # queued before it (a cond around compaction alone guards on T > 1 in Inductor).
-        rows, slot, seq_offsets = ops.compact(execute, host_counts=not (use_cond or capacity))
+        rows, slot, seq_offsets = ops.compact(execute)
+        # The exact form reads the counts on the host: start copying them now, so that its sync
+        # waits for this copy and not for the K/V projections queued below (3-4% of an exact-form
+        # step of 4096-8192 tokens, compiled; docs/BENCHMARKS.md). Under torch.cond a cond of its
+        # own starts the copy (one dispatcher call) only where the exact form will run.
+        if use_cond:
+            host_counts = torch.cond(capacity, _no_counts_on_host, ops.counts_to_host, (seq_offsets,))
+        else:
+            host_counts = None if capacity else ops.counts_to_host(seq_offsets)
         self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
         if capacity is True and self.fuses_qkv and type(T) is int and T >= FUSED_QKV_MIN_TOKENS:
@@ -286,16 +289,16 @@ class RoutedDecoderLayer(nn.Module):
 
         tile_rows = COND_TILE_ROWS if use_cond else None
 
-        def capacity_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
+        def capacity_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
             return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos, sin,
                                         k_cache, v_cache, start, key_mask, L, tile_rows)
 
-        def exact_form(x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start):
-            rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets)
+        def exact_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
+            rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets, host_counts)
             return self._sparse_modules(x, xq[: rows_attn.shape[0]], (rows_attn, rows_mlp), (None, None), slot,
                                         seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L)
 
-        operands = (x, xq, rows, slot, seq_offsets, cos, sin, k_cache, v_cache, start)
+        operands = (x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start)
         if use_cond:
             out = torch.cond(capacity, capacity_form, exact_form, operands)
         else:
@@ -336,6 +339,11 @@ class RoutedDecoderLayer(nn.Module):
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1], tile_rows=tile_rows)
         return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], tile_rows=tile_rows)
+
+
+def _no_counts_on_host(seq_offsets: torch.Tensor) -> torch.Tensor:
+    """The capacity form's side of counts_to_host's torch.cond: nothing copied (unread)."""
+    return torch.empty(seq_offsets.shape[0], dtype=torch.int32)
 
 
 def _counts(seq_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

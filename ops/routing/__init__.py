@@ -6,11 +6,13 @@ Two forms (DESIGN.md section 4):
 - exact: `exact_rows` narrows the capacity rows to their true counts with one host sync for all
   route sets of a layer (an unbacked SymInt under torch.compile).
 
-`compact(..., host_counts=True)` also starts an asynchronous copy of the counts into pinned host
-memory; a later `exact_rows` on the same `seq_offsets` then waits for that copy only, not for
-everything queued on the GPU, so work enqueued in between keeps the GPU busy through the sync.
+`counts_to_host` starts an asynchronous copy of the counts into pinned host memory; `exact_rows`
+given its result then waits for that copy only, not for everything queued on the GPU, so work
+enqueued in between keeps the GPU busy through the sync.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +33,7 @@ __all__ = [
     "router_execute",
     "forced_execute",
     "compact",
+    "counts_to_host",
     "exact_rows",
     "router_execute_reference",
     "forced_execute_reference",
@@ -101,22 +104,20 @@ def _forced_execute_fake(params, start, batch, seq_len, layer_idx):
     return start.new_empty((2, batch, seq_len), dtype=torch.bool)
 
 
-def _check_execute(execute: Tensor, host_counts: bool) -> None:
+def _check_execute(execute: Tensor) -> None:
     check_tensor("execute", execute, ndim=3, dtypes=(torch.bool,))
-    check_scalar("host_counts", host_counts, bool)
 
 
 @torch.library.custom_op("skipgpt::compact", mutates_args=())
-def compact(execute: Tensor, host_counts: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def compact(execute: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Capacity-form compaction of R route sets.
 
     execute: [R, B, L] bool (True = the token executes the module; any nonzero byte counts as
     True, as in PyTorch).
     Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
     `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
-    host_counts: start copying the counts to the host for a following `exact_rows` (CUDA only).
     """
-    _check_execute(execute, host_counts)
+    _check_execute(execute)
     return compact_reference(execute)
 
 
@@ -141,39 +142,83 @@ if HAS_TRITON:
 
     @compact.register_kernel("cuda")
     @on_input_device
-    def _compact_cuda(execute: Tensor, host_counts: bool = False):
-        _check_execute(execute, host_counts)
-        rows, slot, seq_offsets = kernels.compact(execute)
-        if host_counts and not torch.cuda.is_current_stream_capturing():
-            pinned = torch.empty(seq_offsets.shape[0], dtype=torch.int32, pin_memory=True)
-            pinned.copy_(seq_offsets[:, -1], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()  # on the current stream of seq_offsets' device (on_input_device)
-            # Kept on the tensor itself: exact_rows trusts it only for this very tensor, unmodified.
-            seq_offsets._skipgpt_host_counts = (pinned, done, seq_offsets._version)
-        return rows, slot, seq_offsets
+    def _compact_cuda(execute: Tensor):
+        _check_execute(execute)
+        return kernels.compact(execute)
 
-    # One op with host_counts: the copy to the host is a side effect.
-    decompose_under_compile(compact, _compact_cuda, lambda execute, host_counts=False: not host_counts)
+    decompose_under_compile(compact, _compact_cuda)
 
 
 @compact.register_fake
-def _compact_fake(execute: Tensor, host_counts: bool = False):
-    _check_execute(execute, host_counts)
+def _compact_fake(execute: Tensor):
+    _check_execute(execute)
     R, B, L = execute.shape
     rows = execute.new_empty((R, B * L), dtype=torch.int32)
     return rows, torch.empty_like(rows), execute.new_empty((R, B + 1), dtype=torch.int32)
 
 
-def _check_exact(rows: Tensor, seq_offsets: Tensor) -> None:
+def _check_seq_offsets(seq_offsets: Tensor, device=None) -> None:
+    check_tensor("seq_offsets", seq_offsets, ndim=2, dtypes=(torch.int32,), device=device, device_of="rows")
+    if seq_offsets.shape[1] == 0:
+        raise ValueError("seq_offsets: expected B+1 >= 1 columns (the last one holds the count), got 0")
+
+
+@torch.library.custom_op("skipgpt::counts_to_host", mutates_args=())
+def counts_to_host(seq_offsets: Tensor) -> Tensor:
+    """Start copying each route set's executing count (the last column of `compact`'s
+    seq_offsets [R, B+1] int32) to the host, for the exact form's `exact_rows`.
+
+    Returns [R] int32 on the CPU. From a CUDA tensor it is pinned memory filled asynchronously:
+    `exact_rows` given it waits for this copy only, not for the work queued on the GPU after it.
+    Raises RuntimeError while a CUDA graph is being captured (the exact form syncs; capture
+    capacity-form steps only).
+    """
+    _check_seq_offsets(seq_offsets)
+    return seq_offsets[:, -1].to("cpu", copy=True)
+
+
+def _no_values(t: Tensor) -> bool:
+    """A plain meta tensor: not the fake tensors of tracing (which may wrap meta storage), whose
+    ops produce outputs of known size only."""
+    return t.device.type == "meta" and not isinstance(t, torch._subclasses.FakeTensor)
+
+
+@counts_to_host.register_fake
+def _counts_to_host_fake(seq_offsets: Tensor):
+    _check_seq_offsets(seq_offsets)
+    if _no_values(seq_offsets):  # the result lives on the CPU, where a meta input has no values for it
+        raise ValueError("seq_offsets: counts_to_host copies the counts' values, which meta tensors do not hold")
+    return torch.empty(seq_offsets.shape[0], dtype=torch.int32, device="cpu")
+
+
+@counts_to_host.register_kernel("cuda")
+@on_input_device
+def _counts_to_host_cuda(seq_offsets: Tensor):
+    _check_seq_offsets(seq_offsets)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "counts_to_host: called while a CUDA graph is being captured; the exact form reads the counts on "
+            "the host, so only capacity-form steps can be captured"
+        )
+    host = torch.empty(seq_offsets.shape[0], dtype=torch.int32, pin_memory=True)
+    host.copy_(seq_offsets[:, -1], non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()  # on the current stream of seq_offsets' device (on_input_device)
+    host._skipgpt_copied = done
+    return host
+
+
+def _check_exact(rows: Tensor, seq_offsets: Tensor, host_counts: Optional[Tensor]) -> None:
     check_tensor("rows", rows, ndim=2, dtypes=(torch.int32,))
-    check_tensor("seq_offsets", seq_offsets, ndim=2, dtypes=(torch.int32,), device=rows.device, device_of="rows")
+    _check_seq_offsets(seq_offsets, rows.device)
     if seq_offsets.shape[0] != rows.shape[0]:
         raise ValueError(
             f"seq_offsets: expected {rows.shape[0]} route sets like rows, got shape {tuple(seq_offsets.shape)}"
         )
-    if seq_offsets.shape[1] == 0:
-        raise ValueError("seq_offsets: expected B+1 >= 1 columns (the last one holds the count), got 0")
+    if host_counts is not None:
+        check_tensor("host_counts", host_counts, ndim=1, dtypes=(torch.int32,), device=torch.device("cpu"))
+        if host_counts.shape[0] != rows.shape[0]:
+            raise ValueError(f"host_counts: expected {rows.shape[0]} counts like rows, got shape {tuple(host_counts.shape)}")
 
 
 def _check_counts(counts: list, rows: Tensor) -> None:
@@ -186,31 +231,37 @@ def _check_counts(counts: list, rows: Tensor) -> None:
 
 
 @torch.library.custom_op("skipgpt::exact_rows", mutates_args=())
-def exact_rows(rows: Tensor, seq_offsets: Tensor) -> list[Tensor]:
+def exact_rows(rows: Tensor, seq_offsets: Tensor, host_counts: Optional[Tensor] = None) -> list[Tensor]:
     """Exact form: rows [R, T] int32 and seq_offsets [R, B+1] int32 from `compact` ->
     R tensors [N_r] int32 holding each route set's executing rows.
 
     Reads every count in one host sync: the only sync a routed layer makes, and only at prefill.
-    Having the counts on the host, it checks them: a count outside [0, T] raises ValueError.
+    host_counts: optional [R] int32, `counts_to_host(seq_offsets)`'s result: the sync then waits
+    for that copy only. Having the counts on the host, it checks them: a count outside [0, T]
+    raises ValueError.
     """
-    _check_exact(rows, seq_offsets)
-    pending = getattr(seq_offsets, "_skipgpt_host_counts", None)
-    if pending is not None and pending[2] == seq_offsets._version:
-        pinned, done, _ = pending
-        done.synchronize()
-        counts = pinned.tolist()
-    else:
+    _check_exact(rows, seq_offsets, host_counts)
+    if host_counts is None:
         counts = seq_offsets[:, -1].tolist()
+    else:
+        copied = getattr(host_counts, "_skipgpt_copied", None)
+        if copied is not None:
+            copied.synchronize()
+        elif rows.is_cuda:
+            # The copy's event did not come along (another tensor object, say): wait for the
+            # stream the copy was queued on, as a plain read of the counts would.
+            torch.cuda.current_stream(rows.device).synchronize()
+        counts = host_counts.tolist()
     _check_counts(counts, rows)
     return [rows[r, :n].clone() for r, n in enumerate(counts)]
 
 
 @exact_rows.register_fake
-def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
-    _check_exact(rows, seq_offsets)
-    # Plain meta tensors (not the fake tensors of tracing, which may wrap meta storage) have no
-    # data to size the outputs with; PyTorch's own error for this names no argument.
-    if rows.device.type == "meta" and not isinstance(rows, torch._subclasses.FakeTensor):
+def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor, host_counts: Optional[Tensor] = None):
+    _check_exact(rows, seq_offsets, host_counts)
+    # Plain meta tensors have no data to size the outputs with; PyTorch's own error for this
+    # names no argument.
+    if _no_values(rows):
         raise ValueError(
             "seq_offsets: exact_rows sizes its outputs by the counts' values, which meta tensors do not "
             "hold; trace it with fake tensors (torch.compile) instead"
@@ -228,4 +279,5 @@ def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor):
 router_execute = eager_entry(router_execute, _router_execute_cuda if HAS_TRITON else None)
 forced_execute = eager_entry(forced_execute, _forced_execute_cuda if HAS_TRITON else None)
 compact = eager_entry(compact, _compact_cuda if HAS_TRITON else None)
+counts_to_host = eager_entry(counts_to_host, _counts_to_host_cuda)
 exact_rows = eager_entry(exact_rows, exact_rows._init_fn)

@@ -60,10 +60,10 @@ def test_compiled_layer_launches_its_kernels_itself():
         _, code = run_and_get_code(compiled, ids, attention_mask=mask)
     code = "\n".join(code)
     op_calls = set(re.findall(r"torch\.ops\.skipgpt\.(\w+)", code))
-    # Only the exact form's exact_rows (it reads the counts on the host). The capacity form's
-    # GEMMs trace with tiles fixed by tile_rows, attention names the prefill kernel, compaction
-    # takes a fixed block.
-    assert op_calls <= {"exact_rows"}, op_calls
+    # Only the exact form's host reads: counts_to_host (in a torch.cond taken only where the exact
+    # form runs) and exact_rows. The capacity form's GEMMs trace with tiles fixed by tile_rows,
+    # attention names the prefill kernel, compaction takes a fixed block.
+    assert op_calls <= {"counts_to_host", "exact_rows"}, op_calls
     for kernel in ("_rms_norm_kernel", "_rope_kernel", "_rope_kv_write_kernel", "_act_mul_kernel",
                    "_scatter_residual_kernel", "_rows_gemm_kernel", "_forced_execute_kernel", "_compact_kernel",
                    "_prefill_kernel"):

@@ -67,6 +67,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   copy_
   skipgpt.forced_execute.default
   skipgpt.compact.default
+  cond
   iadd
   iadd
   skipgpt.rms_norm_split.default
@@ -75,6 +76,10 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rope_kv_write.default
   cond
 [cond_true_0]
+  empty
+[cond_false_0]
+  skipgpt.counts_to_host.default
+[cond_true_1]
   unsqueeze
   unsqueeze
   skipgpt.linear_rows.default
@@ -84,7 +89,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_false_0]
+[cond_false_1]
   aten.sym_size.int
   skipgpt.exact_rows.default
   aten.sym_size.int
@@ -136,16 +141,18 @@ def _calls(gm: torch.fx.GraphModule, op: str) -> list:
 def test_cond_branches_pick_what_traces():
     """What lets compile_model's single graph launch the kernels itself rather than call ops
     through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows
-    (COND_TILE_ROWS), and the exact branch's (cuBLAS, no count) none; compaction does not copy
-    the counts to the host early (that call would stay one op); attention names the prefill
+    (COND_TILE_ROWS), and the exact branch's (cuBLAS, no count) none; the counts go to the host
+    (one op) only where the exact form runs, which reads them; attention names the prefill
     kernel, since a choice by the symbolic L would guard."""
     from skipgpt.layer import COND_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
     (top,) = captured_graphs("triton-sparse")
-    ((capacity, exact),) = _cond_branches(top)
-    host_counts = [n.kwargs.get("host_counts", False) for n in _calls(top, "skipgpt.compact.default")]
-    assert host_counts == [False], host_counts
+    (no_copy, copy), (capacity, exact) = _cond_branches(top)
+    copies = [len(_calls(g, "skipgpt.counts_to_host.default")) for g in (no_copy, copy, capacity, exact)]
+    assert copies == [0, 1, 0, 0], copies
+    (read,) = _calls(exact, "skipgpt.exact_rows.default")
+    assert len(read.args) == 3, read.args  # rows, seq_offsets and the copied counts
     tiles = {
         branch: [n.kwargs.get("tile_rows") for n in g.graph.nodes if str(n.target) in gemms]
         for branch, g in (("capacity", capacity), ("exact", exact))

@@ -127,7 +127,7 @@ def test_ops_run_on_their_inputs_gpu(tensors_on, current, path):
 @pytest.mark.gpu
 @two_gpus
 def test_kv_write_and_exact_counts_on_the_other_gpu():
-    """The in-place cache write, and compact's asynchronous count copy: its event must be
+    """The in-place cache write, and counts_to_host's asynchronous copy: its event must be
     recorded on cuda:1's stream, or exact_rows would read the pinned counts too early."""
     dev = torch.device("cuda", 1)
     t, s = _inputs(dev)
@@ -140,9 +140,10 @@ def test_kv_write_and_exact_counts_on_the_other_gpu():
         ops.rope_kv_write(t.k, t.v, cos, sin, t.k_cache, t.v_cache, t.start)
         with torch.cuda.device(1):
             torch.cuda._sleep(10**8)  # delay cuda:1's stream: its count copy lands late
-        rows, slot, offsets = ops.compact(execute, host_counts=True)
+        rows, slot, offsets = ops.compact(execute)
+        host = ops.counts_to_host(offsets)
         # An event recorded on idle cuda:0 would let exact_rows read the counts before they land.
-        counts = [x.numel() for x in ops.exact_rows(rows, offsets)]
+        counts = [x.numel() for x in ops.exact_rows(rows, offsets, host)]
         assert torch.cuda.current_device() == 0
     assert torch.equal(t.k_cache.cpu(), want_k) or rel_err(t.k_cache.cpu(), want_k) < TOL
     assert torch.equal(t.v_cache.cpu(), want_v)

@@ -365,6 +365,25 @@ def _assert_no_new_variants(steps, exempt=()):
     assert not grown, f"recompiled for a new length (variants before -> after): {grown}"
 
 
+def test_counts_reach_the_host_ahead_of_queued_work():
+    """counts_to_host copies into pinned memory behind compaction only: exact_rows given it
+    returns the right rows while a long kernel queued after the copy still runs."""
+    from skipgpt import ops
+
+    execute = torch.rand(2, 8, 300, device=DEV, generator=torch.Generator(DEV).manual_seed(3)) < 0.75
+    rows, _, offsets = ops.compact(execute)
+    host = ops.counts_to_host(offsets)
+    assert host.device.type == "cpu" and host.is_pinned() and host.dtype == torch.int32
+    torch.cuda._sleep(10**9)  # ~0.5-1 s of GPU time queued after the copy
+    queued = torch.cuda.Event()
+    queued.record()
+    got = ops.exact_rows(rows, offsets, host)
+    assert not queued.query(), "exact_rows waited for work queued after the copy"
+    want = ops.exact_rows(rows, offsets)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert [g.numel() for g in got] == execute.flatten(1).sum(1).tolist()
+
+
 def test_no_recompilation_across_prefill_lengths():
     # T = B*L >= 1024 in every step: the size-bucketed constexprs (compact's BLOCK, rows_gemm's
     # BLOCK_M) are saturated, so any recompilation comes from a per-call value being

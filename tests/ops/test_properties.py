@@ -277,7 +277,7 @@ def _sizes(*choices):
 
 
 # ---------------------------------------------------------------------------------------------
-# routing: router_execute, forced_execute, compact, exact_rows
+# routing: router_execute, forced_execute, compact, counts_to_host, exact_rows
 
 
 @st.composite
@@ -362,13 +362,15 @@ def exact_rows_cases(draw):
     R, B, L = draw(_sizes(1, 2)), draw(_sizes(0, 1, 3)), draw(_sizes(0, 1, 4))
     seed = draw(st.integers(0, 99))
     bad_count = draw(st.sampled_from([None, None, -1, -3, B * L + 1, 2**31 - 1]))
+    copied = draw(st.booleans())  # the counts handed over by counts_to_host
 
     def base(device, put):
         execute = torch.rand(R, B, L, generator=torch.Generator().manual_seed(seed)) < 0.5
         rows, _, offsets = compact_reference(execute)
         if bad_count is not None:
             offsets[-1, -1] = bad_count
-        return dict(rows=put(rows, "rows"), seq_offsets=put(offsets, "seq_offsets"))
+        host = offsets[:, -1].clone() if copied else None  # always on the CPU
+        return dict(rows=put(rows, "rows"), seq_offsets=put(offsets, "seq_offsets"), host_counts=host)
 
     case = Case("exact_rows", base)
     if bad_count is not None:
@@ -377,14 +379,34 @@ def exact_rows_cases(draw):
     if draw(st.booleans()):
         case.mutation, case.target, case.value = "set", "seq_offsets", torch.zeros(R, 0, dtype=torch.int32)
         return case
-    return draw(mutations(case, ["rows", "seq_offsets"], {}))
+    return draw(mutations(case, ["rows", "seq_offsets", "host_counts"], {}))
 
 
 def _exact_rows_expect(args):
-    rows, offsets = args["rows"], args["seq_offsets"]
-    counts = offsets[:, -1].tolist()
+    rows, offsets, host = args["rows"], args["seq_offsets"], args["host_counts"]
+    counts = (offsets[:, -1] if host is None else host).tolist()
     assert all(0 <= n <= rows.shape[1] for n in counts), f"exact_rows accepted counts {counts} for T = {rows.shape[1]}"
     return [rows[r, :n] for r, n in enumerate(counts)]
+
+
+@st.composite
+def counts_to_host_cases(draw):
+    R, B, seed = draw(_sizes(0, 1, 2)), draw(_sizes(0, 1, 3)), draw(st.integers(0, 99))
+
+    def base(device, put):
+        g = torch.Generator().manual_seed(seed)
+        return dict(seq_offsets=put(torch.randint(0, 9, (R, B + 1), generator=g, dtype=torch.int32), "seq_offsets"))
+
+    case = Case("counts_to_host", base)
+    if draw(st.booleans()):
+        case.mutation, case.target, case.value = "set", "seq_offsets", torch.zeros(R, 0, dtype=torch.int32)
+        return case
+    return draw(mutations(case, ["seq_offsets"], {}))
+
+
+def _counts_to_host_compare(out, want, args, kernel, case):
+    assert out.device.type == "cpu", out.device
+    _close(out, want, "counts_to_host", kernel)
 
 
 def _list_compare(out, want, args, kernel, case):
@@ -796,6 +818,9 @@ SPECS = {
                            lambda o, w, a, k, c: _close(o, w, "forced_execute", k)),
     "compact": Spec(routing.compact, _impl(routing, "compact"), _compact_expect, _compact_compare),
     "exact_rows": Spec(routing.exact_rows, None, _exact_rows_expect, _list_compare),
+    # No kernel: on CUDA, a copy into pinned memory (tests/ops/test_ops_gpu.py).
+    "counts_to_host": Spec(routing.counts_to_host, None, lambda a: a["seq_offsets"][:, -1].clone(),
+                           _counts_to_host_compare),
     "rms_norm": Spec(norm.rms_norm, _impl(norm, "rms_norm"),
                      _ref(norm.rms_norm_reference, ["x", "weight", "eps", "rows", "count"]), _rms_norm_compare),
     "rms_norm_split": Spec(norm.rms_norm_split, _impl(norm, "rms_norm_split"),
@@ -829,13 +854,14 @@ def test_every_public_op_is_covered():
     for name, spec in SPECS.items():
         assert spec.entry is getattr(ops, name)
         assert spec.entry.op._opoverload is getattr(torch.ops.skipgpt, name).default
-        if HAS_TRITON and name != "exact_rows":
+        if HAS_TRITON and name not in ("exact_rows", "counts_to_host"):
             assert spec.cuda_impl is not None, name
 
 
 STRATEGIES = {
     "router_execute": router_cases, "forced_execute": forced_cases, "compact": compact_cases,
-    "exact_rows": exact_rows_cases, "rms_norm": rms_norm_cases, "rms_norm_split": rms_norm_split_cases,
+    "counts_to_host": counts_to_host_cases, "exact_rows": exact_rows_cases, "rms_norm": rms_norm_cases,
+    "rms_norm_split": rms_norm_split_cases,
     "rope": rope_cases, "rope_kv_write": kv_write_cases, "sparse_attention": attention_cases,
     "linear_rows": linear_rows_cases, "gated_mlp": gated_mlp_cases, "linear_residual": linear_residual_cases,
     "qkv_rope_write": qkv_rope_write_cases,

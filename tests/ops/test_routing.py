@@ -52,11 +52,24 @@ def test_exact_rows_narrows_to_counts():
     assert mlp.tolist() == []
 
 
+def test_exact_rows_reads_counts_copied_to_the_host():
+    # The copied counts are what exact_rows goes by (seq_offsets' own are not read again).
+    execute = torch.tensor([[[1, 0, 1], [0, 1, 1]], [[1, 1, 1], [0, 0, 0]]], dtype=torch.bool)
+    rows, _, offsets = routing.compact(execute)
+    host = routing.counts_to_host(offsets)
+    assert host.device.type == "cpu" and host.dtype == torch.int32 and host.tolist() == [4, 3]
+    offsets[:, -1] = 0
+    attn, mlp = routing.exact_rows(rows, offsets, host)
+    assert attn.tolist() == [0, 2, 4, 5] and mlp.tolist() == [0, 1, 2]
+
+
 def test_opcheck():
     execute = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)) < 0.5
     torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute,))
     rows, _, offsets = routing.compact(execute)
     torch.library.opcheck(torch.ops.skipgpt.exact_rows.default, (rows, offsets))
+    torch.library.opcheck(torch.ops.skipgpt.counts_to_host.default, (offsets,))
+    torch.library.opcheck(torch.ops.skipgpt.exact_rows.default, (rows, offsets, routing.counts_to_host(offsets)))
 
 
 def test_rejects_bad_input():
@@ -66,6 +79,17 @@ def test_rejects_bad_input():
         routing.compact(torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="seq_offsets: expected 2 route sets"):
         routing.exact_rows(torch.zeros(2, 4, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32))
+    rows, offsets = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="host_counts: expected 2 counts like rows"):
+        routing.exact_rows(rows, offsets, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="host_counts: expected dtype int32"):
+        routing.exact_rows(rows, offsets, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="host_counts: expected a tensor on cpu"):
+        routing.exact_rows(rows, offsets, torch.zeros(2, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match="seq_offsets: expected a 2-d tensor"):
+        routing.counts_to_host(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_offsets: expected B\\+1 >= 1 columns"):
+        routing.counts_to_host(torch.zeros(2, 0, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------- route decisions
