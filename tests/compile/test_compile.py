@@ -86,6 +86,22 @@ def test_tracing_config_is_in_force_only_while_compiling(monkeypatch):
     assert len(patches) == 2
 
 
+@pytest.mark.parametrize("B,L", [(2, 5), (2, 2)])  # exact form, capacity form
+def test_layer_step_compiles_at_a_symbolic_batch(B, L):
+    """One layer step under Inductor (CPU), batch and length symbolic (the benchmark's step,
+    compiled whole). The torch.cond that copies the counts to the host was once given
+    seq_offsets [R, B+1], from whose size Inductor (torch 2.13) could not bind B ("expected [s]
+    to have been codegen-ed")."""
+    from skipgpt.benchmark import LayerBench
+
+    bench = LayerBench("tiny", torch.float32, torch.device("cpu"))
+    bench.state.capacity_max_tokens = 4
+    step = bench.step("triton-sparse", "prefill", B, L, 0.25)
+    ref = step().clone()
+    out = with_tracing_config(torch.compile(step, dynamic=True, fullgraph=True))()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
 def test_first_call_with_equal_sizes_does_not_tie_them(pipeline):
     """Duck sizing gives input dims of equal value one symbol: a first call with batch == length

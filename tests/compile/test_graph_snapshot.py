@@ -67,6 +67,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   copy_
   skipgpt.forced_execute.default
   skipgpt.compact.default
+  clone
   cond
   iadd
   iadd
