@@ -261,9 +261,10 @@ class RoutedDecoderLayer(nn.Module):
         # step of 4096-8192 tokens, compiled; docs/BENCHMARKS.md). Under torch.cond a cond of its
         # own starts the copy (one dispatcher call) only where the exact form will run.
         if use_cond:
-            # The branches take the counts as [R, 1] (seq_offsets of no sequence: its last column):
-            # given seq_offsets [R, B+1] itself, Inductor (torch 2.13) fails to bind B in them.
-            counts = seq_offsets[:, -1:].clone(memory_format=torch.contiguous_format)
+            # The branches take the counts as a contiguous [R, 1] copy (seq_offsets of no
+            # sequence: its last column): given seq_offsets [R, B+1] itself, Inductor (torch 2.13)
+            # fails to bind B in them. select + unsqueeze, not [:, -1:] (see _counts).
+            counts = seq_offsets[:, -1].unsqueeze(1).clone(memory_format=torch.contiguous_format)
             host_counts = torch.cond(capacity, _no_counts_on_host, ops.counts_to_host, (counts,))
         else:
             host_counts = None if capacity else ops.counts_to_host(seq_offsets)

@@ -67,6 +67,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   copy_
   skipgpt.forced_execute.default
   skipgpt.compact.default
+  unsqueeze
   clone
   cond
   iadd
