@@ -224,7 +224,7 @@ def compile_model(
     return model
 
 
-def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[int]:
+def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:
     """Allocate the static seq-first layers of the call's cache eagerly, before the compiled
     forward runs (see StaticSeqFirstLayer.allocate), swapping fresh transformers static layers
     for them. Returns the step's (B, L), when the call shows it."""

@@ -16,8 +16,10 @@ from skipgpt.benchmark import LayerBench
 from skipgpt.ops.norm import kernels as norm_kernels
 
 
-def per_call_us(fn, n=300):
-    for _ in range(20):
+def host_and_wall_us(fn, n=300, warmup=20):
+    """(host, wall) microseconds per call of fn: host until the last launch returns, wall until
+    the GPU is done."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -25,7 +27,12 @@ def per_call_us(fn, n=300):
         fn()
     t1 = time.perf_counter()
     torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+    t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def per_call_us(fn, n=300):
+    return host_and_wall_us(fn, n)[0]
 
 
 def launch_costs():

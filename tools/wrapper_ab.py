@@ -8,24 +8,10 @@ import argparse
 import time
 
 import torch
+from profile_host import host_and_wall_us  # tools/ is on the path of a script run from it
 
 from skipgpt.benchmark import LayerBench
 from skipgpt.compile import with_tracing_config
-
-
-def host_and_wall_us(fn, n=100):
-    """(host, wall) microseconds per call: host until the last launch returns, wall until the GPU
-    is done."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
 
 
 def main():
