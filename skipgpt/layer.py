@@ -25,9 +25,9 @@ PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 # launches cost nothing, the fused kernel's decode tiles took ~1.8x their GPU time (64 decode
 # steps at B=1-64: 4-6% slower; docs/BENCHMARKS.md).
 FUSED_QKV_MIN_TOKENS = 65
-# ... and up to this many: above, the fused kernel's GPU time exceeds that of cuBLAS K/V plus the
-# Q GEMM by more than the launches it saves cost the host (~110 us more at 2048 tokens, H100;
-# docs/BENCHMARKS.md, tools/fusion_ab.py).
+# ... and up to this many. Above, the fused kernel costs more GPU time than cuBLAS K/V plus the Q
+# GEMM saves launches: steps of 2048-16384 tokens took 6-12% longer with it (H100, 25-50% skip;
+# docs/BENCHMARKS.md). Only a capacity form forced past capacity_max_tokens meets such steps.
 FUSED_QKV_MAX_TOKENS = 1024
 # Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
 # capacity form's GEMMs take the tiles of this many rows (ops' tile_rows), so that Inductor
@@ -250,23 +250,20 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        # torch.cond traces the capacity form and the longer steps' form and picks at run time,
-        # so a new token count never recompiles; but Inductor does not capture a graph holding
-        # torch.cond in a CUDA graph, so only where asked for (state.single_graph, compile_model's
-        # default). Otherwise Python branches: free for a static T (generate's auto-compiled
-        # decode step), guards on the form's limits for a symbolic one (a graph for each form).
-        use_cond = torch.compiler.is_compiling() and self.state.single_graph
         capacity = T <= self.state.capacity_max_tokens  # symbolic when compiled with a symbolic T
-        if use_cond:  # the form of the cond's long-step branch, unless T is static and short
-            form = "capacity" if capacity is True else self._long_form(T, use_cond)
-        else:
+        # torch.cond traces both forms and picks at run time, so a new token count never
+        # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
+        # so only where asked for (state.single_graph, compile_model's default). Otherwise a
+        # Python branch: free for a static T (generate's auto-compiled decode step), a guard
+        # on T <= state.capacity_max_tokens for a symbolic one (a graph for each side).
+        use_cond = torch.compiler.is_compiling() and self.state.single_graph
+        if not use_cond:
             capacity = bool(capacity)
-            form = "capacity" if capacity else self._long_form(T, use_cond)
         rows, slot, seq_offsets = ops.compact(execute)
-        # The exact forms read the counts on the host: start copying them now, so that their
-        # sync waits for this copy and not for the projections queued after it (3-4% of an
-        # exact-form step of 4096-8192 tokens, compiled; docs/BENCHMARKS.md). Under torch.cond a
-        # cond of its own starts the copy (one dispatcher call) only where an exact form runs.
+        # The exact form reads the counts on the host: start copying them now, so that its sync
+        # waits for this copy and not for the K/V projections queued below (3-4% of an exact-form
+        # step of 4096-8192 tokens, compiled; docs/BENCHMARKS.md). Under torch.cond a cond of its
+        # own starts the copy (one dispatcher call) only where the exact form will run.
         if use_cond:
             # The branches take the counts as a contiguous [R, 1] copy (seq_offsets of no
             # sequence: its last column): given seq_offsets [R, B+1] itself, Inductor (torch 2.13)
@@ -277,7 +274,7 @@ class RoutedDecoderLayer(nn.Module):
             host_counts = None if capacity else ops.counts_to_host(seq_offsets)
         self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
-        if (form != "exact" and (not use_cond or capacity is True) and self.fuses_qkv and type(T) is int
+        if (capacity is True and self.fuses_qkv and type(T) is int
                 and FUSED_QKV_MIN_TOKENS <= T <= FUSED_QKV_MAX_TOKENS):
             # The attention's input stage in two launches: RMSNorm, then Q/K/V, RoPE and the
             # cache write. (Not inside torch.cond, whose branches may not write the cache: there
@@ -287,8 +284,8 @@ class RoutedDecoderLayer(nn.Module):
             q = ops.qkv_rope_write(xn, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.q_proj.bias,
                                    attn.k_proj.bias, attn.v_proj.bias, cos.view(T, -1), sin.view(T, -1), rows[0],
                                    counts[0], k_cache, v_cache, start)
-            h = self._attend(x, q, rows[0], counts[0], slot[0], seq_offsets[0], k_cache, v_cache, start, key_mask, L)
-            return self._routed_mlp(form, h, rows, counts[1], slot[1], seq_offsets, host_counts).view(B, L, H)
+            return self._attend_and_mlp(x, q, (rows[0], rows[1]), counts, slot, seq_offsets, k_cache, v_cache, start,
+                                        key_mask, L).view(B, L, H)
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
         # GPU busy while the host waits for them.
@@ -302,58 +299,31 @@ class RoutedDecoderLayer(nn.Module):
         tile_rows = COND_TILE_ROWS if use_cond else None
 
         def capacity_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
-            return capacity_attention(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start,
-                                      "capacity")
-
-        def exact_mlp_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
-            return capacity_attention(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start,
-                                      "exact-mlp")
-
-        def capacity_attention(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start, form):
-            counts = _counts(seq_offsets)
-            q = self._query(xq, rows[0], counts[0], cos, sin, tile_rows)
-            h = self._attend(x, q, rows[0], counts[0], slot[0], seq_offsets[0], k_cache, v_cache, start, key_mask, L,
-                             tile_rows)
-            return self._routed_mlp(form, h, rows, counts[1], slot[1], seq_offsets, host_counts, tile_rows)
+            return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos, sin,
+                                        k_cache, v_cache, start, key_mask, L, tile_rows)
 
         def exact_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets, host_counts)
-            q = self._query(xq[: rows_attn.shape[0]], rows_attn, None, cos, sin)
-            h = self._attend(x, q, rows_attn, None, slot[0], seq_offsets[0], k_cache, v_cache, start, key_mask, L)
-            return self._mlp(h, rows_mlp, None, slot[1])
+            return self._sparse_modules(x, xq[: rows_attn.shape[0]], (rows_attn, rows_mlp), (None, None), slot,
+                                        seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L)
 
-        forms = {"capacity": capacity_form, "exact-mlp": exact_mlp_form, "exact": exact_form}
         operands = (x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start)
         if use_cond:
-            out = torch.cond(capacity, capacity_form, forms[form], operands)
+            out = torch.cond(capacity, capacity_form, exact_form, operands)
         else:
-            out = forms[form](*operands)
+            out = (capacity_form if capacity else exact_form)(*operands)
         return out.view(B, L, H)
 
-    def _long_form(self, T, use_cond: bool) -> str:
-        """The form of steps longer than state.capacity_max_tokens: "exact-mlp" or "exact". Under
-        torch.cond (one graph for every T) the one state.exact_mlp_max_tokens gives
-        state.capacity_max_tokens + 1 tokens: a second limit there would need a second cond."""
-        limit = self.state.capacity_max_tokens
-        if use_cond:
-            return self.state.form_for(limit + 1) if limit < 1 << 62 else "exact"
-        return "exact-mlp" if T <= self.state.exact_mlp_max_tokens else "exact"
-
-    def _routed_mlp(self, form, h, rows, count_mlp, slot_mlp, seq_offsets, host_counts, tile_rows=None):
-        """The MLP after capacity-form attention: over the capacity rows, or ("exact-mlp") over
-        exactly the executing rows, whose count the host reads only now, with the attention
-        queued on the GPU."""
-        if form == "capacity":
-            return self._mlp(h, rows[1], count_mlp, slot_mlp, tile_rows)
-        return self._mlp(h, ops.exact_rows(rows, seq_offsets, host_counts)[1], None, slot_mlp)
-
-    def _query(self, xq, rows_attn, count_attn, cos, sin, tile_rows=None):
-        """Q [rows, Hq, D] of the normalised compacted rows xq [rows, H]: projection, q norm,
-        RoPE. count_attn: [1] int32 in the capacity form, None in the exact form."""
+    def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L,
+                        tile_rows=None):
+        """Q from the normalised compacted rows xq, then `_attend_and_mlp`. rows/counts:
+        (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
         g, attn = self.geometry, self.self_attn
-        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, count_attn, tile_rows=tile_rows)
+        q = ops.linear_rows(xq, attn.q_proj.weight, attn.q_proj.bias, counts[0], tile_rows=tile_rows)
         q = self.family.q_norm(attn, q.view(-1, g.num_heads, g.head_dim))
-        return ops.rope(q.contiguous(), cos, sin, rows_attn, count_attn)
+        q = ops.rope(q.contiguous(), cos, sin, rows[0], counts[0])
+        return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
+                                    tile_rows)
 
     def _attention(self, q, k_cache, v_cache, start, L, scale, rows=None, seq_offsets=None, key_mask=None):
         """ops.sparse_attention. In compile_model's single graph L is symbolic, and a kernel picked
@@ -365,25 +335,19 @@ class RoutedDecoderLayer(nn.Module):
         return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
                                     attend_with="prefill" if single_graph else None)
 
-    def _attend(self, x, q, rows_attn, count_attn, slot_attn, offsets_attn, k_cache, v_cache, start, key_mask, L,
-                tile_rows=None):
-        """Attention of the queries q [rows, Hq, D] and o_proj, scattered back onto the residual
-        stream x [T, H]: h [T, H]. count_attn: [1] int32 in the capacity form, None in the exact
-        form; tile_rows: the capacity-form GEMM's (see COND_TILE_ROWS), None in eager code."""
-        g, attn = self.geometry, self.self_attn
-        _, scale = self._float_constants()
-        o = self._attention(q, k_cache, v_cache, start, L, scale, rows_attn, offsets_attn, key_mask)
-        return ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot_attn, count_attn,
-                                   tile_rows=tile_rows)
-
-    def _mlp(self, h, rows_mlp, count_mlp, slot_mlp, tile_rows=None):
-        """The MLP over the rows rows_mlp of h [T, H], scattered back onto h: [T, H]. count_mlp and
-        tile_rows as in `_attend`."""
-        g, mlp = self.geometry, self.mlp
-        eps, _ = self._float_constants()
-        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows_mlp, count_mlp)
-        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, count_mlp, tile_rows=tile_rows)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot_mlp, count_mlp, tile_rows=tile_rows)
+    def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
+                        tile_rows=None):
+        """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
+        over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
+        capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code."""
+        g, attn, mlp = self.geometry, self.self_attn, self.mlp
+        eps, scale = self._float_constants()
+        o = self._attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
+        h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
+                                tile_rows=tile_rows)
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
+        a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1], tile_rows=tile_rows)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], tile_rows=tile_rows)
 
 
 def _no_counts_on_host(seq_offsets: torch.Tensor) -> torch.Tensor:

@@ -32,17 +32,13 @@ class RoutingState:
     i.e. a guard on a symbolic count, so steps of at most `capacity_max_tokens` tokens and longer
     ones (prefill) get a graph each, and the decode graph is CUDA-graph safe.
     `skipgpt.compile.compile_model` sets it from its `mode`.
-    capacity_max_tokens, exact_mlp_max_tokens: which of triton-sparse's three forms a step of T
-    tokens (B * L) takes (DESIGN.md section 4):
-    - T <= capacity_max_tokens: the capacity form. No host sync, CUDA-graph safe, fewest launches:
-      each projection is one Triton GEMM that reads the executing count on the device.
-    - T <= exact_mlp_max_tokens: "exact-mlp". Attention as in the capacity form, then the MLP over
-      exactly its executing rows through cuBLAS. Its host sync (the MLP's count) comes after the
-      attention's launches, so the GPU has the attention to run while the host waits.
-    - longer steps: the exact form. One host sync before the Q projection, then cuBLAS over
-      exactly the executing rows of every projection.
-    The defaults are where each form stopped winning on the device (tools/form_sweep.py,
-    docs/BENCHMARKS.md). Benchmarks and tests pin a form with `use_form`.
+    capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
+    form (no host sync, CUDA-graph safe, fewest launches: each projection is one Triton GEMM that
+    reads the executing count on the device), longer ones the exact form (one host sync per
+    layer, then cuBLAS over exactly the executing rows). The default, 1024, is where the capacity
+    form stopped winning on an H100 (tools/form_sweep.py, docs/BENCHMARKS.md): up to there a
+    layer's time goes to host launches, and the capacity form makes the fewest. Benchmarks and
+    tests pin a form with `use_form`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
@@ -51,23 +47,14 @@ class RoutingState:
     forced_copies: dict = field(default_factory=dict)
     single_graph: bool = False
     capacity_max_tokens: int = 1024
-    exact_mlp_max_tokens: int = 0
 
-    FORMS = ("capacity", "exact-mlp", "exact")
+    FORMS = ("capacity", "exact")
 
     def use_form(self, form: str) -> None:
-        """Make triton-sparse take `form` (one of FORMS) at every token count."""
+        """Make triton-sparse take `form` ("capacity" or "exact") at every token count."""
         if form not in self.FORMS:
             raise ValueError(f"form: expected one of {', '.join(self.FORMS)}, got {form!r}")
-        every = 1 << 62
-        self.capacity_max_tokens = every if form == "capacity" else 0
-        self.exact_mlp_max_tokens = 0 if form == "exact" else every
-
-    def form_for(self, tokens: int) -> str:
-        """The form a step of `tokens` tokens (B * L, a plain int) takes."""
-        if tokens <= self.capacity_max_tokens:
-            return "capacity"
-        return "exact-mlp" if tokens <= self.exact_mlp_max_tokens else "exact"
+        self.capacity_max_tokens = 1 << 62 if form == "capacity" else 0
 
     def force(self, skip: Optional[float], seed: int,
               device: Union[torch.device, str, Iterable[Union[torch.device, str]]]) -> None:

@@ -51,12 +51,17 @@ def test_sparse_pipelines_agree(family, padding, skip, form):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("form", RoutingState.FORMS)
 @pytest.mark.parametrize("length", [5, 40])
-def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form, length):
-    """Eager steps of the capacity and exact-mlp forms of FUSED_QKV_MIN_TOKENS to
-    FUSED_QKV_MAX_TOKENS tokens project Q/K/V in one qkv_rope_write call per layer, except where
-    the family normalises q/k per head (Qwen3); the exact form and decode-sized steps never do."""
-    from skipgpt.layer import FUSED_QKV_MAX_TOKENS, FUSED_QKV_MIN_TOKENS
+@pytest.mark.parametrize("cap", [None, 64])
+def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form, length, cap):
+    """Eager capacity steps of FUSED_QKV_MIN_TOKENS to FUSED_QKV_MAX_TOKENS tokens project Q/K/V
+    in one qkv_rope_write call per layer, except where the family normalises q/k per head
+    (Qwen3); the exact form and decode-sized steps never do."""
+    import skipgpt.layer
+    from skipgpt.layer import FUSED_QKV_MIN_TOKENS
 
+    if cap is not None:  # the 80-token steps exceed it
+        monkeypatch.setattr(skipgpt.layer, "FUSED_QKV_MAX_TOKENS", cap)
+    max_tokens = skipgpt.layer.FUSED_QKV_MAX_TOKENS
     _, model = make_pair(family)
     model.model.skipgpt_routing.use_form(form)
     skipgpt.force_routes(model, skip=0.3, seed=3)
@@ -69,7 +74,7 @@ def test_capacity_form_fuses_the_attention_input(monkeypatch, family, form, leng
         out = model(ids, attention_mask=mask).logits
         skipgpt.set_pipeline(model, "torch-sparse")
         ref = model(ids, attention_mask=mask).logits
-    fuses = form != "exact" and family != "qwen3" and FUSED_QKV_MIN_TOKENS <= 2 * length <= FUSED_QKV_MAX_TOKENS
+    fuses = form == "capacity" and family != "qwen3" and FUSED_QKV_MIN_TOKENS <= 2 * length <= max_tokens
     assert len(calls) == (model.config.num_hidden_layers if fuses else 0)
     valid_close(out, ref, mask, atol=1e-5)
 

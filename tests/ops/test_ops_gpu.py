@@ -365,10 +365,12 @@ def _assert_no_new_variants(steps, exempt=()):
     assert not grown, f"recompiled for a new length (variants before -> after): {grown}"
 
 
-def test_counts_reach_the_host_ahead_of_queued_work():
+def test_counts_reach_the_host_ahead_of_queued_work(caplog):
     """counts_to_host copies into pinned memory behind compaction only: exact_rows given it
-    returns the right rows while a long kernel queued after the copy still runs."""
+    returns the right rows while a long kernel queued after the copy still runs. Counts that
+    lost the copy's event make it wait for the whole stream, and say so."""
     from skipgpt import ops
+    from skipgpt.ops.routing import _warn_waiting_for_the_stream
 
     execute = torch.rand(2, 8, 300, device=DEV, generator=torch.Generator(DEV).manual_seed(3)) < 0.75
     rows, _, offsets = ops.compact(execute)
@@ -382,6 +384,12 @@ def test_counts_reach_the_host_ahead_of_queued_work():
     want = ops.exact_rows(rows, offsets)
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
     assert [g.numel() for g in got] == execute.flatten(1).sum(1).tolist()
+    assert "without its copy's CUDA event" not in caplog.text
+    _warn_waiting_for_the_stream.cache_clear()
+    with caplog.at_level("WARNING", logger="skipgpt"):
+        again = ops.exact_rows(rows, offsets, host.clone())  # a new tensor: no event
+    assert "without its copy's CUDA event" in caplog.text
+    assert [g.tolist() for g in again] == [w.tolist() for w in want]
 
 
 def test_no_recompilation_across_prefill_lengths():
