@@ -41,7 +41,7 @@ CPU_GENERATE = dict(batches=[1, 2], prompt_len=[16], new_tokens=16)
 EAGER_PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse")
 ALL_PROVIDERS = (*B.PROVIDERS, B.PUBLISHED)
 
-DESCRIPTION = f"""\
+DESCRIPTION = """\
 Time SkipGPT pipelines on one decoder layer (--scope layer) or a whole model (--scope model), at
 every combination of batch size, skip rate and sequence length (prefill: tokens per sequence;
 decode: KV length before the step, --decode-steps consecutive one-token steps per point, time
