@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import bool_bytes, known_empty, launch
+from .._common import bool_bytes, cdiv, known_empty, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -217,7 +217,7 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
     block_m, block_n = (64, 64) if D <= 64 or q.device.type != "cuda" else (128, 64)
     if q.device.type != "cuda":
         block_m, block_n = 16, 16
-    tiles = triton.cdiv(seq_len, block_m)
+    tiles = cdiv(seq_len, block_m)
     dummy = q  # for absent pointers (never dereferenced): an input, never the output
     launch(_prefill_kernel)[(B * tiles, HQ)](
         q, k_cache, v_cache, out,
@@ -244,9 +244,9 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     block_n = 64 if q.device.type == "cuda" else 16
     # Enough chunks to fill the machine twice over; a function of static shapes only, so a
     # captured CUDA graph stays valid as the cache fills.
-    num_splits = max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _num_sms(q.device), M * HK), 256))
-    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(S, chunk)
+    num_splits = max(1, min(cdiv(S, block_n), cdiv(2 * _num_sms(q.device), M * HK), 256))
+    chunk = cdiv(cdiv(S, num_splits), block_n) * block_n
+    num_splits = cdiv(S, chunk)
     part_o = torch.empty(M, HQ, num_splits, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(M, HQ, num_splits, dtype=torch.float32, device=q.device)
     count = seq_offsets[-1:] if seq_offsets is not None else None
@@ -260,14 +260,14 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         bool_bytes(key_mask) if key_mask is not None else dummy,
         M, B * seq_len, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, chunk, scale * LOG2E,
         HQ=HQ, HK=HK, HEAD_DIM=D, NUM_SPLITS=num_splits,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n,
         HAS_ROWS=rows is not None, HAS_COUNT=count is not None, HAS_KMASK=key_mask is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2 if q.device.type == "cuda" else 1,
     )
     launch(_combine_kernel)[(M, HQ)](
         part_o, part_lse, out, count if count is not None else dummy, M,
-        HQ=HQ, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        HQ=HQ, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_SPLITS=next_power_of_2(num_splits),
         HAS_COUNT=count is not None,
     )
     return out

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import known_empty, launch
+from .._common import cdiv, known_empty, launch, next_power_of_2
 
 ACT_IDS = {"none": 0, "silu": 1, "relu": 2}
 
@@ -112,7 +112,7 @@ def _rows_gemm_kernel(
 
 
 def _elementwise_block(n: int) -> int:
-    return min(1024, triton.next_power_of_2(max(n, 1)))
+    return min(1024, next_power_of_2(max(n, 1)))
 
 
 def act_mul(g, u, activation):
@@ -120,7 +120,7 @@ def act_mul(g, u, activation):
     M, N = g.shape
     if not known_empty(M * N):
         block = _elementwise_block(N)
-        launch(_act_mul_kernel)[(M, triton.cdiv(N, block))](g, u, out, M, N, ACT=ACT_IDS[activation], BLOCK=block)
+        launch(_act_mul_kernel)[(M, cdiv(N, block))](g, u, out, M, N, ACT=ACT_IDS[activation], BLOCK=block)
     return out
 
 
@@ -129,7 +129,7 @@ def scatter_residual(residual, y, slot):
     T, N = residual.shape
     if not known_empty(T * N):
         block = _elementwise_block(N)
-        launch(_scatter_residual_kernel)[(T, triton.cdiv(N, block))](
+        launch(_scatter_residual_kernel)[(T, cdiv(N, block))](
             residual, y, out, slot if slot is not None else residual, T, y.shape[0], N,
             HAS_SLOT=slot is not None, BLOCK=block,
         )
@@ -149,7 +149,7 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     columns: enough programs for the SMs first, then fewer passes over the rows), while the
     two-accumulator GEMMs stay at 128x128."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
-        return min(64, max(16, triton.next_power_of_2(rows))), 16, 32, 4, 1
+        return min(64, max(16, next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
     # Hopper SM's 227 KB (the gated GEMM's 128x128x64 pipeline would need 288 KB in fp32).
     wide = itemsize <= 2
@@ -158,7 +158,7 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     if rows <= 16:
         return (16, 32, 256 if wide else 128, 4, 3) if gated else (16, 32, 128 if wide else 64, 2, 6)
     if rows <= 64:
-        return triton.next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
+        return next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
     if kind != "single":  # two accumulators (wider tiles run out of registers or shared memory)
         return 128, 128, block_k, 8, 3
     if rows <= 256:
@@ -182,7 +182,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = out_rows if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), kind, x.device.type == "cuda")
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
-    launch(_rows_gemm_kernel)[(triton.cdiv(out_rows, block_m), triton.cdiv(N, block_n))](
+    launch(_rows_gemm_kernel)[(cdiv(out_rows, block_m), cdiv(N, block_n))](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
         M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -305,10 +305,10 @@ def qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cac
     # Tiles whose columns split into the two dots' halves (tl.dot needs >= 16): at decode as many
     # programs as the Q projection alone had, so the weights still spread over the SMs.
     block_m, block_n, block_k, warps, stages = _tiles(max(M, T), x.element_size(), "halves", x.device.type == "cuda")
-    block_h = max(16, min(block_n // 2, triton.next_power_of_2(D // 2)))
-    chunks = triton.cdiv(D // 2, block_h)
+    block_h = max(16, min(block_n // 2, next_power_of_2(D // 2)))
+    chunks = cdiv(D // 2, block_h)
     dummy = x
-    launch(_qkv_rope_write_kernel)[(triton.cdiv(max(M, T), block_m), (HQ + 2 * HK) * chunks)](
+    launch(_qkv_rope_write_kernel)[(cdiv(max(M, T), block_m), (HQ + 2 * HK) * chunks)](
         x, w_q, w_k, w_v,
         b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
         cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,

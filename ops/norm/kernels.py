@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import known_empty, launch
+from .._common import known_empty, launch, next_power_of_2
 
 
 # Index pointers (rows, count, slot) are often views at an offset into the compacted tensors
@@ -47,7 +47,7 @@ def _launch(x, weight, eps, out, rows=None, count=None, slot=None, outq=None):
     M, H = out.shape
     if known_empty(M * H):  # nothing to write (and tl.arange cannot tile H = 0)
         return
-    block_h = triton.next_power_of_2(H)
+    block_h = next_power_of_2(H)
     num_warps = min(16, max(1, block_h // 256))
     # Stands in for absent pointers (never dereferenced: the flag is off). An input, not the
     # output: traced under torch.compile, an argument that aliases a written one would be

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import known_empty, launch
+from .._common import known_empty, launch, next_power_of_2
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def rope(x, cos, sin, rows=None, count=None):
         x, cos, sin, out,
         rows if rows is not None else dummy, count if count is not None else dummy,
         M, cos.shape[0],
-        NUM_HEADS=num_heads, BLOCK_HEADS=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        NUM_HEADS=num_heads, BLOCK_HEADS=next_power_of_2(num_heads), HEAD_DIM=head_dim,
         HAS_ROWS=rows is not None, HAS_COUNT=count is not None,
     )
     return out
@@ -94,5 +94,5 @@ def rope_kv_write(k, v, cos, sin, k_cache, v_cache, start):
         return
     launch(_rope_kv_write_kernel)[(B * L,)](
         k, v, cos, sin, k_cache, v_cache, start, L, k_cache.shape[1],
-        NUM_HEADS=num_heads, BLOCK_HEADS=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        NUM_HEADS=num_heads, BLOCK_HEADS=next_power_of_2(num_heads), HEAD_DIM=head_dim,
     )

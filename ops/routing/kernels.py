@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import bool_bytes, bytes_to_bool, known_empty, launch
+from .._common import bool_bytes, bytes_to_bool, cdiv, known_empty, launch, next_power_of_2
 from .reference import layer_term
 
 
@@ -57,7 +57,7 @@ def _compact_block(T) -> int:
     to 1024, and 1024 for a symbolic T (a traced op), where picking by T would guard on it. That
     is every large step's block anyway; a step of a few tokens pays a few idle lanes. (A fixed 128
     cost ~1.3 ms a layer at 16K tokens, compiled; docs/BENCHMARKS.md.)"""
-    return min(1024, triton.next_power_of_2(T)) if type(T) is int else 1024
+    return min(1024, next_power_of_2(T)) if type(T) is int else 1024
 
 
 @triton.jit(do_not_specialize=["L", "start_ptr", "layer_term"])  # one compile for every layer
@@ -112,7 +112,7 @@ def _router_execute_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T,
 def _forced_block(seq_len) -> int:
     """L's next power of two up to 1024; for a symbolic L (a traced op) a fixed 256, since picking
     by L would guard on it. Its blocks are independent, so the size barely matters."""
-    return min(1024, triton.next_power_of_2(seq_len)) if type(seq_len) is int else 256
+    return min(1024, next_power_of_2(seq_len)) if type(seq_len) is int else 256
 
 
 def forced_execute(params, start, batch, seq_len, layer_idx):
@@ -130,8 +130,8 @@ def router_execute(x, weight, bias):
     out = torch.empty(R, T, dtype=torch.int8, device=x.device)
     if not known_empty(T):
         block_t = 16
-        launch(_router_execute_kernel)[(triton.cdiv(T, block_t),)](
+        launch(_router_execute_kernel)[(cdiv(T, block_t),)](
             x, weight, bias, out, T, H=H, R=R, BLOCK_T=block_t,
-            BLOCK_H=max(1, min(128, triton.next_power_of_2(H))),  # H == 0: bias only, arange needs >= 1
+            BLOCK_H=max(1, min(128, next_power_of_2(H))),  # H == 0: bias only, arange needs >= 1
         )
     return bytes_to_bool(out)
