@@ -160,9 +160,9 @@ def on_input_device(cuda_impl):
 
 
 # Grid and tile arithmetic of the host wrappers. Not triton.cdiv / triton.next_power_of_2: since
-# Triton 3.5 they are ConstexprFunction objects, whose call costs ~3-4 us of host time (measured
-# with Triton 3.9 on the CI machine's CPU) against ~0.1 us for a plain function, and an eager
-# layer step makes about fifteen such calls.
+# Triton 3.5 they are ConstexprFunction objects, whose call costs ~1 us of host time on the device
+# machine (Triton 3.6) and ~3-4 us on the CI machine (Triton 3.9), against ~0.1 us for a plain
+# function; an eager layer step makes about fifteen such calls (docs/BENCHMARKS.md).
 def cdiv(a, b):
     """ceil(a / b) of non-negative a and positive b; symbolic sizes stay symbolic (no guard)."""
     return (a + b - 1) // b

@@ -26,9 +26,10 @@ PIPELINES = ("dense", "torch-sparse", "triton-sparse")
 # steps at B=1-64: 4-6% slower; docs/BENCHMARKS.md).
 FUSED_QKV_MIN_TOKENS = 65
 # ... and up to this many. Above, the fused kernel costs more GPU time than cuBLAS K/V plus the Q
-# GEMM, more than its saved launches are worth: steps of 4096-16384 tokens took 3-14% longer with
-# it (H100, 25-50% skip; at 2048 tokens the runs disagreed; docs/BENCHMARKS.md, eighth session).
-# Only a capacity form forced past capacity_max_tokens meets such steps.
+# GEMM, more than its saved launches are worth: whole layer steps of 4096-16384 tokens took 3-14%
+# longer with it (H100, 0-50% skip; at 2048 tokens the runs disagreed; docs/BENCHMARKS.md, eighth
+# session). Capacity-form steps meet such sizes only where capacity_max_tokens is raised above
+# its default or the form is forced (use_form).
 FUSED_QKV_MAX_TOKENS = 1024
 # Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
 # capacity form's GEMMs take the tiles of this many rows (ops' tile_rows), so that Inductor

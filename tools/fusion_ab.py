@@ -6,10 +6,13 @@ machine. Per variant and point: time per step (skipgpt.benchmark.cuda_timer, med
 cuda_graph_timer), GPU time per step (torch.profiler: the step's kernels summed, eager), kernels
 per step, and the biggest kernels. Where wall time exceeds GPU time, the host bounds the step.
 
-Variants: hf (baseline), exact (triton-sparse in the exact form), unfused, fused (the default).
+Variants: hf (baseline), exact (triton-sparse in the exact form), unfused and fused (the capacity
+form's attention input), and at the default form switch eager (triton-sparse) and compiled
+(compiled-sparse as compile_model builds it).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
     python tools/fusion_ab.py --mode decode --points 1:2048,8:2048,64:2048 --variants hf,unfused,fused
+    python tools/fusion_ab.py --points 8:2048,4:2048,8:512 --variants hf,eager,compiled --rounds 3
 """
 import argparse
 import contextlib
@@ -18,7 +21,8 @@ import torch
 
 from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer
 
-VARIANTS = ("hf", "exact", "unfused", "fused")
+VARIANTS = ("hf", "exact", "unfused", "fused", "eager", "compiled")
+PROVIDERS = {"hf": "hf", "compiled": "compiled-sparse"}  # the others: triton-sparse
 
 
 @contextlib.contextmanager
@@ -26,8 +30,9 @@ def variant(bench, name):
     layer, state = bench.routed, bench.state
     saved = (layer.fuses_qkv, state.capacity_max_tokens)
     try:
-        state.use_form("exact" if name == "exact" else "capacity")
-        layer.fuses_qkv = name == "fused"
+        if name not in ("eager", "compiled"):
+            state.use_form("exact" if name == "exact" else "capacity")
+            layer.fuses_qkv = name == "fused"
         yield
     finally:
         layer.fuses_qkv, state.capacity_max_tokens = saved
@@ -54,7 +59,8 @@ def main():
     parser.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
     parser.add_argument("--points", default="1:512,1:1024,4:512", help="comma-separated B:L points")
     parser.add_argument("--skip", type=float, default=0.25, help="skip rate of the forced routes (default 0.25)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="hf,exact,unfused,fused",
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (default: the first four)")
     parser.add_argument("--rounds", type=int, default=2, help="wall-time rounds over the variants (default 2)")
     args = parser.parse_args()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
@@ -67,11 +73,11 @@ def main():
         for _ in range(args.rounds):  # interleaved: the host's speed drifts within a call
             for name in names:
                 with variant(bench, name):
-                    provider = "hf" if name == "hf" else "triton-sparse"
+                    provider = PROVIDERS.get(name, "triton-sparse")
                     walls[name].append(timer(bench.step(provider, args.mode, B, L, args.skip))[0] * 1e3)
         for name in names:
             with variant(bench, name):
-                provider = "hf" if name == "hf" else "triton-sparse"
+                provider = PROVIDERS.get(name, "triton-sparse")
                 gpu, launches, top = gpu_time(bench.step(provider, args.mode, B, L, args.skip))
             wall = " ".join(f"{w:7.1f}" for w in walls[name])
             print(f"{args.mode} B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")

@@ -259,7 +259,7 @@ def exact_rows(rows: Tensor, seq_offsets: Tensor, host_counts: Optional[Tensor] 
     return [rows[r, :n].clone() for r, n in enumerate(counts)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # logs once; tests clear it
 def _warn_waiting_for_the_stream() -> None:
     logging.getLogger("skipgpt").warning(
         "exact_rows: host_counts came without its copy's CUDA event (not counts_to_host's own result), so "

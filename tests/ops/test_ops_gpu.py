@@ -382,7 +382,7 @@ def test_counts_reach_the_host_ahead_of_queued_work():
     queued = torch.cuda.Event()
     queued.record()
     _warn_waiting_for_the_stream.cache_clear()
-    # assertLogs, not caplog: the tests run without pytest's logging plugin.
+    # assertNoLogs/assertLogs, not caplog: the tests run without pytest's logging plugin.
     with unittest.TestCase().assertNoLogs(logging.getLogger("skipgpt"), "WARNING"):
         got = ops.exact_rows(rows, offsets, host)
     assert not queued.query(), "exact_rows waited for work queued after the copy"
