@@ -90,7 +90,7 @@ logger = logging.getLogger("skipgpt")
 TRACING_CONFIG = dict(backed_size_oblivious=True, use_duck_shape=False)
 
 # TRACING_CONFIG is put in force by Dynamo's compile-start hook, and only while a frame is traced
-# inside a call of `with_tracing_config`: patching the config around every call instead cost
+# inside a call of `with_compile_settings`: patching the config around every call instead cost
 # 700 us of host time a call on the device machine (compiled layer step, B=1 L=512: 1640 -> 922 us),
 # more than the step's launches, since calls that hit the compiled code paid it too.
 _tracing_scope = threading.local()
@@ -117,21 +117,34 @@ def _install_tracing_hooks() -> None:
         hooks.register_end_callback(_exit_tracing_config)
 
 
-def with_tracing_config(compiled):
+def with_compile_settings(compiled):
     """`compiled` (a torch.compile'd callable) with TRACING_CONFIG in force whenever Dynamo
-    compiles inside one of its calls (the first call, a recompile). Calls that run compiled code
-    leave the config alone; so does every other torch.compile in the process."""
+    compiles inside one of its calls (the first call, a recompile), and its tensor arguments
+    made contiguous non-views (see `_contiguous`). Calls that run compiled code leave the config alone; so
+    does every other torch.compile in the process."""
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         _install_tracing_hooks()
         _tracing_scope.calls = getattr(_tracing_scope, "calls", 0) + 1
         try:
-            return compiled(*args, **kwargs)
+            return compiled(*map(_contiguous, args), **{k: _contiguous(v) for k, v in kwargs.items()})
         finally:
             _tracing_scope.calls -= 1
 
     return call
+
+
+def _contiguous(value):
+    """A tensor argument as a contiguous tensor that is not a view: a copy if it is either.
+    Dynamo guards on an input's strides and, for a view, on its base: position_ids [B, L]
+    expanded from one row, first called at batch 1 (where the expand keeps stride L, and the
+    result is a contiguous view), would recompile at the first larger batch (stride 0) and again
+    where a caller passes a fresh tensor. Tokenizer outputs pass through as they are."""
+    if isinstance(value, torch.Tensor) and (value._base is not None or not value.is_contiguous()):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
 
 # torch.compile modes under which Inductor captures CUDA graphs (cudagraph trees).
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -195,7 +208,7 @@ def compile_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.disable_compile = True
-    compiled = with_tracing_config(torch.compile(model.forward, mode=mode, dynamic=dynamic, fullgraph=fullgraph,
+    compiled = with_compile_settings(torch.compile(model.forward, mode=mode, dynamic=dynamic, fullgraph=fullgraph,
                                                  backend=backend, options=options))
     warned = set()
 

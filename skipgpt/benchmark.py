@@ -112,13 +112,13 @@ def dense_flops(geometry, mode: str, batch: int, seqlen: int, layers: int = 1) -
     return layers * (proj + mlp + attn)
 
 
-def compile_module(module: torch.nn.Module) -> Callable:
+def compile_module(module: torch.nn.Module, options: Optional[dict] = None) -> Callable:
     """`module` under torch.compile with dynamic shapes and compile_model's tracing settings
     (size-oblivious, no duck sizing), without replacing the module's forward (the eager
-    providers keep using it). Compilation happens on the first call."""
-    from .compile import with_tracing_config
+    providers keep using it). `options` go to Inductor. Compilation happens on the first call."""
+    from .compile import with_compile_settings
 
-    return with_tracing_config(torch.compile(module, dynamic=True, fullgraph=True))
+    return with_compile_settings(torch.compile(module, dynamic=True, fullgraph=True, options=options))
 
 
 def _cache_kwarg(forward) -> str:

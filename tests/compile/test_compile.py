@@ -8,7 +8,7 @@ import torch
 
 import skipgpt
 import skipgpt.compile as skipgpt_compile
-from skipgpt.compile import TRACING_CONFIG, compile_model, explain, with_tracing_config
+from skipgpt.compile import TRACING_CONFIG, compile_model, explain, with_compile_settings
 from tests.model.tiny import make_pair, random_batch
 
 # (batch, length, skip): new batch sizes and lengths, single-token steps, no token and every
@@ -66,7 +66,7 @@ def test_tracing_config_is_in_force_only_while_compiling(monkeypatch):
             return fx_config.patch(**changes)
 
     monkeypatch.setattr(skipgpt_compile, "fx_config", CountingConfig())
-    double = with_tracing_config(torch.compile(lambda x: x * 2, dynamic=True, fullgraph=True))
+    double = with_compile_settings(torch.compile(lambda x: x * 2, dynamic=True, fullgraph=True))
     double(torch.randn(3))
     assert patches == [TRACING_CONFIG]
     assert not fx_config.backed_size_oblivious and fx_config.use_duck_shape  # restored
@@ -98,7 +98,7 @@ def test_layer_step_compiles_at_a_symbolic_batch(B, L):
     bench.state.capacity_max_tokens = 4
     step = bench.step("triton-sparse", "prefill", B, L, 0.25)
     ref = step().clone()
-    out = with_tracing_config(torch.compile(step, dynamic=True, fullgraph=True))()
+    out = with_compile_settings(torch.compile(step, dynamic=True, fullgraph=True))()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
@@ -114,6 +114,29 @@ def test_first_call_with_equal_sizes_does_not_tie_them(pipeline):
         ids, mask = random_batch(model.config.vocab_size, B, L, "none", seed=i)
         with torch.no_grad(), torch.compiler.set_stance("default" if i == 0 else "fail_on_recompile"):
             model(ids, attention_mask=mask)
+
+
+def test_position_ids_of_any_layout_do_not_recompile():
+    """Dynamo guards on an input's strides and, for a view, on its base. position_ids expanded
+    from one row are a contiguous view at batch 1 (stride L) and a stride-0 view above it;
+    compile_model's entry copies such inputs, so the layouts callers pass share one graph."""
+    model = routed("triton-sparse")
+    eager = copy.deepcopy(model)
+    compile_model(model, fullgraph=True)
+    calls = [
+        (1, 9, lambda B, L: torch.arange(L)[None].expand(B, -1)),  # a contiguous view
+        (4, 9, lambda B, L: torch.arange(L)[None].expand(B, -1)),  # stride 0 over the batch
+        (3, 7, lambda B, L: torch.arange(L).repeat(B, 1)),  # a fresh tensor
+        (2, 5, lambda B, L: torch.arange(2 * L).view(1, 2 * L).repeat(B, 1)[:, L:] - L),  # a strided slice
+    ]
+    for i, (B, L, position_ids) in enumerate(calls):
+        ids, _ = random_batch(model.config.vocab_size, B, L, "none", seed=i)
+        pos = position_ids(B, L)
+        with torch.no_grad(), torch.compiler.set_stance("default" if i == 0 else "fail_on_recompile"):
+            out = model(ids, position_ids=pos).logits
+        with torch.no_grad():
+            ref = eager(ids, position_ids=pos).logits
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pipeline", ["torch-sparse", "triton-sparse"])

@@ -4,7 +4,7 @@ import expecttest
 import torch
 
 from skipgpt.benchmark import LayerBench
-from skipgpt.compile import with_tracing_config
+from skipgpt.compile import with_compile_settings
 
 
 # Shape bookkeeping and grad-mode toggles: not computation.
@@ -23,7 +23,7 @@ def captured_graphs(pipeline: str) -> list:
         return gm.forward
 
     torch._dynamo.reset()
-    with_tracing_config(torch.compile(step, backend=record, dynamic=True, fullgraph=True))()
+    with_compile_settings(torch.compile(step, backend=record, dynamic=True, fullgraph=True))()
     torch._dynamo.reset()
     return graphs
 
