@@ -174,9 +174,10 @@ def compile_model(
     between devices in hooks that run outside torch.compile (`torch.compiler.disable`), so the
     graph breaks at each hooked module; by default such a model compiles with fullgraph=False
     (and a warning), and fullgraph=True raises ValueError.
-    `options` go to Inductor: options={"cpp_wrapper": True} cuts the host time of a step that
-    the host bounds (a C++ wrapper launches the kernels; about 4x the compile time; measured in
-    docs/BENCHMARKS.md).
+    `options` go to Inductor. Inductor's C++ wrapper (options={"cpp_wrapper": True}) fails to
+    compile the single graph of a routed model of more than one layer (torch 2.11-2.13: a C++
+    compile error naming custom_op_wrapper, the caller of the exact form's host-side ops in
+    torch.cond branches); compile_model refuses it there.
     `cuda_graphs` (default: from `mode`) says whether compiled code must be CUDA-graph
     capturable; pass True with `backend=CudaGraphCheck()` to check what reduce-overhead gets.
     transformers' own auto-compile in generate() is turned off for this model: it would wrap
@@ -203,6 +204,12 @@ def compile_model(
         logger.warning("skipgpt: mode=%r captures CUDA graphs, and this model is not on a CUDA device: "
                        "Inductor compiles it without them", mode)
     state = _routing_state(model)
+    if state is not None and not cuda_graphs and (options or {}).get("cpp_wrapper") and _routed_layers(model) > 1:
+        raise ValueError(
+            "options={'cpp_wrapper': True}: Inductor's C++ wrapper fails to compile the single graph of a routed "
+            "model of more than one layer (the exact form's host-side ops, called from torch.cond branches, are "
+            "left undeclared in its C++ code: a compile error naming custom_op_wrapper); leave the option out"
+        )
     if state is not None:
         state.single_graph = not cuda_graphs
     generation_config = getattr(model, "generation_config", None)
@@ -235,6 +242,12 @@ def compile_model(
     model.forward = forward
     model._skipgpt_compiled = True
     return model
+
+
+def _routed_layers(model: nn.Module) -> int:
+    from skipgpt.layer import RoutedDecoderLayer
+
+    return sum(isinstance(m, RoutedDecoderLayer) for m in model.modules())
 
 
 def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:

@@ -39,6 +39,7 @@ import copy
 import functools
 import inspect
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -78,6 +79,7 @@ class Point:
     ms: Optional[float] = None  # median time (per step at decode)
     ms_q20: Optional[float] = None
     ms_q80: Optional[float] = None
+    ms_rounds: Optional[list] = None  # the median of each interleaved timing round (run_grid)
     tflops: Optional[float] = None  # dense-equivalent FLOPs / median time
     speedup: Optional[float] = None  # hf time / this time, same run and point
     rel_err: Optional[float] = None  # vs the fp32 torch-sparse ground truth (None: not compared)
@@ -576,9 +578,14 @@ Bench = Union[LayerBench, ModelBench]
 
 
 def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolerance: float, timer,
-             progress: Optional[Callable[[Point], None]] = None) -> list[Point]:
+             progress: Optional[Callable[[Point], None]] = None, rounds: int = 1) -> list[Point]:
     """Check, then time, every provider at every (batch, seqlen, skip). Returns one Point per
-    (provider, point), in grid order; `progress` is called with each as it completes."""
+    (provider, point), in grid order; `progress` is called with each as its point completes.
+
+    Timing comes in `rounds` interleaved rounds: each round times every provider of the point
+    once, in provider order, so drifts over a point's timing (GPU clocks, host load) fall on all
+    providers alike instead of on the ones timed last. A point's median and quantiles are the
+    medians of its rounds' (`Point.ms_rounds` keeps each round's median)."""
     points = []
     broken: dict[str, str] = {}  # compiled provider -> why it failed to compile (not retried)
     low_precision = bench.dtype != torch.float32
@@ -601,22 +608,42 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                     except Exception:  # noqa: BLE001 - torch-sparse's own point reports what went wrong
                         pass
                     _free_memory()
-                group = []
+                group, runs = [], {}
                 for provider in providers:
                     point = Point(provider, mode, batch, seqlen, skip, scope=bench.scope)
                     if provider not in DENSE_PROVIDERS:
                         point.realized_skip = realized
                     group.append(point)
-                    _measure(bench, point, ref, ref_note, tol, flops, timer, broken)
-                    if progress:
-                        progress(point)
+                    run = _checked_step(bench, point, ref, ref_note, tol, broken)
+                    if run is not None:
+                        runs[provider] = run
                 del ref
                 _free_memory()
+                steps = 1 if mode == "prefill" else bench.decode_steps
+                timings = {provider: [] for provider in runs}
+                for _ in range(rounds):
+                    for point in group:
+                        if point.provider in runs:
+                            try:
+                                timings[point.provider].append([t / steps for t in timer(runs[point.provider])])
+                            except Exception as e:  # noqa: BLE001 - as in _checked_step
+                                _record_failure(point, e, broken)
+                                del runs[point.provider], timings[point.provider]
+                                _free_memory()
+                runs.clear()
+                _free_memory()
+                for p in group:
+                    if p.provider in timings:
+                        p.ms, p.ms_q20, p.ms_q80 = (statistics.median(r) for r in zip(*timings[p.provider]))
+                        p.ms_rounds = [r[0] for r in timings[p.provider]]
+                        p.tflops = flops / p.ms / 1e9
                 # Speedups against hf from this same point, whatever the provider order.
                 hf = next((p for p in group if p.provider == "hf" and p.ms), None)
                 for p in group:
                     if hf and p.ms:
                         p.speedup = hf.ms / p.ms
+                    if progress:
+                        progress(p)
                 points.extend(group)
     return points
 
@@ -635,12 +662,13 @@ def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
     return out, (1 - (attn + mlp) / (2 * tokens) if tokens else None)
 
 
-def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: float, timer, broken: dict) -> None:
-    """Fill `point` in: check the provider against `ref`, then time it (or record why not)."""
+def _checked_step(bench: Bench, point: Point, ref, ref_note: str, tol: float, broken: dict) -> Optional[Callable]:
+    """`point`'s step, checked against `ref` and called once (compilation, allocation: outside
+    the timer, whose budget they would skew); None, with `point` saying why, if it cannot be
+    timed."""
     p = point
     if _failed_earlier(p, broken):
-        return
-    fn = None
+        return None
     try:
         fn = bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip)
         if ref is not None and (p.provider not in DENSE_PROVIDERS or p.skip == 0):
@@ -649,17 +677,15 @@ def _measure(bench: Bench, point: Point, ref, ref_note: str, tol: float, flops: 
             del out
             if p.rel_err > tol:
                 p.status, p.note = "wrong", f"relative error {p.rel_err:.2e} > {tol:.1e}: not timed"
-                return
+                return None
         else:
             p.note = ref_note
-            fn()  # first call (compilation, allocation) outside the timer, whose budget it would skew
-        steps = 1 if p.mode == "prefill" else bench.decode_steps
-        p.ms, p.ms_q20, p.ms_q80 = (t / steps for t in timer(fn))
-        p.tflops = flops / p.ms / 1e9
+            fn()
+        return fn
     except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
         _record_failure(p, e, broken)
+        return None
     finally:
-        del fn
         _free_memory()
 
 

@@ -3,6 +3,10 @@ machine: compile time and host/wall time per step of the compiled providers, nex
 eager pipelines, at host-bound prefill points, one layer (`--scope layer`) or a model of
 `--layers` 8B-geometry layers (`--scope model`).
 
+At model scope the C++ wrapper fails to compile compiled-sparse (a C++ compile error naming
+custom_op_wrapper: host-side ops in the torch.cond branches of more than one layer), which is why
+compile_model refuses it; compiled-dense has not been tried with it at model scope.
+
 Each wrapper runs in a child process of its own with empty Inductor and Triton caches, so each
 compile time is a cold one (a user's first compile) and neither wrapper reuses the other's
 kernels. The compiled model is compile_model's single graph (torch.cond), as in the benchmark.

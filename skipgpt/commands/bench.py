@@ -5,7 +5,7 @@ model, check each against a float32 ground truth first, and write a table, CSV, 
                   --sparsity S[,S...] --seqlens L[,L...] --providers P[,P...]
                   [--prompt-len L[,L...] --new-tokens N] (generate)
                   [--model PATH | --config NAME] [--layers N] [--cuda-graph]
-                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--output DIR]
+                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--rounds N] [--output DIR]
 
 The measuring lives in skipgpt/benchmark.py; this module checks the flags (all of them, before
 any model is built), runs the grid and writes the results. `python -m skipgpt.benchmark` is the
@@ -39,6 +39,7 @@ CPU_DEFAULTS = dict(batches=[1, 2], seqlens=[16, 64, 256], skips=[0.0, 0.25, 0.5
 GPU_GENERATE = dict(batches=[1, 8], prompt_len=[128], new_tokens=128)
 CPU_GENERATE = dict(batches=[1, 2], prompt_len=[16], new_tokens=16)
 EAGER_PROVIDERS = ("hf", "dense", "torch-sparse", "triton-sparse")
+DEFAULT_ROUNDS = 3
 ALL_PROVIDERS = (*B.PROVIDERS, B.PUBLISHED)
 
 DESCRIPTION = """\
@@ -197,6 +198,10 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
     t.add_argument("--rep", type=_milliseconds, default=100, metavar="MS",
                    help="timed repeats per point for about this many ms (default 100; at least 3 calls on CPU and "
                         "in generate mode)")
+    t.add_argument("--rounds", type=positive_int, metavar="N",
+                   help=f"interleaved timing rounds per point (default {DEFAULT_ROUNDS}): each round times every "
+                        "provider once, in turn, so clock or host drift during a point falls on all providers "
+                        "alike; a point's time is the median of its rounds' medians (prefill and decode)")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
@@ -227,6 +232,7 @@ class Plan:
     cuda_graph: bool
     warmup: float
     rep: float
+    rounds: Optional[int]  # None in generate mode
     baseline_published: Optional[str]
     output: Optional[str]
     json: Optional[str]
@@ -253,6 +259,8 @@ class Plan:
         if self.cuda_graph:
             argv.append("--cuda-graph")
         argv += ["--warmup", f"{self.warmup:g}", "--rep", f"{self.rep:g}"]
+        if self.rounds is not None:
+            argv += ["--rounds", str(self.rounds)]
         if self.baseline_published:
             argv += ["--baseline-published", self.baseline_published]
         if self.output:
@@ -280,6 +288,9 @@ def plan(args: argparse.Namespace) -> Plan:
         if args.cuda_graph:
             raise BenchError("--cuda-graph captures one step; in --mode generate the compiled providers capture "
                              "CUDA graphs themselves (mode reduce-overhead)")
+        if args.rounds is not None:
+            raise BenchError("--rounds applies to --mode prefill and decode: generate mode times whole generate() "
+                             "calls, one provider after another")
         if args.new_tokens is not None and args.new_tokens < 2:
             raise BenchError("--new-tokens: at least 2 (the decode step time needs one step after the prefill's token)")
     elif args.prompt_len or args.new_tokens:
@@ -335,7 +346,8 @@ def plan(args: argparse.Namespace) -> Plan:
         batches=args.batches or defaults["batches"], seqlens=args.prompt_len or args.seqlens or defaults["seqlens"],
         skips=args.skips if args.skips is not None else defaults["skips"], providers=providers,
         config=config, model=args.model, layers=args.layers, cuda_graph=args.cuda_graph,
-        warmup=args.warmup, rep=args.rep, baseline_published=args.baseline_published,
+        warmup=args.warmup, rep=args.rep, rounds=None if generate else (args.rounds or DEFAULT_ROUNDS),
+        baseline_published=args.baseline_published,
         output=args.output, json=args.json, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", notes=notes, published=published, model_config=model_config,
         new_tokens=(args.new_tokens or (GPU_GENERATE if cuda else CPU_GENERATE)["new_tokens"]) if generate else None,
@@ -473,7 +485,8 @@ def execute(p: Plan) -> dict:
         points = B.run_generate_grid(bench, p.batches, p.seqlens, p.skips, p.providers, p.new_tokens, tolerance,
                                      p.warmup, p.rep, progress)
     else:
-        points = B.run_grid(bench, p.mode, p.batches, p.seqlens, p.skips, p.providers, tolerance, timer, progress)
+        points = B.run_grid(bench, p.mode, p.batches, p.seqlens, p.skips, p.providers, tolerance, timer, progress,
+                            rounds=p.rounds)
     if generate:
         method = ("wall clock around whole generate() calls" + (" (torch.cuda.synchronize)" if on_gpu else "")
                   + "; the checked first call counts as warm-up")
@@ -496,7 +509,8 @@ def execute(p: Plan) -> dict:
         "decode_steps": p.decode_steps,
         "prompt_len": p.seqlens if generate else None,
         "new_tokens": p.new_tokens,
-        "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES)},
+        "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES),
+                   "rounds": p.rounds},
         "reference": reference,
         "tolerance": tolerance,
         "flops": None if generate else
@@ -579,7 +593,10 @@ def write_csv(points: list, path: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=order)
         writer.writeheader()
         for p in points:
-            writer.writerow(asdict(p))
+            row = asdict(p)
+            if row["ms_rounds"]:
+                row["ms_rounds"] = " ".join(f"{ms:.6g}" for ms in row["ms_rounds"])
+            writer.writerow(row)
     return path
 
 

@@ -154,6 +154,34 @@ def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch, cpu_onl
             assert p["status"] == "ok" and p["ms"] is not None
 
 
+def test_timing_rounds_interleave_the_providers(cpu_only):
+    """Each round times every provider of the point once, in turn: a timer whose readings grow
+    call by call (a drifting clock) gives each provider every other reading, not a block of
+    them; a point's time is the median of its rounds'."""
+    readings = iter(range(1, 100))
+
+    def drifting_timer(fn):
+        fn()
+        t = next(readings)
+        return t, t - 0.5, t + 0.5
+
+    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
+    points = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, drifting_timer, rounds=3)
+    hf, sparse = points
+    assert (hf.ms_rounds, sparse.ms_rounds) == ([1, 3, 5], [2, 4, 6])
+    assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (4, 3.5, 4.5)
+    assert sparse.speedup == pytest.approx(3 / 4)
+
+
+def test_rounds_flag_is_recorded(tmp_path, cpu_only):
+    assert bench(tmp_path, "--batch-size", "1", "--seqlens", "8", "--sparsity", "0.5", "--providers",
+                 "hf,triton-sparse", "--rounds", "2") == 0
+    doc, rows = read_outputs(tmp_path, "layer-prefill")
+    assert doc["timing"]["rounds"] == 2 and "--rounds 2" in doc["command"]
+    assert all(len(p["ms_rounds"]) == 2 for p in doc["points"])
+    assert all(len(r["ms_rounds"].split()) == 2 for r in rows)
+
+
 def test_out_of_memory_at_one_point(tmp_path, monkeypatch, cpu_only, capsys):
     step = B.LayerBench.step
 
@@ -212,6 +240,7 @@ def test_python_m_skipgpt_benchmark_keeps_its_flags(tmp_path, cpu_only):
     (["--seqlens", "512,-1"], "positive integer"),
     (["--layers", "0", "--scope", "model"], "positive integer"),
     (["--rep", "0"], "positive number"),
+    (["--rounds", "0"], "positive integer"),
     (["--mode", "train"], "invalid choice"),
     (["--config", "llama-70b"], "invalid choice"),
     (["--config", "tiny", "--model", "m"], "not allowed with"),
@@ -227,6 +256,7 @@ def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
     (["--model", "/no/such/model"], "--model: /no/such/model is not a folder"),
     (["--layers", "2"], "--layers applies to --scope model"),
     (["--decode-steps", "4"], "--decode-steps applies to --mode decode"),
+    (["--mode", "generate", "--rounds", "2"], "--rounds applies to --mode prefill and decode"),
     (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
 ])
 def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):

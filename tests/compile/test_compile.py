@@ -207,6 +207,17 @@ def test_compile_model_refuses_twice():
         compile_model(model)
 
 
+def test_compile_model_refuses_the_cpp_wrapper_for_a_routed_single_graph():
+    """Inductor's C++ wrapper fails to compile a routed model of two layers or more in one graph
+    (a C++ error naming custom_op_wrapper, the caller of host-side ops in torch.cond branches;
+    torch 2.13 here, 2.11 on the device): refused up front, with the model left uncompiled."""
+    model = routed("triton-sparse")
+    assert len(model.model.layers) > 1
+    with pytest.raises(ValueError, match="C\\+\\+ wrapper fails to compile the single graph of a routed model"):
+        compile_model(model, options={"cpp_wrapper": True})
+    assert not getattr(model, "_skipgpt_compiled", False)
+
+
 def test_compile_model_of_a_device_map_model_compiles_between_accelerate_hooks():
     """accelerate's device hooks (device_map placement) run under torch.compiler.disable, a graph
     break: fullgraph=True says so up front, the default compiles the pieces and warns."""
