@@ -216,12 +216,9 @@ class LayerBench:
             if self.published is None:
                 raise ValueError(f"provider {PUBLISHED} needs --baseline-published PATH")
             return self.published.step(self, x, rope, past_kv, past, steps)
-        layer = self.reference if provider == "reference" else self.routed
+        layer, pipeline = (self.reference, None) if provider == "reference" else (self.routed, _pipeline(provider))
         if provider in COMPILED:
-            layer.pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
             layer = self._compiled()
-        elif provider != "reference":
-            layer.pipeline = provider
         kv = SeqFirstLayer()
         kv.reserve(batch, past + new * steps, g.num_kv_heads, g.head_dim, x.dtype, self.device)
         if past:
@@ -229,6 +226,10 @@ class LayerBench:
         cache = _OneLayerCache(kv)
 
         def run():
+            # The providers share the routed layer, and run_grid holds a point's steps at once
+            # (interleaved rounds): each step sets its pipeline when it runs.
+            if pipeline is not None:
+                self.routed.pipeline = pipeline
             kv.length = past
             with torch.no_grad():
                 outs = [layer(x, position_embeddings=cs, cache=cache) for cs in rope]
@@ -346,12 +347,11 @@ class ModelBench:
                 model = self.reference
                 context = [[t.float() for t in kv] for kv in context]
             pipeline = "torch-sparse"
-        elif provider in COMPILED:
-            pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
         else:
-            pipeline = provider
+            pipeline = _pipeline(provider)
         skipgpt.force_routes(model, skip=skip, seed=0)
         skipgpt.set_pipeline(model, pipeline)
+        layers = [m for m in model.modules() if isinstance(m, RoutedDecoderLayer)]
         forward = model.model
         if provider in COMPILED:
             # As compile_model's default: one graph for every point (torch.cond).
@@ -368,6 +368,10 @@ class ModelBench:
         kwargs = dict(use_cache=True, **{_cache_kwarg(type(model.model).forward): cache})
 
         def run():
+            # The providers share the routed model, and run_grid holds a point's steps at once
+            # (interleaved rounds): each step sets its pipeline when it runs.
+            for layer in layers:
+                layer.pipeline = pipeline
             for layer in cache.layers:
                 layer.length = past
             outs = []
@@ -434,11 +438,8 @@ class ModelBench:
             model = self.hf
         else:
             model = self.routed
-            pipeline = provider
-            if provider in COMPILED:
-                pipeline = "dense" if provider == "compiled-dense" else "triton-sparse"
             skipgpt.force_routes(model, skip=skip, seed=0)
-            skipgpt.set_pipeline(model, pipeline)
+            skipgpt.set_pipeline(model, _pipeline(provider))
             # generate()'s decode step must stay CUDA-graph capturable when the batch becomes
             # symbolic: a Python branch on the step's token count, not torch.cond.
             model.model.skipgpt_routing.single_graph = False
@@ -496,6 +497,13 @@ class ModelBench:
         chosen = logits.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
         gap = (logits.max(-1).values - chosen) / scale
         return float(gap.max()) if torch.isfinite(gap).all() else math.inf
+
+
+def _pipeline(provider: str) -> str:
+    """The routed layers' pipeline under a provider (a compiled one: the pipeline it compiles)."""
+    if provider in COMPILED:
+        return "dense" if provider == "compiled-dense" else "triton-sparse"
+    return provider
 
 
 def _hf_twin(routed: torch.nn.Module) -> torch.nn.Module:

@@ -154,23 +154,39 @@ def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch, cpu_onl
             assert p["status"] == "ok" and p["ms"] is not None
 
 
-def test_timing_rounds_interleave_the_providers(cpu_only):
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_timing_rounds_interleave_the_providers(cpu_only, monkeypatch, scope):
     """Each round times every provider of the point once, in turn: a timer whose readings grow
     call by call (a drifting clock) gives each provider every other reading, not a block of
-    them; a point's time is the median of its rounds'."""
+    them; a point's time is the median of its rounds'. The providers' steps, held at once,
+    share the routed layers: each must run its own pipeline whenever it is timed."""
     readings = iter(range(1, 100))
+    ran = []
+    forward = B.RoutedDecoderLayer.forward
+
+    def recording_forward(self, *args, **kwargs):
+        ran.append(self.pipeline)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(B.RoutedDecoderLayer, "forward", recording_forward)
+    timed = []
 
     def drifting_timer(fn):
+        ran.clear()
         fn()
+        timed.append(set(ran))
         t = next(readings)
         return t, t - 0.5, t + 0.5
 
-    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
-    points = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, drifting_timer, rounds=3)
-    hf, sparse = points
-    assert (hf.ms_rounds, sparse.ms_rounds) == ([1, 3, 5], [2, 4, 6])
-    assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (4, 3.5, 4.5)
-    assert sparse.speedup == pytest.approx(3 / 4)
+    cpu = torch.device("cpu")
+    bench = B.LayerBench("tiny", torch.float32, cpu) if scope == "layer" else B.ModelBench("tiny", torch.float32, cpu, 2)
+    points = B.run_grid(bench, "prefill", [1], [8], [0.25], ["dense", "hf", "triton-sparse"], 1e-4, drifting_timer,
+                        rounds=3)
+    dense, hf, sparse = points
+    assert (dense.ms_rounds, hf.ms_rounds, sparse.ms_rounds) == ([1, 4, 7], [2, 5, 8], [3, 6, 9])
+    assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (6, 5.5, 6.5)
+    assert sparse.speedup == pytest.approx(5 / 6)
+    assert timed == [{"dense"}, set(), {"triton-sparse"}] * 3
 
 
 def test_rounds_flag_is_recorded(tmp_path, cpu_only):
