@@ -38,8 +38,9 @@ def variant(bench, name):
         layer.fuses_qkv, state.capacity_max_tokens = saved
 
 
-def gpu_time(fn, steps=10):
-    """(GPU us per step, kernels per step, [(kernel, us per step)] biggest first)."""
+def gpu_time(fn, steps=10, top=6):
+    """(GPU us per step, kernels per step, [(kernel, us per step)] of the `top` biggest, biggest
+    first)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -50,8 +51,8 @@ def gpu_time(fn, steps=10):
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels) / steps
     launches = sum(e.count for e in kernels) / steps
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
-    return total, launches, [(e.key[:60], e.self_device_time_total / steps) for e in top]
+    biggest = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return total, launches, [(e.key[:60], e.self_device_time_total / steps) for e in biggest]
 
 
 def main():
@@ -62,6 +63,7 @@ def main():
     parser.add_argument("--variants", default="hf,exact,unfused,fused",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: the first four)")
     parser.add_argument("--rounds", type=int, default=2, help="wall-time rounds over the variants (default 2)")
+    parser.add_argument("--top", type=int, default=6, help="kernels listed per variant, biggest first (default 6)")
     args = parser.parse_args()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
     bench.decode_steps = 64
@@ -78,7 +80,7 @@ def main():
         for name in names:
             with variant(bench, name):
                 provider = PROVIDERS.get(name, "triton-sparse")
-                gpu, launches, top = gpu_time(bench.step(provider, args.mode, B, L, args.skip))
+                gpu, launches, top = gpu_time(bench.step(provider, args.mode, B, L, args.skip), top=args.top)
             wall = " ".join(f"{w:7.1f}" for w in walls[name])
             print(f"{args.mode} B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
             for kernel, us in top:
