@@ -7,9 +7,11 @@ sequence length (1 included) and route pattern:
   (plain `torch.compile` compiles a second graph the first time a batch or a step of size 1
   arrives). Unbacked marks (`mark_unbacked`) would do the same but break on Hugging Face's own
   shape checks in its masking code;
-- and without duck sizing (`use_duck_shape=False`): dims of equal value at the first call
+- without duck sizing (`use_duck_shape=False`): dims of equal value at the first call
   (batch == length, or a length equal to the hidden size) keep separate symbols instead of
   being tied, which would recompile once they differ;
+- tensor inputs that are views or not contiguous are copied first: Dynamo guards on strides
+  and view bases, so position_ids expanded from one row would recompile at the first batch > 1;
 - the routed layers pick the capacity or exact form with `torch.cond` (RoutingState.single_graph,
   which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
   are tensors, so neither token counts nor skip rates recompile.
@@ -120,8 +122,9 @@ def _install_tracing_hooks() -> None:
 def with_compile_settings(compiled):
     """`compiled` (a torch.compile'd callable) with TRACING_CONFIG in force whenever Dynamo
     compiles inside one of its calls (the first call, a recompile), and its tensor arguments
-    made contiguous non-views (see `_contiguous`). Calls that run compiled code leave the config alone; so
-    does every other torch.compile in the process."""
+    (top level: not those inside tuples or caches) made contiguous non-views (see
+    `_contiguous`). Calls that run compiled code leave the config alone; so does every other
+    torch.compile in the process."""
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
@@ -140,7 +143,9 @@ def _contiguous(value):
     Dynamo guards on an input's strides and, for a view, on its base: position_ids [B, L]
     expanded from one row, first called at batch 1 (where the expand keeps stride L, and the
     result is a contiguous view), would recompile at the first larger batch (stride 0) and again
-    where a caller passes a fresh tensor. Tokenizer outputs pass through as they are."""
+    where a caller passes a fresh tensor. Tokenizer outputs pass through as they are; views
+    (generate()'s sliced input_ids and position_ids of each decode step) cost one small copy each
+    per call."""
     if isinstance(value, torch.Tensor) and (value._base is not None or not value.is_contiguous()):
         return value.clone(memory_format=torch.contiguous_format)
     return value
@@ -204,11 +209,14 @@ def compile_model(
         logger.warning("skipgpt: mode=%r captures CUDA graphs, and this model is not on a CUDA device: "
                        "Inductor compiles it without them", mode)
     state = _routing_state(model)
-    if state is not None and not cuda_graphs and (options or {}).get("cpp_wrapper") and _routed_layers(model) > 1:
+    from skipgpt.model import routed_layers
+
+    cpp_wrapper = (options or {}).get("cpp_wrapper", torch._inductor.config.cpp_wrapper)
+    if state is not None and not cuda_graphs and cpp_wrapper and len(routed_layers(model)) > 1:
         raise ValueError(
-            "options={'cpp_wrapper': True}: Inductor's C++ wrapper fails to compile the single graph of a routed "
-            "model of more than one layer (the exact form's host-side ops, called from torch.cond branches, are "
-            "left undeclared in its C++ code: a compile error naming custom_op_wrapper); leave the option out"
+            "cpp_wrapper (options or torch._inductor.config): Inductor's C++ wrapper fails to compile the single "
+            "graph of a routed model of more than one layer (the exact form's host-side ops, called from torch.cond "
+            "branches, are left undeclared in its C++ code: a compile error naming custom_op_wrapper); leave it out"
         )
     if state is not None:
         state.single_graph = not cuda_graphs
@@ -242,12 +250,6 @@ def compile_model(
     model.forward = forward
     model._skipgpt_compiled = True
     return model
-
-
-def _routed_layers(model: nn.Module) -> int:
-    from skipgpt.layer import RoutedDecoderLayer
-
-    return sum(isinstance(m, RoutedDecoderLayer) for m in model.modules())
 
 
 def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:
@@ -476,7 +478,8 @@ class _RecompileLog(logging.Handler):
 
 
 def explain(model: nn.Module, inputs: Iterable[dict], dynamic: bool = True, mode: Optional[str] = None) -> CompileReport:
-    """Compile a fresh view of `model.forward` and run it on each dict of keyword inputs.
+    """Compile a fresh view of `model.forward` and run it on each dict of keyword inputs (their
+    tensors copied where compile_model's entry would copy them).
 
     Reports graphs and graph breaks of the first call (torch._dynamo.explain), then how many
     graphs all calls compiled, with the guard that failed for each recompilation. `mode` is
@@ -484,7 +487,8 @@ def explain(model: nn.Module, inputs: Iterable[dict], dynamic: bool = True, mode
     ("reduce-overhead") the report also lists what would keep each graph out of a CUDA graph
     (CudaGraphCheck). Runs under no_grad; the model itself is left uncompiled.
     """
-    inputs = list(inputs)
+    # Each call's tensors as compile_model's entry passes them (contiguous non-views).
+    inputs = [{k: _contiguous(v) for k, v in kwargs.items()} for kwargs in inputs]
     if not inputs:
         raise ValueError("inputs: give at least one dict of keyword arguments for model(...)")
     cuda_graphs = mode in CUDA_GRAPH_MODES

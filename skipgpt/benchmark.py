@@ -48,6 +48,7 @@ import torch
 
 from .cache import SeqFirstCache, SeqFirstLayer
 from .layer import RoutedDecoderLayer
+from .model import routed_layers
 from .routing import RoutingState
 
 GEOMETRIES = {
@@ -76,7 +77,7 @@ class Point:
     batch: int
     seqlen: int  # prefill: tokens per sequence; decode: KV length before the step
     skip: float
-    ms: Optional[float] = None  # median time (per step at decode)
+    ms: Optional[float] = None  # median time (per step at decode); with rounds, the median of the rounds' medians
     ms_q20: Optional[float] = None
     ms_q80: Optional[float] = None
     ms_rounds: Optional[list] = None  # the median of each interleaved timing round (run_grid)
@@ -115,9 +116,10 @@ def dense_flops(geometry, mode: str, batch: int, seqlen: int, layers: int = 1) -
 
 
 def compile_module(module: torch.nn.Module, options: Optional[dict] = None) -> Callable:
-    """`module` under torch.compile with dynamic shapes and compile_model's tracing settings
-    (size-oblivious, no duck sizing), without replacing the module's forward (the eager
-    providers keep using it). `options` go to Inductor. Compilation happens on the first call."""
+    """`module` under torch.compile with dynamic shapes and compile_model's settings
+    (size-oblivious tracing, no duck sizing, view and non-contiguous tensor inputs copied),
+    without replacing the module's forward (the eager providers keep using it). `options` go to
+    Inductor. Compilation happens on the first call."""
     from .compile import with_compile_settings
 
     return with_compile_settings(torch.compile(module, dynamic=True, fullgraph=True, options=options))
@@ -226,8 +228,8 @@ class LayerBench:
         cache = _OneLayerCache(kv)
 
         def run():
-            # The providers share the routed layer, and run_grid holds a point's steps at once
-            # (interleaved rounds): each step sets its pipeline when it runs.
+            # The providers share the routed layer and run_grid interleaves them: each step sets
+            # its pipeline when it runs.
             if pipeline is not None:
                 self.routed.pipeline = pipeline
             kv.length = past
@@ -337,10 +339,13 @@ class ModelBench:
         ids = torch.randint(0, self.config.vocab_size, (batch, new * steps), generator=gen, device=self.device)
         context = [[torch.randn(batch, past, g.num_kv_heads, g.head_dim, generator=gen, device=self.device,
                                 dtype=self.dtype) for _ in range(2)] for _ in range(self.num_layers)]
-        positions = [torch.arange(past + i * new, past + (i + 1) * new, device=self.device)[None].expand(batch, -1)
+        # Each step's ids and positions as fresh contiguous tensors: compiled code copies views
+        # first (skipgpt.compile), which the compiled providers' times would otherwise include.
+        ids = [ids[:, i * new:(i + 1) * new].clone() for i in range(steps)]
+        positions = [torch.arange(past + i * new, past + (i + 1) * new, device=self.device)[None].repeat(batch, 1)
                      for i in range(steps)]
         if provider == "hf":
-            return self._hf_steps(ids, positions, context, past, steps)
+            return self._hf_steps(ids[0], positions[0], context, past, steps)
         model = self.routed
         if provider == "reference":
             if self.reference is not None:
@@ -351,7 +356,7 @@ class ModelBench:
             pipeline = _pipeline(provider)
         skipgpt.force_routes(model, skip=skip, seed=0)
         skipgpt.set_pipeline(model, pipeline)
-        layers = [m for m in model.modules() if isinstance(m, RoutedDecoderLayer)]
+        layers = routed_layers(model)
         forward = model.model
         if provider in COMPILED:
             # As compile_model's default: one graph for every point (torch.cond).
@@ -368,8 +373,8 @@ class ModelBench:
         kwargs = dict(use_cache=True, **{_cache_kwarg(type(model.model).forward): cache})
 
         def run():
-            # The providers share the routed model, and run_grid holds a point's steps at once
-            # (interleaved rounds): each step sets its pipeline when it runs.
+            # The providers share the routed model and run_grid interleaves them: each step sets
+            # its pipeline when it runs.
             for layer in layers:
                 layer.pipeline = pipeline
             for layer in cache.layers:
@@ -377,8 +382,7 @@ class ModelBench:
             outs = []
             with torch.no_grad():
                 for i in range(steps):
-                    h = forward(input_ids=ids[:, i * new:(i + 1) * new], position_ids=positions[i],
-                                **kwargs).last_hidden_state
+                    h = forward(input_ids=ids[i], position_ids=positions[i], **kwargs).last_hidden_state
                     model.lm_head(h[:, -1:])
                     outs.append(h)
             return torch.cat(outs, dim=1) if steps > 1 else outs[0]
@@ -386,14 +390,14 @@ class ModelBench:
         return run
 
     def _hf_steps(self, ids, positions, context, past: int, steps: int):
-        """The Hugging Face model: a plain forward (with its own fresh cache) at prefill; at
-        decode, the first step repeated over a static cache holding exactly the context plus that
-        token (see LayerBench._hf_steps for why)."""
+        """The Hugging Face model on the first step's ids and positions [B, new]: a plain forward
+        (with its own fresh cache) at prefill; at decode, that step repeated over a static cache
+        holding exactly the context plus its token (see LayerBench._hf_steps for why)."""
         base = self.hf.model
         if past == 0:
             def run():
                 with torch.no_grad():
-                    h = base(input_ids=ids, position_ids=positions[0], use_cache=True).last_hidden_state
+                    h = base(input_ids=ids, position_ids=positions, use_cache=True).last_hidden_state
                     self.hf.lm_head(h[:, -1:])
                 return h
 
@@ -403,13 +407,13 @@ class ModelBench:
         if "cache_position" in inspect.signature(type(base).forward).parameters:
             # Older transformers derive it from the static cache's fill level, which the
             # repeated step would push past the end.
-            kwargs["cache_position"] = positions[0][0]
+            kwargs["cache_position"] = positions[0]
 
         def run():
             with torch.no_grad():
                 for _ in range(steps):
                     _rewind(cache, past)
-                    h = base(input_ids=ids[:, :1], position_ids=positions[0], **kwargs).last_hidden_state
+                    h = base(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
                     self.hf.lm_head(h[:, -1:])
             return h
 
@@ -593,7 +597,10 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
     Timing comes in `rounds` interleaved rounds: each round times every provider of the point
     once, in provider order, so drifts over a point's timing (GPU clocks, host load) fall on all
     providers alike instead of on the ones timed last. A point's median and quantiles are the
-    medians of its rounds' (`Point.ms_rounds` keeps each round's median)."""
+    medians of its rounds' (`Point.ms_rounds` keeps each round's median). Each round builds the
+    provider's step afresh (the same seeded inputs), so one step's memory is held at a time."""
+    if rounds < 1:
+        raise ValueError(f"rounds: expected at least 1, got {rounds}")
     points = []
     broken: dict[str, str] = {}  # compiled provider -> why it failed to compile (not retried)
     low_precision = bench.dtype != torch.float32
@@ -616,30 +623,21 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                     except Exception:  # noqa: BLE001 - torch-sparse's own point reports what went wrong
                         pass
                     _free_memory()
-                group, runs = [], {}
+                group = []
                 for provider in providers:
                     point = Point(provider, mode, batch, seqlen, skip, scope=bench.scope)
                     if provider not in DENSE_PROVIDERS:
                         point.realized_skip = realized
                     group.append(point)
-                    run = _checked_step(bench, point, ref, ref_note, tol, broken)
-                    if run is not None:
-                        runs[provider] = run
+                    _check(bench, point, ref, ref_note, tol, broken)
                 del ref
-                _free_memory()
                 steps = 1 if mode == "prefill" else bench.decode_steps
-                timings = {provider: [] for provider in runs}
-                for _ in range(rounds):
-                    for point in group:
-                        if point.provider in runs:
-                            try:
-                                timings[point.provider].append([t / steps for t in timer(runs[point.provider])])
-                            except Exception as e:  # noqa: BLE001 - as in _checked_step
-                                _record_failure(point, e, broken)
-                                del runs[point.provider], timings[point.provider]
-                                _free_memory()
-                runs.clear()
-                _free_memory()
+                timings = {p.provider: [] for p in group if p.status == "ok"}
+                for i in range(rounds):
+                    for p in group:
+                        if p.provider in timings and not _time_round(bench, p, timer, steps, timings, broken):
+                            p.note = f"timing round {i + 1} of {rounds}: {p.note}"
+                            del timings[p.provider]
                 for p in group:
                     if p.provider in timings:
                         p.ms, p.ms_q20, p.ms_q80 = (statistics.median(r) for r in zip(*timings[p.provider]))
@@ -659,8 +657,6 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
 def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
     """(run's output, the fraction of (non-padding token, module) pairs its routes skipped), read
     from the reference's routed layers' device counters after the call (one sync, untimed)."""
-    from .layer import RoutedDecoderLayer
-
     module = bench.reference if bench.reference is not None else bench.routed
     layers = [m for m in module.modules() if isinstance(m, RoutedDecoderLayer)]
     for layer in layers:
@@ -670,13 +666,14 @@ def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
     return out, (1 - (attn + mlp) / (2 * tokens) if tokens else None)
 
 
-def _checked_step(bench: Bench, point: Point, ref, ref_note: str, tol: float, broken: dict) -> Optional[Callable]:
-    """`point`'s step, checked against `ref` and called once (compilation, allocation: outside
-    the timer, whose budget they would skew); None, with `point` saying why, if it cannot be
-    timed."""
+def _check(bench: Bench, point: Point, ref, ref_note: str, tol: float, broken: dict) -> None:
+    """Build `point`'s step, compare its output with `ref` (the first call: compilation and
+    allocation stay out of the timings), and drop it; a step that cannot be timed leaves
+    `point` saying why."""
     p = point
     if _failed_earlier(p, broken):
-        return None
+        return
+    fn = None
     try:
         fn = bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip)
         if ref is not None and (p.provider not in DENSE_PROVIDERS or p.skip == 0):
@@ -685,15 +682,30 @@ def _checked_step(bench: Bench, point: Point, ref, ref_note: str, tol: float, br
             del out
             if p.rel_err > tol:
                 p.status, p.note = "wrong", f"relative error {p.rel_err:.2e} > {tol:.1e}: not timed"
-                return None
         else:
             p.note = ref_note
             fn()
-        return fn
     except Exception as e:  # noqa: BLE001 - every failure is reported on its point; the grid goes on
         _record_failure(p, e, broken)
-        return None
     finally:
+        del fn
+        _free_memory()
+
+
+def _time_round(bench: Bench, point: Point, timer, steps: int, timings: dict, broken: dict) -> bool:
+    """One timing round of `point`: its step built afresh, timed, and dropped; the (median,
+    q20, q80) per step appended to timings[provider]. False (and `point` says why) if it failed."""
+    p = point
+    fn = None
+    try:
+        fn = bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip)
+        timings[p.provider].append([t / steps for t in timer(fn)])
+        return True
+    except Exception as e:  # noqa: BLE001 - as in _check
+        _record_failure(p, e, broken)
+        return False
+    finally:
+        del fn
         _free_memory()
 
 

@@ -5,11 +5,11 @@ eager pipelines, at host-bound prefill points, one layer (`--scope layer`) or a 
 
 At model scope the C++ wrapper fails to compile compiled-sparse (a C++ compile error naming
 custom_op_wrapper: host-side ops in the torch.cond branches of more than one layer), which is why
-compile_model refuses it; compiled-dense has not been tried with it at model scope.
+compile_model refuses it; compiled-dense with it has not been run at model scope.
 
-Each wrapper runs in a child process of its own with empty Inductor and Triton caches, so each
-compile time is a cold one (a user's first compile) and neither wrapper reuses the other's
-kernels. The compiled model is compile_model's single graph (torch.cond), as in the benchmark.
+Each wrapper runs in a child process of its own with empty Inductor and Triton caches, so the
+first compiled provider's compile time is a cold one (a user's first compile; the next provider
+shares the child's caches) and neither wrapper reuses the other's kernels. The compiled model is compile_model's single graph (torch.cond), as in the benchmark.
 
     python tools/wrapper_ab.py --scope model --layers 8 --points 1:512,1:1024,4:512 --skip 0.25
 """

@@ -59,7 +59,8 @@ where they compute the same function. A provider that disagrees is reported as w
 timed. Failures (out of memory, not capturable, no working compiler) are reported per point and
 the run goes on.
 
-Per point: median time and its 20%/80% quantiles, dense-equivalent TFLOP/s (projections,
+Per point: median time and its 20%/80% quantiles (each the median over --rounds interleaved
+timing rounds), dense-equivalent TFLOP/s (projections,
 attention and MLP FLOPs of the dense layers, as the published benchmark counts them), speedup
 over hf at the same point of the same run, the relative error, and for sparse providers the skip
 rate the routes realized ("skipped": at batch 1 a decode point draws few decisions, so it strays
@@ -193,11 +194,11 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                    help="capture each step in a CUDA graph and time its replays (no host overhead, as a "
                         "graph-captured decode loop); steps that sync with the host are reported not capturable")
     t.add_argument("--warmup", type=_milliseconds, default=25, metavar="MS",
-                   help="warm-up time per point in ms, as triton.testing.do_bench (default 25; generate: the checked "
-                        "first call counts)")
+                   help="warm-up time per provider and timing round in ms, as triton.testing.do_bench (default 25; "
+                        "generate: per point, and the checked first call counts)")
     t.add_argument("--rep", type=_milliseconds, default=100, metavar="MS",
-                   help="timed repeats per point for about this many ms (default 100; at least 3 calls on CPU and "
-                        "in generate mode)")
+                   help="timed repeats per provider and timing round for about this many ms (default 100; at least "
+                        "3 calls on CPU and in generate mode, where it is per point)")
     t.add_argument("--rounds", type=positive_int, metavar="N",
                    help=f"interleaved timing rounds per point (default {DEFAULT_ROUNDS}): each round times every "
                         "provider once, in turn, so clock or host drift during a point falls on all providers "
@@ -470,7 +471,8 @@ def execute(p: Plan) -> dict:
         done[0] += 1
         if partial is not None:
             # Written as points complete, so a run stopped by a time limit keeps what it measured
-            # (speedups are filled in per point group, and in the final file).
+            # (prefill and decode points arrive with their speedups; generate points get theirs in
+            # the final file).
             finished.append(point)
             partial.parent.mkdir(parents=True, exist_ok=True)
             write_csv(finished, partial)

@@ -154,13 +154,9 @@ def test_wrong_provider_is_reported_and_not_timed(tmp_path, monkeypatch, cpu_onl
             assert p["status"] == "ok" and p["ms"] is not None
 
 
-@pytest.mark.parametrize("scope", ["layer", "model"])
-def test_timing_rounds_interleave_the_providers(cpu_only, monkeypatch, scope):
-    """Each round times every provider of the point once, in turn: a timer whose readings grow
-    call by call (a drifting clock) gives each provider every other reading, not a block of
-    them; a point's time is the median of its rounds'. The providers' steps, held at once,
-    share the routed layers: each must run its own pipeline whenever it is timed."""
-    readings = iter(range(1, 100))
+@pytest.fixture
+def pipelines_run(monkeypatch):
+    """The pipelines of the routed layer calls made since the list was last cleared."""
     ran = []
     forward = B.RoutedDecoderLayer.forward
 
@@ -169,6 +165,17 @@ def test_timing_rounds_interleave_the_providers(cpu_only, monkeypatch, scope):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(B.RoutedDecoderLayer, "forward", recording_forward)
+    return ran
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_timing_rounds_interleave_the_providers(cpu_only, pipelines_run, scope):
+    """Each round times every provider of the point once, in turn: a timer whose readings grow
+    call by call (a drifting clock) gives each provider every other reading, not a block of
+    them; a point's time is the median of its rounds'. The providers' steps share the routed
+    layers: each must run its own pipeline whenever it is timed."""
+    readings = iter(range(1, 100))
+    ran = pipelines_run
     timed = []
 
     def drifting_timer(fn):
@@ -187,6 +194,26 @@ def test_timing_rounds_interleave_the_providers(cpu_only, monkeypatch, scope):
     assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (6, 5.5, 6.5)
     assert sparse.speedup == pytest.approx(5 / 6)
     assert timed == [{"dense"}, set(), {"triton-sparse"}] * 3
+
+
+def test_a_provider_failing_in_a_later_round_is_reported_and_the_rest_timed(cpu_only, pipelines_run):
+    sparse_calls = []
+
+    def flaky_timer(fn):
+        pipelines_run.clear()
+        fn()
+        if "triton-sparse" in pipelines_run:
+            sparse_calls.append(1)
+            if len(sparse_calls) == 2:
+                raise RuntimeError("device lost (simulated)")
+        return 1.0, 0.5, 1.5
+
+    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
+    hf, sparse = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, flaky_timer, rounds=3)
+    assert sparse.status == "failed" and sparse.ms is None and sparse.ms_rounds is None and sparse.speedup is None
+    assert sparse.note.startswith("timing round 2 of 3: RuntimeError: device lost")
+    assert len(sparse_calls) == 2  # not timed again after it failed
+    assert hf.status == "ok" and hf.ms_rounds == [1.0, 1.0, 1.0]
 
 
 def test_rounds_flag_is_recorded(tmp_path, cpu_only):
