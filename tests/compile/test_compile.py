@@ -218,6 +218,11 @@ def test_compile_model_refuses_the_cpp_wrapper_for_a_routed_single_graph():
     with torch._inductor.config.patch(cpp_wrapper=True), pytest.raises(ValueError, match="C\\+\\+ wrapper"):
         compile_model(model)  # turned on in Inductor's config rather than in options
     assert not getattr(model, "_skipgpt_compiled", False)
+    # Not refused (nothing is compiled before the first call): CUDA graphs, under which the
+    # layers branch in Python instead of torch.cond, and a model of one routed layer.
+    compile_model(routed("triton-sparse"), options={"cpp_wrapper": True, "triton.cudagraphs": True})
+    _, one_layer = make_pair("llama", num_hidden_layers=1)
+    compile_model(one_layer, options={"cpp_wrapper": True})
 
 
 def test_compile_model_of_a_device_map_model_compiles_between_accelerate_hooks():
