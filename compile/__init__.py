@@ -188,6 +188,8 @@ def compile_model(
     transformers' own auto-compile in generate() is turned off for this model: it would wrap
     the compiled forward in a second torch.compile.
     """
+    from skipgpt.model import routed_layers
+
     if getattr(model, "_skipgpt_compiled", False):
         raise ValueError("model is already compiled by skipgpt.compile.compile_model")
     hooked = sorted(name for name, m in model.named_modules() if hasattr(m, "_hf_hook"))
@@ -209,8 +211,6 @@ def compile_model(
         logger.warning("skipgpt: mode=%r captures CUDA graphs, and this model is not on a CUDA device: "
                        "Inductor compiles it without them", mode)
     state = _routing_state(model)
-    from skipgpt.model import routed_layers
-
     cpp_wrapper = (options or {}).get("cpp_wrapper", torch._inductor.config.cpp_wrapper)
     if state is not None and not cuda_graphs and cpp_wrapper and len(routed_layers(model)) > 1:
         raise ValueError(

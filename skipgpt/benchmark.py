@@ -77,7 +77,7 @@ class Point:
     batch: int
     seqlen: int  # prefill: tokens per sequence; decode: KV length before the step
     skip: float
-    ms: Optional[float] = None  # median time (per step at decode); with rounds, the median of the rounds' medians
+    ms: Optional[float] = None  # median time (per step at decode): the median of the timing rounds' medians
     ms_q20: Optional[float] = None
     ms_q80: Optional[float] = None
     ms_rounds: Optional[list] = None  # the median of each interleaved timing round (run_grid)
@@ -657,8 +657,7 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
 def _counting_skips(bench: Bench, run: Callable[[], torch.Tensor]):
     """(run's output, the fraction of (non-padding token, module) pairs its routes skipped), read
     from the reference's routed layers' device counters after the call (one sync, untimed)."""
-    module = bench.reference if bench.reference is not None else bench.routed
-    layers = [m for m in module.modules() if isinstance(m, RoutedDecoderLayer)]
+    layers = routed_layers(bench.reference if bench.reference is not None else bench.routed)
     for layer in layers:
         layer.route_counts.zero_()
     out = run()
