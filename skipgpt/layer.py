@@ -174,12 +174,15 @@ class RoutedDecoderLayer(nn.Module):
     def _count(self, valid, tokens: int, executed) -> None:
         """Accumulate route counts on the device. executed: [2] executing counts, or None (dense:
         every non-padding token executes)."""
+        counts = self.route_counts
         n_valid = valid.sum() if valid is not None else tokens
         if executed is None:
-            self.route_counts += n_valid
+            counts.add_(n_valid)
         else:
-            self.route_counts[:2] += executed
-            self.route_counts[2] += n_valid
+            # add_ on views: `counts[:2] += executed` would also run __setitem__, a second
+            # dispatch of ~5 us of host time per add in eager steps.
+            counts[:2].add_(executed)
+            counts[2].add_(n_valid)
 
     # -- dense: the skipgpt ops with every token executing ------------------------------------
     def _dense(self, x, cos, sin, k_cache, v_cache, start, key_mask):

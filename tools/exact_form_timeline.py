@@ -8,9 +8,15 @@ taken relative to an event recorded right after a synchronize, the host's to tha
 them: how long the host works before and after the sync and waits in it, and whether the GPU then
 waits for the host.
 
+Compiled providers (`--providers ...,compiled-sparse`) call the two ops through the dispatcher:
+the tool swaps the functions the ops dispatch to (a private table of torch's CustomOpDef) for the
+run, so the marks land where compiled code calls them.
+
     python3 tools/exact_form_timeline.py --points 1:2048,4:512 --skip 0.25
+    python3 tools/exact_form_timeline.py --points 8:2048,4:4096 --skip 0.5 --providers triton-sparse,compiled-sparse
 """
 import argparse
+import itertools
 import statistics
 import time
 
@@ -41,7 +47,14 @@ def timeline(fn, steps: int) -> list[dict]:
         mark("sync left")
         return out
 
+    # Compiled code reaches the ops' implementations through the dispatcher, which looks them up
+    # in CustomOpDef._backend_fns at each call (counts_to_host's CUDA one, exact_rows' default).
+    dispatched = ((ops.counts_to_host.op, "cuda", counts_to_host_marked),
+                  (ops.exact_rows.op, None, exact_rows_marked))
+    saved = [(op, key, op._backend_fns[key]) for op, key, _ in dispatched]
     ops.counts_to_host, ops.exact_rows = counts_to_host_marked, exact_rows_marked
+    for op, key, marked in dispatched:
+        op._backend_fns[key] = marked
     try:
         for _ in range(5):
             fn()
@@ -56,6 +69,8 @@ def timeline(fn, steps: int) -> list[dict]:
         torch.cuda.synchronize()
     finally:
         ops.counts_to_host, ops.exact_rows = counts_to_host, exact_rows
+        for op, key, original in saved:
+            op._backend_fns[key] = original
     _, host0, event0 = marks[0]
     rows, current = [], None
     for name, host, event in marks[1:]:
@@ -72,6 +87,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", default="1:2048,4:512", help="comma-separated B:L prefill points (exact form)")
     parser.add_argument("--skip", type=float, default=0.25)
+    parser.add_argument("--providers", default="triton-sparse", help="comma-separated: triton-sparse, compiled-sparse")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--spin", action="store_true",
                         help="wait for CUDA events by polling them (Event.query) instead of Event.synchronize")
@@ -82,16 +98,16 @@ def main():
                 pass
         torch.cuda.Event.synchronize = poll
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
-    for point in args.points.split(","):
+    for point, provider in itertools.product(args.points.split(","), args.providers.split(",")):
         batch, seqlen = (int(v) for v in point.split(":"))
-        fn = bench.step("triton-sparse", "prefill", batch, seqlen, args.skip)
+        fn = bench.step(provider, "prefill", batch, seqlen, args.skip)
         rows = timeline(fn, args.steps)
         if "host sync entered" not in rows[0]:
-            print(f"B={batch} L={seqlen}: this step runs the capacity form (no sync); nothing to show")
+            print(f"B={batch} L={seqlen} {provider}: this step runs the capacity form (no sync); nothing to show")
             continue
         ms = lambda a, b: statistics.median(r[b] - r[a] for r in rows[1:])  # noqa: E731
         periods = [b["gpu step start"] - a["gpu step start"] for a, b in zip(rows, rows[1:])]
-        print(f"B={batch} L={seqlen} skip {args.skip}, {len(rows)} steps{', events polled' if args.spin else ''}, "
+        print(f"B={batch} L={seqlen} {provider} skip {args.skip}, {len(rows)} steps{', events polled' if args.spin else ''}, "
               "medians in ms:")
         print(f"  step period on the GPU           {statistics.median(periods):.3f}")
         print(f"  host: start -> sync entered      {ms('host step start', 'host sync entered'):.3f}")

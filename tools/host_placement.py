@@ -87,8 +87,10 @@ def child(points: str, skip: float, cpus: str) -> dict:
 
 
 def _current_cpu() -> int:
+    """The CPU this process last ran on: field 39 of /proc/self/stat (fields counted from 1; the
+    text after the command's closing parenthesis starts at field 3)."""
     with open("/proc/self/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[37])
+        return int(f.read().rsplit(")", 1)[1].split()[39 - 3])
 
 
 def main():

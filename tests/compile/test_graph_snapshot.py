@@ -70,8 +70,8 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   unsqueeze
   clone
   cond
-  iadd
-  iadd
+  add_
+  add_
   skipgpt.rms_norm_split.default
   linear
   linear
@@ -116,7 +116,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   copy_
   new_empty
   copy_
-  iadd
+  add_
   skipgpt.rms_norm.default
   linear
   linear
