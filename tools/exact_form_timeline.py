@@ -26,7 +26,7 @@ from skipgpt import ops
 from skipgpt.benchmark import LayerBench
 
 
-def timeline(fn, steps: int) -> list[dict]:
+def timeline(fn, steps: int, compiled: bool) -> list[dict]:
     marks = []  # (name, host seconds, event) in order
 
     def mark(name):
@@ -47,12 +47,15 @@ def timeline(fn, steps: int) -> list[dict]:
         mark("sync left")
         return out
 
-    # Compiled code reaches the ops' implementations through the dispatcher, which looks them up
-    # in CustomOpDef._backend_fns at each call (counts_to_host's CUDA one, exact_rows' default).
+    # Eager code calls the ops' public entries. Compiled code traced those entries (Dynamo would
+    # trace the marking functions too, so they stay in place there) and reaches the ops'
+    # implementations through the dispatcher, which looks them up in CustomOpDef._backend_fns at
+    # each call (counts_to_host's CUDA one, exact_rows' default).
     dispatched = ((ops.counts_to_host.op, "cuda", counts_to_host_marked),
-                  (ops.exact_rows.op, None, exact_rows_marked))
+                  (ops.exact_rows.op, None, exact_rows_marked)) if compiled else ()
     saved = [(op, key, op._backend_fns[key]) for op, key, _ in dispatched]
-    ops.counts_to_host, ops.exact_rows = counts_to_host_marked, exact_rows_marked
+    if not compiled:
+        ops.counts_to_host, ops.exact_rows = counts_to_host_marked, exact_rows_marked
     for op, key, marked in dispatched:
         op._backend_fns[key] = marked
     try:
@@ -101,7 +104,7 @@ def main():
     for point, provider in itertools.product(args.points.split(","), args.providers.split(",")):
         batch, seqlen = (int(v) for v in point.split(":"))
         fn = bench.step(provider, "prefill", batch, seqlen, args.skip)
-        rows = timeline(fn, args.steps)
+        rows = timeline(fn, args.steps, compiled=provider.startswith("compiled"))
         if "host sync entered" not in rows[0]:
             print(f"B={batch} L={seqlen} {provider}: this step runs the capacity form (no sync); nothing to show")
             continue
