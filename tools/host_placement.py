@@ -11,9 +11,9 @@ child can be told apart from a slow step.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -26,8 +26,20 @@ def _cpulist(text: str) -> list[int]:
     return cpus
 
 
+def _compressed(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (a cpulist, as /sys writes them)."""
+    runs = []
+    for cpu in cpus:
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
+
+
 def cpu_groups() -> dict[str, list[int]]:
-    """NUMA nodes' CPUs (only those this process may use); on a single node, its two halves."""
+    """NUMA nodes' CPUs (only those this process may use); on a single node, its two halves by
+    CPU number (on an SMT host each half then holds threads of every core)."""
     allowed = sorted(os.sched_getaffinity(0))
     nodes = sorted(Path("/sys/devices/system/node").glob("node[0-9]*"))
     groups = {}
@@ -37,7 +49,7 @@ def cpu_groups() -> dict[str, list[int]]:
             groups[node.name] = cpus
     if len(groups) <= 1:
         half = len(allowed) // 2
-        groups = {"first-half": allowed[:half], "second-half": allowed[half:]}
+        groups = {name: cpus for name, cpus in (("first-half", allowed[:half]), ("second-half", allowed[half:])) if cpus}
     groups["unpinned"] = allowed
     return groups
 
@@ -57,32 +69,22 @@ def child(points: str, skip: float, cpus: str) -> dict:
     if cpus:
         os.sched_setaffinity(0, _cpulist(cpus))  # before torch starts its threads
     import torch
+    from profile_host import per_call_us  # tools/ is on the path of a script run from it
 
     from skipgpt.benchmark import LayerBench, cuda_timer
 
     x = torch.zeros(16, device="cuda")
-    for _ in range(200):
-        x.add_(1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(2000):
-        x.add_(1)
-    launch_us = (time.perf_counter() - t0) / 2000 * 1e6
-    torch.cuda.synchronize()
+    launch_us = per_call_us(lambda: x.add_(1), n=2000)
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
-    out = {"cpu_now": _current_cpu(), "launch_us": round(launch_us, 2), "points": {}}
+    out = {"launch_us": round(launch_us, 2), "points": {}}
     for point in points.split(","):
         batch, seqlen = (int(v) for v in point.split(":"))
         for provider in ("hf", "triton-sparse"):
             fn = bench.step(provider, "prefill", batch, seqlen, skip)
             ms = cuda_timer(fn, 25, 200)[0]
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(50):
-                fn()
-            host_ms = (time.perf_counter() - t0) / 50 * 1e3
-            torch.cuda.synchronize()
+            host_ms = per_call_us(fn, n=50) / 1e3
             out["points"][f"{point} {provider}"] = {"ms": round(ms, 3), "host_ms": round(host_ms, 3)}
+    out["cpu_last"] = _current_cpu()  # where an unpinned child ended up, after its points
     return out
 
 
@@ -104,9 +106,10 @@ def main():
     if args.child:
         print(json.dumps(child(args.points, args.skip, args.cpus)))
         return
-    subprocess.run(["lscpu"], check=False)
+    if shutil.which("lscpu"):
+        subprocess.run(["lscpu"], check=False)
     groups = cpu_groups()
-    print("CPU groups:", {name: f"{cpus[0]}-{cpus[-1]} ({len(cpus)})" for name, cpus in groups.items()})
+    print("CPU groups:", {name: f"{_compressed(cpus)} ({len(cpus)})" for name, cpus in groups.items()})
     print(gpu_local_cpus())
     for repeat in range(args.repeats):
         names = list(groups) if repeat % 2 == 0 else list(reversed(groups))
@@ -120,7 +123,7 @@ def main():
                 continue
             result = json.loads(run.stdout.strip().splitlines()[-1])
             cells = "  ".join(f"{k}: {v['ms']:.3f} ms (host {v['host_ms']:.3f})" for k, v in result["points"].items())
-            print(f"round {repeat + 1} {name:12s} cpu {result['cpu_now']:3d} launch {result['launch_us']:5.1f} us  {cells}",
+            print(f"round {repeat + 1} {name:12s} last on cpu {result['cpu_last']:3d} launch {result['launch_us']:5.1f} us  {cells}",
                   flush=True)
 
 
