@@ -102,7 +102,7 @@ class RoutedDecoderLayer(nn.Module):
         if self.pipeline == "dense":
             self._count(valid, B * L, None)
             return self._dense(**step)
-        execute = self._routes(x, valid, start, L)
+        execute = self._routes(x, start, L)
         if self.pipeline == "torch-sparse":
             return self._torch_sparse(execute=execute, valid=valid, **step)
         return self._triton_sparse(execute=execute, valid=valid, **step)
@@ -147,8 +147,9 @@ class RoutedDecoderLayer(nn.Module):
         keys = visible[:, -1].clone(memory_format=torch.contiguous_format)
         return keys, visible.gather(2, slots).squeeze(2)
 
-    def _routes(self, x: torch.Tensor, valid, start: torch.Tensor, L: int) -> torch.Tensor:
-        """[2, B, L] bool: row 0 executes attention, row 1 the MLP. Padding never executes."""
+    def _routes(self, x: torch.Tensor, start: torch.Tensor, L: int) -> torch.Tensor:
+        """[2, B, L] bool: row 0 executes attention, row 1 the MLP, as the routers (or the forced
+        routes) decide, padding included: the pipelines take padding out."""
         B, _, H = x.shape
         if self.state.forced_skip is not None:
             params = self.state.forced_params_on(start.device)  # this layer's device's copy
@@ -167,13 +168,12 @@ class RoutedDecoderLayer(nn.Module):
                 execute = ops.router_execute(x.reshape(-1, H), w, b).view(2, B, L)
             else:
                 execute = torch.stack([attn_router.execute(x), mlp_router.execute(x)])
-        if valid is not None:
-            execute = execute & valid
         return execute
 
     def _count(self, valid, tokens: int, executed) -> None:
-        """Accumulate route counts on the device. executed: [2] executing counts, or None (dense:
-        every non-padding token executes)."""
+        """Accumulate route counts on the device (dense and torch-sparse; triton-sparse's
+        ops.compact counts as it compacts). executed: [2] executing counts, or None (dense: every
+        non-padding token executes)."""
         counts = self.route_counts
         n_valid = valid.sum() if valid is not None else tokens
         if executed is None:
@@ -207,6 +207,8 @@ class RoutedDecoderLayer(nn.Module):
     def _torch_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
         g, attn = self.geometry, self.self_attn
         B, L, H = x.shape
+        if valid is not None:  # padding never executes
+            execute = execute & valid
         exec_attn, exec_mlp = execute[0], execute[1]
         n_exec = execute.flatten(1).sum(1)
         self._count(valid, B * L, n_exec)
@@ -264,7 +266,8 @@ class RoutedDecoderLayer(nn.Module):
         use_cond = torch.compiler.is_compiling() and self.state.single_graph
         if not use_cond:
             capacity = bool(capacity)
-        rows, slot, seq_offsets = ops.compact(execute)
+        # Padding taken out and the layer's route counts updated by the compaction itself.
+        rows, slot, seq_offsets = ops.compact(execute, valid, self.route_counts)
         # The exact form reads the counts on the host: start copying them now, so that its sync
         # waits for this copy and not for the K/V projections queued below (3-4% of an exact-form
         # step of 4096-8192 tokens, compiled; docs/BENCHMARKS.md). Under torch.cond a cond of its
@@ -277,7 +280,6 @@ class RoutedDecoderLayer(nn.Module):
             host_counts = torch.cond(capacity, _no_counts_on_host, ops.counts_to_host, (counts,))
         else:
             host_counts = None if capacity else ops.counts_to_host(seq_offsets)
-        self._count(valid, T, seq_offsets[:, -1])
         # A plain int T only: on a symbolic one (compiled, dynamic) the size test would guard.
         if (capacity is True and self.fuses_qkv and type(T) is int
                 and FUSED_QKV_MIN_TOKENS <= T <= FUSED_QKV_MAX_TOKENS):

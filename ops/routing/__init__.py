@@ -106,21 +106,40 @@ def _forced_execute_fake(params, start, batch, seq_len, layer_idx):
     return start.new_empty((2, batch, seq_len), dtype=torch.bool)
 
 
-def _check_execute(execute: Tensor) -> None:
+def _check_compact(execute: Tensor, valid: Optional[Tensor], route_counts: Optional[Tensor]) -> None:
     check_tensor("execute", execute, ndim=3, dtypes=(torch.bool,))
+    if valid is not None:
+        check_tensor("valid", valid, ndim=2, dtypes=(torch.bool,), device=execute.device, device_of="execute",
+                     contiguous=False)
+        if valid.shape != execute.shape[1:]:
+            raise ValueError(
+                f"valid: expected shape {tuple(execute.shape[1:])} ([B, L] like execute), got {tuple(valid.shape)}"
+            )
+    if route_counts is not None:
+        check_tensor("route_counts", route_counts, ndim=1, dtypes=(torch.int64,), device=execute.device,
+                     device_of="execute")
+        if route_counts.shape[0] != execute.shape[0] + 1:
+            raise ValueError(
+                f"route_counts: expected {execute.shape[0] + 1} entries (R route sets, then the valid tokens), "
+                f"got shape {tuple(route_counts.shape)}"
+            )
 
 
-@torch.library.custom_op("skipgpt::compact", mutates_args=())
-def compact(execute: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("skipgpt::compact", mutates_args=("route_counts",))
+def compact(execute: Tensor, valid: Optional[Tensor] = None,
+            route_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Capacity-form compaction of R route sets.
 
     execute: [R, B, L] bool (True = the token executes the module; any nonzero byte counts as
-    True, as in PyTorch).
+    True, as in PyTorch). valid: optional [B, L] bool (any strides), False for padding, which then
+    executes in no route set. route_counts: optional [R+1] int64, accumulated in place (a layer's counters):
+    += each route set's executing count, and the last += the valid tokens (B*L without `valid`).
+    Folding the mask and the counting into the compaction saves an eager step three launches.
     Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
     `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
     """
-    _check_execute(execute)
-    return compact_reference(execute)
+    _check_compact(execute, valid, route_counts)
+    return compact_reference(execute, valid, route_counts)
 
 
 if HAS_TRITON:
@@ -144,16 +163,16 @@ if HAS_TRITON:
 
     @compact.register_kernel("cuda")
     @on_input_device
-    def _compact_cuda(execute: Tensor):
-        _check_execute(execute)
-        return kernels.compact(execute)
+    def _compact_cuda(execute: Tensor, valid: Optional[Tensor] = None, route_counts: Optional[Tensor] = None):
+        _check_compact(execute, valid, route_counts)
+        return kernels.compact(execute, valid, route_counts)
 
     decompose_under_compile(compact, _compact_cuda)
 
 
 @compact.register_fake
-def _compact_fake(execute: Tensor):
-    _check_execute(execute)
+def _compact_fake(execute: Tensor, valid: Optional[Tensor] = None, route_counts: Optional[Tensor] = None):
+    _check_compact(execute, valid, route_counts)
     R, B, L = execute.shape
     rows = execute.new_empty((R, B * L), dtype=torch.int32)
     return rows, torch.empty_like(rows), execute.new_empty((R, B + 1), dtype=torch.int32)

@@ -8,14 +8,17 @@ from .._common import bool_bytes, bytes_to_bool, cdiv, known_empty, launch, next
 from .reference import layer_term
 
 
-@triton.jit(do_not_specialize=["T", "L", "B"])
-def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "L", "B", "valid_stride_b", "valid_stride_l"])
+def _compact_kernel(exec_ptr, valid_ptr, counts_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B,
+                    valid_stride_b, valid_stride_l,
+                    HAS_VALID: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     exec_ptr += r * T
     rows_ptr += r * T
     slot_ptr += r * T
     offsets_ptr += r * (B + 1)
     carry = tl.zeros((), dtype=tl.int32)
+    n_valid = tl.zeros((), dtype=tl.int32)
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         in_range = t < T
@@ -23,6 +26,12 @@ def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: t
         # is True, as in PyTorch. Summing raw bytes would push slots past T and the store below
         # out of bounds.
         e = (tl.load(exec_ptr + t, mask=in_range, other=0) != 0).to(tl.int32)
+        if HAS_VALID:
+            # valid may be a strided view (the new tokens' columns of a longer mask).
+            at = (t // L).to(tl.int64) * valid_stride_b + (t % L).to(tl.int64) * valid_stride_l
+            v = (tl.load(valid_ptr + at, mask=in_range, other=0) != 0).to(tl.int32)
+            e = e * v
+            n_valid += tl.sum(v, axis=0)
         inclusive = tl.cumsum(e, axis=0) + carry
         slot = tl.where(e != 0, inclusive - 1, -1)
         tl.store(slot_ptr + t, slot, mask=in_range)
@@ -32,23 +41,37 @@ def _compact_kernel(exec_ptr, rows_ptr, slot_ptr, offsets_ptr, T, L, B, BLOCK: t
         tl.store(offsets_ptr + t // L, inclusive - e, mask=first)
         carry += tl.sum(e, axis=0)
     tl.store(offsets_ptr + B, carry)
+    if HAS_COUNTS:
+        # One program per route set, each adding to its own counter; the first also counts the
+        # valid tokens (counters[R]).
+        tl.store(counts_ptr + r, tl.load(counts_ptr + r) + carry.to(tl.int64))
+        if r == 0:
+            last = counts_ptr + tl.num_programs(0)
+            tl.store(last, tl.load(last) + (n_valid.to(tl.int64) if HAS_VALID else T.to(tl.int64)))
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         tl.store(rows_ptr + t, -1, mask=(t >= carry) & (t < T))
 
 
-def compact(execute: torch.Tensor):
+def compact(execute: torch.Tensor, valid=None, route_counts=None):
     R, B, L = execute.shape
     T = B * L
     rows = torch.empty(R, T, dtype=torch.int32, device=execute.device)
     slot = torch.empty(R, T, dtype=torch.int32, device=execute.device)
     offsets = torch.empty(R, B + 1, dtype=torch.int32, device=execute.device)
-    if known_empty(R):
-        return rows, slot, offsets
-    if known_empty(T):
+    if known_empty(R) or known_empty(T):
         offsets.zero_()
+        if route_counts is not None and not known_empty(T):  # no route set, but valid tokens
+            route_counts[R:].add_(valid.sum() if valid is not None else T)
         return rows, slot, offsets
-    launch(_compact_kernel)[(R,)](bool_bytes(execute), rows, slot, offsets, T, L, B, BLOCK=_compact_block(T))
+    # An absent tensor's place is taken by one the kernel already has (execute for valid, the
+    # offsets output for the counters); it never touches it (HAS_* False).
+    exec_bytes = bool_bytes(execute)
+    valid_bytes = bool_bytes(valid) if valid is not None else exec_bytes
+    launch(_compact_kernel)[(R,)](
+        exec_bytes, valid_bytes, route_counts if route_counts is not None else offsets, rows, slot, offsets,
+        T, L, B, *(valid_bytes.stride() if valid is not None else (0, 0)),
+        HAS_VALID=valid is not None, HAS_COUNTS=route_counts is not None, BLOCK=_compact_block(T))
     return rows, slot, offsets
 
 

@@ -1,4 +1,6 @@
 """Pure-PyTorch routing ops: the CPU implementations and the references for the Triton kernels."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -47,8 +49,12 @@ def router_execute_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return (logits.argmax(-1) == 0).t().contiguous()  # argmax: NaN counts as the maximum
 
 
-def compact_reference(execute: torch.Tensor):
+def compact_reference(execute: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                      route_counts: Optional[torch.Tensor] = None):
     """execute: [R, B, L] bool, one route set per leading index (say attention and MLP).
+    valid: optional [B, L] bool; a token where it is False (padding) executes in no route set.
+    route_counts: optional [R+1] int64, accumulated in place: route_counts[r] += N_r, and
+    route_counts[R] += the number of valid tokens (B*L without `valid`).
 
     Returns, for each route set r, with T = B*L and N_r executing tokens:
       rows        [R, T] int32: rows[r, :N_r] are the flat indices (b*L + l) of executing tokens in
@@ -59,6 +65,8 @@ def compact_reference(execute: torch.Tensor):
     """
     R, B, L = execute.shape
     T = B * L
+    if valid is not None:
+        execute = execute & valid
     flat = execute.reshape(R, T)
     inclusive = flat.to(torch.int32).cumsum(-1, dtype=torch.int32)
     slot = torch.where(flat, inclusive - 1, -1).to(torch.int32)
@@ -71,4 +79,7 @@ def compact_reference(execute: torch.Tensor):
     seq_offsets = torch.zeros(R, B + 1, dtype=torch.int32, device=execute.device)
     if T > 0:
         seq_offsets[:, 1:] = inclusive.view(R, B, L)[:, :, -1]
+    if route_counts is not None:
+        route_counts[:R].add_(seq_offsets[:, -1])
+        route_counts[R].add_(valid.sum() if valid is not None else T)
     return rows[:, :T].contiguous(), slot, seq_offsets

@@ -70,8 +70,6 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   unsqueeze
   clone
   cond
-  add_
-  add_
   skipgpt.rms_norm_split.default
   linear
   linear

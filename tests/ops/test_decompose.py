@@ -106,10 +106,12 @@ def trace_cases():
         a = ops.gated_mlp(x, wg, wu, "silu")
         return q, ops.linear_residual(res, a, wd, slot)
 
-    def routes(x, w, b, params, start):
+    def routes(x, w, b, params, start, mask, counters):
         routed = ops.router_execute(x, w, b)  # [2, 6]
         forced = ops.forced_execute(params, start, 1, 6, 5)  # [2, 1, 6]
-        rows, slot, offsets = ops.compact(forced)
+        # As a layer calls it, with the padding mask and the layer's counters, which the kernel
+        # adds to. (A contiguous mask: views of fake CUDA tensors fail on a CPU-only torch.)
+        rows, slot, offsets = ops.compact(forced, mask, counters)
         return routed, rows, slot, offsets, ops.counts_to_host(offsets)
 
     def attend(q, kc, vc, start, rows, offsets, tokens, attend_with=None):  # L from tokens [L], a dynamic size
@@ -161,7 +163,10 @@ def trace_cases():
             lambda q, kc, vc, start, mask: ops.sparse_attention(q, kc, vc, start, 1, D ** -0.5, key_mask=mask),
             cuda(2, HQ, D), *cache, lambda: torch.ones(2, 16, dtype=torch.bool, device="cuda"),
         ),
-        "routes": traced(routes, cuda(6, H), cuda(4, H), cuda(4), ints(2, dtype=torch.int64), ints(1, dtype=torch.int64)),
+        "routes": traced(
+            routes, cuda(6, H), cuda(4, H), cuda(4), ints(2, dtype=torch.int64), ints(1, dtype=torch.int64),
+            lambda: torch.ones(1, 6, dtype=torch.bool, device="cuda"), ints(3, dtype=torch.int64),
+        ),
         "capacity_gemm": traced(lambda x, w, n: ops.linear_rows(x, w, None, n), cuda(5, H), cuda(H, H), ints(1)),
         "symbolic_capacity": traced(
             symbolic_capacity, cuda(4, H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), ints(2, dtype=torch.int64),

@@ -44,6 +44,51 @@ def test_kernel_matches_reference(shape, p):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def padded(shape, seed):
+    """A [B, L] validity mask with left padding on some rows and right padding on others."""
+    R, B, L = shape
+    valid = torch.ones(B, L, dtype=torch.bool)
+    for b in range(B):
+        pad = (b * 5 + seed) % max(L, 1)
+        if b % 2:
+            valid[b, :pad] = False
+        else:
+            valid[b, L - pad:] = False
+    return valid
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_takes_padding_out_and_counts(shape):
+    execute = torch.rand(shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    valid = padded(shape, 3)
+    counts = torch.tensor(list(range(10, 10 + shape[0])) + [100])  # counters accumulate
+    got = routing.compact_reference(execute, valid, counts)
+    for g, want in zip(got, brute_force(execute & valid)):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+    expected = [10 + r + int((execute[r] & valid).sum()) for r in range(shape[0])] + [100 + int(valid.sum())]
+    assert counts.tolist() == expected
+    routing.compact_reference(execute, None, counts)  # without a mask every token is valid
+    assert counts[-1] == expected[-1] + valid.numel()
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_kernel_takes_padding_out_and_counts(shape, with_valid):
+    from skipgpt.ops.routing import kernels
+
+    execute = (torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.5).to(KERNEL_DEVICE)
+    # A strided view, as a layer passes the new tokens' columns of a longer mask.
+    valid = torch.cat([padded(shape, 4), padded(shape, 5)], 1)[:, : shape[2]].to(KERNEL_DEVICE) if with_valid else None
+    start = torch.arange(7, 8 + shape[0], dtype=torch.int64, device=KERNEL_DEVICE)
+    counts, ref_counts = start.clone(), start.clone()
+    got = kernels.compact(execute, valid, counts)
+    want = routing.compact_reference(execute, valid, ref_counts)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert counts.tolist() == ref_counts.tolist() and counts.tolist() != start.tolist()
+
+
 def test_exact_rows_narrows_to_counts():
     execute = torch.tensor([[[1, 0, 1], [0, 0, 1]], [[0, 0, 0], [0, 0, 0]]], dtype=torch.bool)
     rows, _, offsets = routing.compact(execute)
@@ -66,6 +111,8 @@ def test_exact_rows_reads_counts_copied_to_the_host():
 def test_opcheck():
     execute = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)) < 0.5
     torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute,))
+    valid = padded((2, 3, 5), 2)
+    torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute, valid, torch.zeros(3, dtype=torch.int64)))
     rows, _, offsets = routing.compact(execute)
     torch.library.opcheck(torch.ops.skipgpt.exact_rows.default, (rows, offsets))
     torch.library.opcheck(torch.ops.skipgpt.counts_to_host.default, (offsets,))
@@ -77,6 +124,15 @@ def test_rejects_bad_input():
         routing.compact(torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="execute: expected a 3-d tensor"):
         routing.compact(torch.zeros(2, 3, dtype=torch.bool))
+    execute = torch.zeros(2, 3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"valid: expected shape \(3, 4\)"):
+        routing.compact(execute, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="valid: expected dtype bool"):
+        routing.compact(execute, torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="route_counts: expected 3 entries"):
+        routing.compact(execute, None, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="route_counts: expected dtype int64"):
+        routing.compact(execute, None, torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="seq_offsets: expected 2 route sets"):
         routing.exact_rows(torch.zeros(2, 4, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32))
     rows, offsets = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32)
