@@ -135,7 +135,7 @@ def compact(execute: Tensor, valid: Optional[Tensor] = None,
     executes in no route set. route_counts: optional [R+1] int64, a layer's counters, accumulated
     in place: += each route set's executing count, and the last += the valid tokens (B*L without
     `valid`). Folding the mask and the counting into the compaction saves an eager layer step two
-    launches, three with padding.
+    launches, four with padding (the mask, its sum and the two count updates).
     Returns rows [R, B*L] int32, slot [R, B*L] int32, seq_offsets [R, B+1] int32 as described in
     `compact_reference`; `seq_offsets[r, B:]` is route set r's executing count.
     """

@@ -12,6 +12,20 @@ from skipgpt.ops.routing.reference import compact_reference
 from tests.helpers import poison
 
 
+def padding_mask(B, width, kind, seed=0):
+    """[B, width] bool key mask: 'left' pads the start of some sequences, 'right' the end,
+    'none' keeps everything (still passed, to exercise the mask path)."""
+    mask = torch.ones(B, width, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    for b in range(B):
+        pad = int(torch.randint(1, max(2, width // 2), (1,), generator=g)) if b % 2 == 0 else 0
+        if kind == "left":
+            mask[b, :pad] = False
+        elif kind == "right" and pad:
+            mask[b, width - pad:] = False
+    return mask
+
+
 @dataclass
 class Routes:
     """One route set of a [B, L] batch, in the exact and the capacity form."""

@@ -6,7 +6,7 @@ import torch
 from skipgpt.ops import attention
 from skipgpt.ops.attention import sparse_attention_reference
 from tests.helpers import KERNEL_DEVICE, KERNEL_DTYPES, TOL, requires_triton
-from tests.ops.opsutil import assert_rel, make_routes, poisoned_outputs, randn
+from tests.ops.opsutil import assert_rel, make_routes, padding_mask, poisoned_outputs, randn
 
 
 def brute_attention(q, k_cache, v_cache, start, L, scale, rows=None, count=None, key_mask=None):
@@ -36,20 +36,6 @@ def brute_attention(q, k_cache, v_cache, start, L, scale, rows=None, count=None,
             probs = torch.softmax(scores, dim=0)
             out[m, h] = sum(p * v_cache[b, j, kv] for p, j in zip(probs, keys))
     return out, n
-
-
-def padding_mask(B, width, kind, seed=0):
-    """[B, width] bool key mask: 'left' pads the start of some sequences, 'right' the end,
-    'none' keeps everything (still passed, to exercise the mask path)."""
-    mask = torch.ones(B, width, dtype=torch.bool)
-    g = torch.Generator().manual_seed(seed)
-    for b in range(B):
-        pad = int(torch.randint(1, max(2, width // 2), (1,), generator=g)) if b % 2 == 0 else 0
-        if kind == "left":
-            mask[b, :pad] = False
-        elif kind == "right" and pad:
-            mask[b, width - pad:] = False
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------

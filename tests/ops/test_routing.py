@@ -3,6 +3,7 @@ import torch
 
 from skipgpt.ops import routing
 from tests.helpers import KERNEL_DEVICE, requires_triton
+from tests.ops.opsutil import padding_mask
 
 SHAPES = [(1, 1, 1), (2, 3, 7), (2, 2, 63), (1, 4, 129), (2, 1, 1100)]
 
@@ -44,23 +45,11 @@ def test_kernel_matches_reference(shape, p):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def padded(shape, seed):
-    """A [B, L] validity mask with left padding on some rows and right padding on others."""
-    R, B, L = shape
-    valid = torch.ones(B, L, dtype=torch.bool)
-    for b in range(B):
-        pad = (b * 5 + seed) % max(L, 1)
-        if b % 2:
-            valid[b, :pad] = False
-        else:
-            valid[b, L - pad:] = False
-    return valid
-
-
 @pytest.mark.parametrize("shape", SHAPES)
-def test_reference_takes_padding_out_and_counts(shape):
+@pytest.mark.parametrize("kind", ["left", "right"])
+def test_reference_takes_padding_out_and_counts(shape, kind):
     execute = torch.rand(shape, generator=torch.Generator().manual_seed(3)) < 0.6
-    valid = padded(shape, 3)
+    valid = padding_mask(shape[1], shape[2], kind, seed=3)
     counts = torch.tensor(list(range(10, 10 + shape[0])) + [100])  # counters accumulate
     got = routing.compact_reference(execute, valid, counts)
     for g, want in zip(got, brute_force(execute & valid)):
@@ -73,20 +62,24 @@ def test_reference_takes_padding_out_and_counts(shape):
 
 @requires_triton
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_valid", [False, True])
-def test_kernel_takes_padding_out_and_counts(shape, with_valid):
+@pytest.mark.parametrize("kind", [None, "left", "right"])
+def test_kernel_takes_padding_out_and_counts(shape, kind):
     from skipgpt.ops.routing import kernels
 
     execute = (torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.5).to(KERNEL_DEVICE)
+    B, L = shape[1:]
     # A strided view, as a layer passes the new tokens' columns of a longer mask.
-    valid = torch.cat([padded(shape, 4), padded(shape, 5)], 1)[:, : shape[2]].to(KERNEL_DEVICE) if with_valid else None
+    longer = torch.cat([padding_mask(B, L, kind, seed=4), torch.ones(B, 3, dtype=torch.bool)], 1)
+    valid = None if kind is None else longer[:, :L].to(KERNEL_DEVICE)
     start = torch.arange(7, 8 + shape[0], dtype=torch.int64, device=KERNEL_DEVICE)
     counts, ref_counts = start.clone(), start.clone()
     got = kernels.compact(execute, valid, counts)
     want = routing.compact_reference(execute, valid, ref_counts)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    assert counts.tolist() == ref_counts.tolist() and counts.tolist() != start.tolist()
+    assert counts.tolist() == ref_counts.tolist()
+    # The counters move unless every token is padding (shape (1, 1, 1) with its token padded).
+    assert (counts.tolist() != start.tolist()) == (valid is None or bool(valid.any()))
 
 
 def test_exact_rows_narrows_to_counts():
@@ -111,7 +104,7 @@ def test_exact_rows_reads_counts_copied_to_the_host():
 def test_opcheck():
     execute = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)) < 0.5
     torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute,))
-    valid = padded((2, 3, 5), 2)
+    valid = padding_mask(3, 5, "left", seed=2)
     torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute, valid, torch.zeros(3, dtype=torch.int64)))
     rows, _, offsets = routing.compact(execute)
     torch.library.opcheck(torch.ops.skipgpt.exact_rows.default, (rows, offsets))
