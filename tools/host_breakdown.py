@@ -12,6 +12,9 @@ launch queue has room, so a GPU-bound step's host time is a lower bound.
     python3 tools/host_breakdown.py --points 1:512,1:2048 --skip 0.25
 """
 import argparse
+import cProfile
+import io
+import pstats
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,9 @@ def main():
                         help="the eager routed provider whose calls are recorded (compiled code would trace "
                              "the recording functions)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps / replays per call")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also profile N steps with cProfile and print the functions with the most own "
+                             "time (the profiler's own cost inflates Python-heavy code: compare shares, not us)")
     args = parser.parse_args()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
     for point in args.points.split(","):
@@ -92,6 +98,25 @@ def main():
         for name, probe in probes.items():
             print(f"  probe: {name:58s} {per_call_us(probe, args.steps):7.1f} us")
         print(f"  step again {per_call_us(fn, args.steps):.1f} us, hf again {per_call_us(hf, args.steps):.1f} us")
+        if args.cprofile:
+            print_profile(fn, args.cprofile)
+
+
+def print_profile(fn, steps: int, top: int = 30) -> None:
+    """cProfile over `steps` calls of fn (after a synchronize, so no GPU wait is in it): the
+    functions with the most own time, per step."""
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream).sort_stats("tottime")
+    stats.print_stats(top)
+    print(f"  cProfile of {steps} steps (per-step us = tottime / {steps} * 1e6):")
+    print(stream.getvalue())
 
 
 if __name__ == "__main__":

@@ -125,9 +125,12 @@ def _check_compact(execute: Tensor, valid: Optional[Tensor], route_counts: Optio
             )
 
 
+# The op's schema gives `valid` and `route_counts` no defaults: up to torch 2.11 at least, a
+# mutated argument left at its default crashes the op's version bump (pytorch#176078), and the
+# dispatcher strips an explicit None equal to a default. The public `compact` below supplies them.
 @torch.library.custom_op("skipgpt::compact", mutates_args=("route_counts",))
-def compact(execute: Tensor, valid: Optional[Tensor] = None,
-            route_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+def compact(execute: Tensor, valid: Optional[Tensor],
+            route_counts: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Capacity-form compaction of R route sets.
 
     execute: [R, B, L] bool (True = the token executes the module; any nonzero byte counts as
@@ -164,7 +167,7 @@ if HAS_TRITON:
 
     @compact.register_kernel("cuda")
     @on_input_device
-    def _compact_cuda(execute: Tensor, valid: Optional[Tensor] = None, route_counts: Optional[Tensor] = None):
+    def _compact_cuda(execute: Tensor, valid: Optional[Tensor], route_counts: Optional[Tensor]):
         _check_compact(execute, valid, route_counts)
         return kernels.compact(execute, valid, route_counts)
 
@@ -172,7 +175,7 @@ if HAS_TRITON:
 
 
 @compact.register_fake
-def _compact_fake(execute: Tensor, valid: Optional[Tensor] = None, route_counts: Optional[Tensor] = None):
+def _compact_fake(execute: Tensor, valid: Optional[Tensor], route_counts: Optional[Tensor]):
     _check_compact(execute, valid, route_counts)
     R, B, L = execute.shape
     rows = execute.new_empty((R, B * L), dtype=torch.int32)
@@ -309,6 +312,14 @@ def _exact_rows_fake(rows: Tensor, seq_offsets: Tensor, host_counts: Optional[Te
 # Public entries (see eager_entry): eager CUDA calls skip the dispatcher.
 router_execute = eager_entry(router_execute, _router_execute_cuda if HAS_TRITON else None)
 forced_execute = eager_entry(forced_execute, _forced_execute_cuda if HAS_TRITON else None)
-compact = eager_entry(compact, _compact_cuda if HAS_TRITON else None)
 counts_to_host = eager_entry(counts_to_host, _counts_to_host_cuda)
 exact_rows = eager_entry(exact_rows, exact_rows._init_fn)
+_compact_entry = eager_entry(compact, _compact_cuda if HAS_TRITON else None)
+
+
+def compact(execute: Tensor, valid: Optional[Tensor] = None,
+            route_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _compact_entry(execute, valid, route_counts)
+
+
+compact.__doc__, compact.op = _compact_entry.__doc__, _compact_entry.op

@@ -173,7 +173,7 @@ def trace_cases():
             ints(1, dtype=torch.int64), ints(1), DynamicSize(6),
         ),
         "symbolic_compact": traced(
-            lambda x0, tokens: ops.compact(x0.new_empty((2, 1, tokens.shape[0]), dtype=torch.bool)),
+            lambda x0, tokens: ops.compact(x0.new_empty((2, 1, tokens.shape[0]), dtype=torch.bool), None, None),
             cuda(1), DynamicSize(6),
         ),
         "symbolic_length": traced(

@@ -53,7 +53,7 @@ def routes(B, L, seed, skip=0.25, padding=None):
     execute = torch.rand(2, B, L, generator=gen(seed), device=DEV) >= skip
     if padding is not None:
         execute &= padding[None]
-    rows, slot, offsets = torch.ops.skipgpt.compact(execute)
+    rows, slot, offsets = torch.ops.skipgpt.compact(execute, None, None)
     return execute, rows, slot, offsets
 
 
@@ -323,7 +323,7 @@ def _layer_step(W, B, L, start, S, seed):
     w_norm = torch.ones(H, dtype=BF16, device=DEV)
     key_mask = left_padding(B, start + L, [3] + [0] * (B - 1))
     execute = (torch.rand(2, B, L, generator=gen(seed), device=DEV) >= 0.25) & key_mask[None, :, start:]
-    rows, slot, offsets = torch.ops.skipgpt.compact(execute)
+    rows, slot, offsets = torch.ops.skipgpt.compact(execute, None, None)
     exact = torch.ops.skipgpt.exact_rows(rows, offsets)
     forms = [(rows[r], offsets[r, B:]) for r in (0, 1)]  # capacity
     if L > 1:

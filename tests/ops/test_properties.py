@@ -336,6 +336,7 @@ def compact_cases(draw):
     R, B, L = draw(_sizes(0, 1, 2)), draw(_sizes(0, 1, 2, 3)), draw(_sizes(0, 1, 2, 5, 33))
     p, seed = draw(st.sampled_from([0.0, 0.4, 1.0])), draw(st.integers(0, 99))
     raw_bytes = draw(st.booleans())  # bools whose bytes are not all 0/1 (viewed from uint8)
+    with_valid, with_counts = draw(st.booleans()), draw(st.booleans())
 
     def base(device, put):
         g = torch.Generator().manual_seed(seed)
@@ -343,18 +344,25 @@ def compact_cases(draw):
             execute = torch.randint(0, 256, (R, B, L), generator=g, dtype=torch.uint8).view(torch.bool)
         else:
             execute = torch.rand(R, B, L, generator=g) < p
-        return dict(execute=put(execute, "execute"))
+        valid = put(torch.rand(B, L, generator=g) < 0.7, "valid") if with_valid else None
+        # Counters that already hold counts: the op adds to them.
+        counts = put(torch.randint(0, 50, (R + 1,), generator=g), "route_counts") if with_counts else None
+        return dict(execute=put(execute, "execute"), valid=valid, route_counts=counts)
 
-    return draw(mutations(Case("compact", base), ["execute"], {}))
+    return draw(mutations(Case("compact", base), ["execute", "valid", "route_counts"], {}))
 
 
 def _compact_expect(args):
-    return compact_reference(args["execute"].view(torch.uint8) != 0)
+    counts = args["route_counts"]
+    counts = counts.clone() if isinstance(counts, torch.Tensor) else None
+    return (*compact_reference(args["execute"].view(torch.uint8) != 0, args["valid"], counts), counts)
 
 
 def _compact_compare(out, want, args, kernel, case):
     for got, ref, what in zip(out, want, ("rows", "slot", "seq_offsets")):
         _close(got, ref, what, kernel)
+    if want[3] is not None:  # the counters, updated in place
+        _close(args["route_counts"], want[3], "route_counts", kernel)
 
 
 @st.composite
@@ -856,6 +864,19 @@ def test_every_public_op_is_covered():
         assert spec.entry.op._opoverload is getattr(torch.ops.skipgpt, name).default
         if HAS_TRITON and name not in ("exact_rows", "counts_to_host"):
             assert spec.cuda_impl is not None, name
+
+
+def test_mutated_arguments_have_no_default():
+    """Up to torch 2.11 at least, calling a custom op without a mutated argument that has a
+    default crashes its version bump with an IndexError (pytorch#176078): the schema must not
+    give one, and the public entry supplies it instead. Every entry still works without it."""
+    for name in SPECS:
+        schema = getattr(torch.ops.skipgpt, name).default._schema
+        for arg in schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                assert not arg.has_default_value(), f"{name}: mutated argument {arg.name} has a default"
+    execute = torch.ones(2, 1, 3, dtype=torch.bool)
+    assert ops.compact(execute)[2][:, -1].tolist() == [3, 3]
 
 
 STRATEGIES = {

@@ -103,7 +103,7 @@ def test_exact_rows_reads_counts_copied_to_the_host():
 
 def test_opcheck():
     execute = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2)) < 0.5
-    torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute,))
+    torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute, None, None))
     valid = padding_mask(3, 5, "left", seed=2)
     torch.library.opcheck(torch.ops.skipgpt.compact.default, (execute, valid, torch.zeros(3, dtype=torch.int64)))
     rows, _, offsets = routing.compact(execute)
