@@ -595,8 +595,11 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
     (provider, point), in grid order; `progress` is called with each as its point completes.
 
     Timing comes in `rounds` interleaved rounds: each round times every provider of the point
-    once, in provider order, so drifts over a point's timing (GPU clocks, host load) fall on all
-    providers alike instead of on the ones timed last. A point's median and quantiles are the
+    once, round i starting from the i-th provider (the order rotated), so that drifts over a
+    point's timing (GPU clocks, host load) and what a provider leaves behind for the next (the
+    GPU's clocks after a heavy step) fall on all providers alike instead of on the same ones
+    every round. (Unrotated, the five-provider grid's last provider lost ~1.5 ms in its first
+    round at B=8 L=2048: docs/BENCHMARKS.md.) A point's median and quantiles are the
     medians of its rounds' (`Point.ms_rounds` keeps each round's median). Each round builds the
     provider's step afresh (the same seeded inputs), so one step's memory is held at a time."""
     if rounds < 1:
@@ -634,7 +637,8 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                 steps = 1 if mode == "prefill" else bench.decode_steps
                 timings = {p.provider: [] for p in group if p.status == "ok"}
                 for i in range(rounds):
-                    for p in group:
+                    start = i % len(group)
+                    for p in group[start:] + group[:start]:
                         if p.provider in timings and not _time_round(bench, p, timer, steps, timings, broken):
                             p.note = f"timing round {i + 1} of {rounds}: {p.note}"
                             del timings[p.provider]

@@ -1,4 +1,8 @@
-"""Shared by the tests: the device Triton kernels run on here, and error measures."""
+"""Shared by the tests: the device Triton kernels run on here, error measures, and what
+torch.compile logs about the kernels."""
+import contextlib
+import logging
+
 import torch
 
 from skipgpt.ops._common import HAS_TRITON
@@ -28,3 +32,24 @@ def requires_triton(fn):
     import pytest
 
     return pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")(fn)
+
+
+@contextlib.contextmanager
+def kernel_write_analysis_failures():
+    """Collects (as a list of strings) each time torch.compile fails to read from a Triton
+    kernel's IR which arguments it writes. PyTorch then takes every argument as written (the
+    graph copies them) and only logs a warning, on the torch._dynamo logger."""
+    failures = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.pathname.endswith("triton_kernel_wrap.py"):
+                error = f": {record.exc_info[1]!r}" if record.exc_info else ""
+                failures.append(record.getMessage() + error)
+
+    logger, handler = logging.getLogger("torch._dynamo"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)

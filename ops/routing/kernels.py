@@ -47,7 +47,10 @@ def _compact_kernel(exec_ptr, valid_ptr, counts_ptr, rows_ptr, slot_ptr, offsets
         tl.store(counts_ptr + r, tl.load(counts_ptr + r) + carry.to(tl.int64))
         if r == 0:
             last = counts_ptr + tl.num_programs(0)
-            tl.store(last, tl.load(last) + (n_valid.to(tl.int64) if HAS_VALID else T.to(tl.int64)))
+            # T + a zero tensor, not T.to(): where torch.compile checks which arguments the kernel
+            # writes, it passes a static T as a Python int, which has no .to (and the check, failing,
+            # would take every argument as written).
+            tl.store(last, tl.load(last) + (n_valid.to(tl.int64) if HAS_VALID else tl.zeros((), dtype=tl.int64) + T))
     for start in range(0, T, BLOCK):
         t = start + tl.arange(0, BLOCK)
         tl.store(rows_ptr + t, -1, mask=(t >= carry) & (t < T))

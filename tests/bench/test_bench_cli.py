@@ -170,10 +170,11 @@ def pipelines_run(monkeypatch):
 
 @pytest.mark.parametrize("scope", ["layer", "model"])
 def test_timing_rounds_interleave_the_providers(cpu_only, pipelines_run, scope):
-    """Each round times every provider of the point once, in turn: a timer whose readings grow
-    call by call (a drifting clock) gives each provider every other reading, not a block of
-    them; a point's time is the median of its rounds'. The providers' steps share the routed
-    layers: each must run its own pipeline whenever it is timed."""
+    """Each round times every provider of the point once, in turn, round i starting from the
+    i-th provider: a timer whose readings grow call by call (a drifting clock) gives each
+    provider one reading a round, each at another place in the round; a point's time is the
+    median of its rounds'. The providers' steps share the routed layers: each must run its own
+    pipeline whenever it is timed."""
     readings = iter(range(1, 100))
     ran = pipelines_run
     timed = []
@@ -190,10 +191,12 @@ def test_timing_rounds_interleave_the_providers(cpu_only, pipelines_run, scope):
     points = B.run_grid(bench, "prefill", [1], [8], [0.25], ["dense", "hf", "triton-sparse"], 1e-4, drifting_timer,
                         rounds=3)
     dense, hf, sparse = points
-    assert (dense.ms_rounds, hf.ms_rounds, sparse.ms_rounds) == ([1, 4, 7], [2, 5, 8], [3, 6, 9])
-    assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (6, 5.5, 6.5)
-    assert sparse.speedup == pytest.approx(5 / 6)
-    assert timed == [{"dense"}, set(), {"triton-sparse"}] * 3
+    # Rounds: dense hf sparse (1 2 3), hf sparse dense (4 5 6), sparse dense hf (7 8 9).
+    assert (dense.ms_rounds, hf.ms_rounds, sparse.ms_rounds) == ([1, 6, 8], [2, 4, 9], [3, 5, 7])
+    assert (sparse.ms, sparse.ms_q20, sparse.ms_q80) == (5, 4.5, 5.5)
+    assert sparse.speedup == pytest.approx(4 / 5)
+    dense_, hf_, sparse_ = {"dense"}, set(), {"triton-sparse"}
+    assert timed == [dense_, hf_, sparse_, hf_, sparse_, dense_, sparse_, dense_, hf_]
 
 
 def test_a_provider_failing_in_a_later_round_is_reported_and_the_rest_timed(cpu_only, pipelines_run):

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import skipgpt
 from skipgpt.compile import compile_model
-from tests.helpers import rel_err
+from tests.helpers import kernel_write_analysis_failures, rel_err
 from tests.model.tiny import random_batch
 
 pytestmark = pytest.mark.gpu
@@ -52,15 +52,19 @@ def test_compiled_triton_sparse_one_graph_at_8b_geometry():
 
 
 def test_compiled_layer_launches_its_kernels_itself():
-    """Inductor launches the ops' Triton kernels directly (decompose_under_compile); only ops
-    whose host code picks kernels or tiles by a symbolic size, or syncs, stay op calls."""
+    """Inductor launches the ops' Triton kernels directly (decompose_under_compile), knowing
+    which arguments each writes; only ops whose host code picks kernels or tiles by a symbolic
+    size, or syncs, stay op calls."""
     from torch._inductor.utils import run_and_get_code
 
     compiled = compile_model(one_layer_8b(), fullgraph=True)
     ids, mask = random_batch(1024, 2, 300, "left", device="cuda")
-    with torch.no_grad():
+    # With and without padding: compaction's kernel takes another branch without the mask.
+    with torch.no_grad(), kernel_write_analysis_failures() as failures:
         _, code = run_and_get_code(compiled, ids, attention_mask=mask)
-    code = "\n".join(code)
+        _, unpadded = run_and_get_code(compiled, ids)
+    assert not failures, failures  # Inductor must see which arguments each kernel writes
+    code = "\n".join(code + unpadded)
     op_calls = set(re.findall(r"torch\.ops\.skipgpt\.(\w+)", code))
     # Only the exact form's host reads: counts_to_host (in a torch.cond taken only where the exact
     # form runs) and exact_rows. The capacity form's GEMMs trace with tiles fixed by tile_rows,

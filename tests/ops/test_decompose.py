@@ -6,9 +6,9 @@ opaque op, and so does every CPU call.
 The decomposition runs in AOTAutograd's functionalization, so the cases below trace with
 AOTAutograd on fake CUDA tensors: no GPU needed. They run in a child process (this file as a
 script, importing the installed skipgpt) because the test session runs Triton in its
-interpreter, whose kernels cannot be traced. Without a GPU, Triton cannot say which arguments a
-kernel writes and PyTorch assumes all of them: it logs a warning (torch 2.11-2.13) and traces on;
-that changes what the graph clones, not which ops it calls.
+interpreter, whose kernels cannot be traced. Without a GPU the child gives Triton a target (sm_90)
+so that PyTorch can read from each kernel's IR which arguments it writes; where that analysis
+fails, PyTorch logs a warning and takes every argument as written, which costs the graph copies.
 """
 import json
 import os
@@ -43,12 +43,12 @@ def traced(fn, *inputs):
     "calls", the forward graph's calls in order ("kernel:<name>" for a Triton launch,
     "skipgpt::<op>" for an opaque skipgpt op, "aten::<op>" for the rest), and "guards", the shape
     guards the trace added (each would recompile a compiled graph on shapes that break it)."""
-    import logging
-
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from tests.helpers import kernel_write_analysis_failures
 
     graphs = []
 
@@ -56,13 +56,13 @@ def traced(fn, *inputs):
         graphs.append(gm)
         return gm
 
-    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
     mode = FakeTensorMode(shape_env=ShapeEnv())
     sized = {i: x.fake(mode) for i, x in enumerate(inputs) if isinstance(x, DynamicSize)}
     with mode:
         args = [sized[i] if i in sized else x() for i, x in enumerate(inputs)]
         try:
-            aot_function(fn, fw_compiler=capture)(*args)
+            with kernel_write_analysis_failures() as failures:
+                aot_function(fn, fw_compiler=capture)(*args)
         except RuntimeError:
             if torch.cuda.is_available() or not graphs:
                 raise  # without CUDA only running the captured graph fails
@@ -74,7 +74,7 @@ def traced(fn, *inputs):
             calls.append("kernel:" + kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
         elif isinstance(node.target, torch._ops.OpOverload):
             calls.append(node.target.name().split(".")[0])
-    return {"calls": calls, "guards": [str(g.expr) for g in mode.shape_env.guards]}
+    return {"calls": calls, "guards": [str(g.expr) for g in mode.shape_env.guards], "analysis_failures": failures}
 
 
 def trace_cases():
@@ -83,6 +83,14 @@ def trace_cases():
 
     if not torch.cuda.is_available():  # the decode kernel's split count asks the GPU for its SM count
         attention_kernels._num_sms = lambda device: 132
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        class TargetOnly:  # all of a driver that PyTorch's write analysis asks for
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+
+        triton.runtime.driver.set_active(TargetOnly())
 
     # The ops as a torch.compile graph calls them (the public entries skip the dispatcher in
     # eager). No views inside: functionalizing a view of a fake CUDA tensor needs a CUDA build.
@@ -290,9 +298,17 @@ def test_capacity_form_with_tile_rows_traces_at_a_symbolic_length(traces):
     assert trace["guards"] == []
 
 
+def test_inductor_sees_what_each_kernel_writes(traces):
+    # Where PyTorch cannot analyse a kernel's IR it takes every argument as written and copies
+    # them in the graph; it only logs a warning, so the test reads the log.
+    failed = {name: trace["analysis_failures"] for name, trace in traces.items() if trace["analysis_failures"]}
+    assert not failed, failed
+
+
 def test_cpu_calls_stay_one_op(calls):
     assert calls["cpu"] == ["skipgpt::rms_norm"]
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # for tests.helpers
     print(json.dumps(trace_cases()))
