@@ -201,8 +201,9 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "3 calls on CPU and in generate mode, where it is per point)")
     t.add_argument("--rounds", type=positive_int, metavar="N",
                    help=f"interleaved timing rounds per point (default {DEFAULT_ROUNDS}): each round times every "
-                        "provider once, in turn, so clock or host drift during a point falls on all providers "
-                        "alike; a point's time is the median of its rounds' medians (prefill and decode)")
+                        "provider once, in turn, round i starting from the i-th provider, so clock or host drift "
+                        "during a point, and what one provider leaves on the GPU for the next, fall on all "
+                        "providers alike; a point's time is the median of its rounds' medians (prefill and decode)")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
