@@ -51,6 +51,7 @@ class RoutedDecoderLayer(nn.Module):
         self.post_attention_layernorm = base_layer.post_attention_layernorm
         self.router_attention: Optional[nn.Module] = None
         self.router_mlp: Optional[nn.Module] = None
+        self._router_weights = None  # see _linear_router_weights
         # Model loops read these off their layers (Qwen2/3 pick the mask by layer type).
         for attr in ("attention_type", "layer_type"):
             if hasattr(base_layer, attr):
@@ -163,12 +164,27 @@ class RoutedDecoderLayer(nn.Module):
                     "(skipgpt.force_routes(model, skip=0.25)), or use the 'dense' pipeline"
                 )
             if attn_router.kind == mlp_router.kind == "linear":  # both in one pass over x
-                w = torch.cat([attn_router.weight_predictor.weight, mlp_router.weight_predictor.weight])
-                b = torch.cat([attn_router.weight_predictor.bias, mlp_router.weight_predictor.bias])
+                w, b = self._linear_router_weights(attn_router.weight_predictor, mlp_router.weight_predictor)
                 execute = ops.router_execute(x.reshape(-1, H), w, b).view(2, B, L)
             else:
                 execute = torch.stack([attn_router.execute(x), mlp_router.execute(x)])
         return execute
+
+    def _linear_router_weights(self, attn: nn.Linear, mlp: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both routers' weights [4, H] and biases [4] as one. Eager steps reuse the last
+        concatenation (two launches less per layer and step) while the four tensors are the same
+        objects with the same versions and storage; an in-place update (load_state_dict, an
+        optimizer step), a new parameter or a .to() makes a new one. Compiled code concatenates
+        in the graph."""
+        parts = (attn.weight, mlp.weight, attn.bias, mlp.bias)
+        if torch.compiler.is_compiling():
+            return torch.cat(parts[:2]), torch.cat(parts[2:])
+        # The cache holds the tensors themselves, so an id cannot be reused by a new one.
+        key = [(p, p._version, p.data_ptr()) for p in parts]
+        cached = self._router_weights
+        if cached is None or any(a is not p or va != v or da != d for (a, va, da), (p, v, d) in zip(cached[0], key)):
+            cached = self._router_weights = (key, torch.cat(parts[:2]), torch.cat(parts[2:]))
+        return cached[1], cached[2]
 
     def _count(self, valid, tokens: int, executed) -> None:
         """Accumulate route counts on the device (dense and torch-sparse; triton-sparse's

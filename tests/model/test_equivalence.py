@@ -304,6 +304,46 @@ def test_sparse_pipelines_agree_with_real_routers(kind):
     assert 0.05 < report["attention"] < 0.95 and 0.05 < report["mlp"] < 0.95, report
 
 
+def test_linear_routers_concatenated_once_until_they_change():
+    """Eager steps reuse the concatenated router weights, and make them anew when a router
+    changes: in place (load_state_dict), replaced, or converted. Each time triton-sparse must
+    route as torch-sparse does with the current weights."""
+    from skipgpt.router import Router
+
+    _, model = make_pair("llama")
+    torch.manual_seed(2)
+    layers = model.model.layers
+    for layer in layers:
+        for name in ("router_attention", "router_mlp"):
+            router = Router(model.config.hidden_size)
+            with torch.no_grad():
+                router.weight_predictor.weight.normal_(0.0, 20.0)
+            setattr(layer, name, router)
+    ids, mask = random_batch(model.config.vocab_size, 2, 9, "left")
+
+    def agree():
+        with torch.no_grad():
+            skipgpt.set_pipeline(model, "torch-sparse")
+            ref = model(ids, attention_mask=mask).logits
+            skipgpt.set_pipeline(model, "triton-sparse")
+            out = model(ids, attention_mask=mask).logits
+        valid_close(out, ref, mask, atol=1e-5)
+        return [layer._router_weights[1] for layer in layers]
+
+    first = agree()
+    assert all(a is b for a, b in zip(first, agree())), "unchanged routers were concatenated again"
+    router = layers[0].router_mlp
+    flipped = {k: -v for k, v in router.state_dict().items()}  # executes where it skipped
+    router.load_state_dict(flipped)
+    after_load = agree()
+    assert torch.equal(after_load[0][2:], flipped["weight_predictor.weight"])
+    layers[1].router_attention = Router(model.config.hidden_size)
+    after_new = agree()
+    assert torch.equal(after_new[1][:2], layers[1].router_attention.weight_predictor.weight)
+    layers[0].router_attention.half(), layers[0].router_mlp.half()
+    assert agree()[0].dtype == torch.float16
+
+
 @pytest.mark.parametrize("pipeline", ["dense", "torch-sparse", "triton-sparse"])
 def test_nan_activations_propagate_like_the_dense_model(pipeline):
     """A NaN in one token's embedding is neither hidden nor a crash. As in Hugging Face's model,
