@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 import math
 import statistics
 import time
@@ -50,6 +51,8 @@ from .cache import SeqFirstCache, SeqFirstLayer
 from .layer import RoutedDecoderLayer
 from .model import routed_layers
 from .routing import RoutingState
+
+log = logging.getLogger(__name__)
 
 GEOMETRIES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -590,7 +593,8 @@ Bench = Union[LayerBench, ModelBench]
 
 
 def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolerance: float, timer,
-             progress: Optional[Callable[[Point], None]] = None, rounds: int = 1) -> list[Point]:
+             progress: Optional[Callable[[Point], None]] = None, rounds: int = 1,
+             paired_timer: Optional[Callable[[list], list]] = None) -> list[Point]:
     """Check, then time, every provider at every (batch, seqlen, skip). Returns one Point per
     (provider, point), in grid order; `progress` is called with each as its point completes.
 
@@ -601,7 +605,13 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
     every round. (Unrotated, the five-provider grid's last provider lost ~1.5 ms in its first
     round at B=8 L=2048: docs/BENCHMARKS.md.) A point's median and quantiles are the
     medians of its rounds' (`Point.ms_rounds` keeps each round's median). Each round builds the
-    provider's step afresh (the same seeded inputs), so one step's memory is held at a time."""
+    provider's step afresh (the same seeded inputs), so one step's memory is held at a time.
+
+    With `paired_timer` (see `paired_timer`), a round instead builds every provider's step and
+    times them together, one call of each per repetition: a host whose speed changes for a
+    while (the device machine's does, ~2x) then slows every provider alike. It holds all the
+    steps' memory at once; a round that fails so (out of memory, a failing step) is timed
+    provider by provider instead, with a logged warning."""
     if rounds < 1:
         raise ValueError(f"rounds: expected at least 1, got {rounds}")
     points = []
@@ -638,8 +648,11 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                 timings = {p.provider: [] for p in group if p.status == "ok"}
                 for i in range(rounds):
                     start = i % len(group)
-                    for p in group[start:] + group[:start]:
-                        if p.provider in timings and not _time_round(bench, p, timer, steps, timings, broken):
+                    order = [p for p in group[start:] + group[:start] if p.provider in timings]
+                    if paired_timer is not None and _time_paired_round(bench, order, paired_timer, steps, timings):
+                        continue
+                    for p in order:
+                        if not _time_round(bench, p, timer, steps, timings, broken):
                             p.note = f"timing round {i + 1} of {rounds}: {p.note}"
                             del timings[p.provider]
                 for p in group:
@@ -710,6 +723,26 @@ def _time_round(bench: Bench, point: Point, timer, steps: int, timings: dict, br
     finally:
         del fn
         _free_memory()
+
+
+def _time_paired_round(bench: Bench, order: list, paired_timer, steps: int, timings: dict) -> bool:
+    """One timing round of the points in `order`, their steps timed together by `paired_timer`.
+    False (after a logged warning) if that failed; the caller then times them one by one."""
+    fns = []
+    try:
+        fns = [bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip) for p in order]
+        results = paired_timer(fns)
+    except Exception as e:  # noqa: BLE001 - timed one by one instead, where each failure is reported
+        p = order[0]
+        log.warning("B=%d L=%d skip=%g: paired timing failed (%s); timing this round's providers one by one",
+                    p.batch, p.seqlen, p.skip, _short(e))
+        return False
+    finally:
+        del fns
+        _free_memory()
+    for p, result in zip(order, results):
+        timings[p.provider].append([t / steps for t in result])
+    return True
 
 
 def _failed_earlier(p: Point, broken: dict) -> bool:
@@ -862,6 +895,49 @@ def cpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3)
         times.append((time.perf_counter() - t0) * 1e3)
     q20, med, q80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
     return med, q20, q80
+
+
+def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True,
+                 min_reps: int = 3) -> list:
+    """Time several steps together: each repetition calls every fn once, in list order, each
+    between two CUDA events with the L2 cache flushed before it (as do_bench), or on the host's
+    clock with `cuda` False. A host or GPU whose speed changes during the timing slows every fn
+    alike, where timing one fn after another puts a slow spell on some of them only. The
+    budgets are per fn, as for cuda_timer: warm-up, then about len(fns) * rep_ms of repetitions
+    (at least `min_reps`). Returns one (median, q20, q80) in ms per fn."""
+    if cuda:
+        flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")  # 256 MB, do_bench's size
+
+        def timed(fn):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            return lambda: start.elapsed_time(end)
+
+        sync = torch.cuda.synchronize
+    else:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+            return lambda: ms
+
+        def sync():
+            pass
+
+    def repetitions(n: int) -> list:
+        pending = [[timed(fn) for fn in fns] for _ in range(n)]
+        sync()
+        return [[reading() for reading in rep] for rep in pending]
+
+    repetitions(1)
+    per_rep = max(1e-3, sum(map(sum, repetitions(3))) / 3)
+    repetitions(max(1, math.ceil(warmup_ms * len(fns) / per_rep)))
+    times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * len(fns) / per_rep))), dtype=torch.float64)
+    q20, med, q80 = times.quantile(torch.tensor(QUANTILES, dtype=torch.float64), dim=0).tolist()
+    return list(zip(med, q20, q80))
 
 
 def wall_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3):

@@ -5,7 +5,7 @@ model, check each against a float32 ground truth first, and write a table, CSV, 
                   --sparsity S[,S...] --seqlens L[,L...] --providers P[,P...]
                   [--prompt-len L[,L...] --new-tokens N] (generate)
                   [--model PATH | --config NAME] [--layers N] [--cuda-graph]
-                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--rounds N] [--output DIR]
+                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--rounds N] [--paired] [--output DIR]
 
 The measuring lives in skipgpt/benchmark.py; this module checks the flags (all of them, before
 any model is built), runs the grid and writes the results. `python -m skipgpt.benchmark` is the
@@ -204,6 +204,13 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "provider once, in turn, round i starting from the i-th provider, so clock or host drift "
                         "during a point, and what one provider leaves on the GPU for the next, fall on all "
                         "providers alike; a point's time is the median of its rounds' medians (prefill and decode)")
+    t.add_argument("--paired", action="store_true",
+                   help="time a round's providers together, one step of each per repetition, instead of one "
+                        "provider after another: a host whose speed changes for a while then slows every "
+                        "provider alike (for host-bound points, such as batch 1 at a few hundred tokens). Holds "
+                        "every provider's step in memory at once; a round that fails so is timed one provider "
+                        "after another, with a warning. Not with --cuda-graph (no host in the timing) or "
+                        "--mode generate")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
@@ -235,6 +242,7 @@ class Plan:
     warmup: float
     rep: float
     rounds: Optional[int]  # None in generate mode
+    paired: bool
     baseline_published: Optional[str]
     output: Optional[str]
     json: Optional[str]
@@ -263,6 +271,8 @@ class Plan:
         argv += ["--warmup", f"{self.warmup:g}", "--rep", f"{self.rep:g}"]
         if self.rounds is not None:
             argv += ["--rounds", str(self.rounds)]
+        if self.paired:
+            argv.append("--paired")
         if self.baseline_published:
             argv += ["--baseline-published", self.baseline_published]
         if self.output:
@@ -293,12 +303,18 @@ def plan(args: argparse.Namespace) -> Plan:
         if args.rounds is not None:
             raise BenchError("--rounds applies to --mode prefill and decode: generate mode times whole generate() "
                              "calls, one provider after another")
+        if args.paired:
+            raise BenchError("--paired applies to --mode prefill and decode: generate mode times whole generate() "
+                             "calls, one provider after another")
         if args.new_tokens is not None and args.new_tokens < 2:
             raise BenchError("--new-tokens: at least 2 (the decode step time needs one step after the prefill's token)")
     elif args.prompt_len or args.new_tokens:
         raise BenchError("--prompt-len and --new-tokens apply to --mode generate")
     if args.decode_steps is not None and args.mode != "decode":
         raise BenchError("--decode-steps applies to --mode decode")
+    if args.paired and args.cuda_graph:
+        raise BenchError("--paired times steps as their host launches them; --cuda-graph replays captured steps, "
+                         "which leaves the host's speed out of the timing: use one or the other")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None
@@ -349,6 +365,7 @@ def plan(args: argparse.Namespace) -> Plan:
         skips=args.skips if args.skips is not None else defaults["skips"], providers=providers,
         config=config, model=args.model, layers=args.layers, cuda_graph=args.cuda_graph,
         warmup=args.warmup, rep=args.rep, rounds=None if generate else (args.rounds or DEFAULT_ROUNDS),
+        paired=args.paired,
         baseline_published=args.baseline_published,
         output=args.output, json=args.json, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", notes=notes, published=published, model_config=model_config,
@@ -463,6 +480,7 @@ def execute(p: Plan) -> dict:
     on_gpu = p.device == "cuda"
     timer_fn = (B.cuda_graph_timer if p.cuda_graph else B.cuda_timer) if on_gpu else B.cpu_timer
     timer = functools.partial(timer_fn, warmup_ms=p.warmup, rep_ms=p.rep)
+    paired = functools.partial(B.paired_timer, warmup_ms=p.warmup, rep_ms=p.rep, cuda=on_gpu) if p.paired else None
     total = len(p.batches) * len(p.seqlens) * len(p.skips) * len(p.providers)
     done = [0]
     finished: list = []
@@ -489,7 +507,7 @@ def execute(p: Plan) -> dict:
                                      p.warmup, p.rep, progress)
     else:
         points = B.run_grid(bench, p.mode, p.batches, p.seqlens, p.skips, p.providers, tolerance, timer, progress,
-                            rounds=p.rounds)
+                            rounds=p.rounds, paired_timer=paired)
     if generate:
         method = ("wall clock around whole generate() calls" + (" (torch.cuda.synchronize)" if on_gpu else "")
                   + "; the checked first call counts as warm-up")
@@ -498,6 +516,9 @@ def execute(p: Plan) -> dict:
     else:
         method = ("CUDA graph replay, " if p.cuda_graph else "") + (
             "triton.testing.do_bench" if on_gpu else "wall clock (time.perf_counter)")
+        if p.paired:
+            method = ("paired (skipgpt.benchmark.paired_timer): each repetition one step of every provider, "
+                      + ("CUDA events, L2 flushed before each" if on_gpu else "wall clock (time.perf_counter)"))
         reference = bench.reference_note
     document = {
         "scope": p.scope,
@@ -513,7 +534,7 @@ def execute(p: Plan) -> dict:
         "prompt_len": p.seqlens if generate else None,
         "new_tokens": p.new_tokens,
         "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES),
-                   "rounds": p.rounds},
+                   "rounds": p.rounds, "paired": p.paired},
         "reference": reference,
         "tolerance": tolerance,
         "flops": None if generate else

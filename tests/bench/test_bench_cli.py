@@ -2,6 +2,8 @@
 checking, the published-baseline hook's error path, and the FLOP count."""
 import csv
 import json
+import time
+import unittest
 
 import pytest
 import torch
@@ -228,6 +230,79 @@ def test_rounds_flag_is_recorded(tmp_path, cpu_only):
     assert all(len(r["ms_rounds"].split()) == 2 for r in rows)
 
 
+def test_paired_timer_calls_every_step_once_per_repetition():
+    """Host clock: each repetition calls the steps in list order, the same number of times each,
+    and each step's time is its own (a 2 ms step against a 6 ms one)."""
+    calls = []
+
+    def sleeper(name, ms):
+        def step():
+            calls.append(name)
+            time.sleep(ms / 1e3)
+        return step
+
+    (fast, *_), (slow, *_) = B.paired_timer([sleeper("fast", 2), sleeper("slow", 6)], warmup_ms=5, rep_ms=30,
+                                            cuda=False)
+    assert calls[::2] == ["fast"] * (len(calls) // 2) and calls[1::2] == ["slow"] * (len(calls) // 2)
+    assert len(calls) >= 2 * (1 + 3 + 1 + 3)  # first calls, the estimate, warm-up, at least min_reps
+    assert 1.5 < fast < 4 and 5 < slow < 10 and slow > 2 * fast
+
+
+def test_paired_rounds_time_the_providers_together(cpu_only, pipelines_run):
+    """With a paired timer, a round hands every provider's step to it at once, in the round's
+    rotated order, and each step still runs its own pipeline; the one-by-one timer is unused."""
+    rounds = []
+
+    def recording_paired_timer(fns):
+        ran = []
+        for fn in fns:
+            pipelines_run.clear()
+            fn()
+            ran.append(set(pipelines_run))
+        rounds.append(ran)
+        base = 10 * len(rounds)
+        return [(base + i, base + i - 0.5, base + i + 0.5) for i in range(len(fns))]
+
+    def unused_timer(fn):
+        raise AssertionError("a paired round timed a provider on its own")
+
+    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
+    dense, hf, sparse = B.run_grid(bench, "prefill", [1], [8], [0.25], ["dense", "hf", "triton-sparse"], 1e-4,
+                                   unused_timer, rounds=3, paired_timer=recording_paired_timer)
+    dense_, hf_, sparse_ = {"dense"}, set(), {"triton-sparse"}
+    assert rounds == [[dense_, hf_, sparse_], [hf_, sparse_, dense_], [sparse_, dense_, hf_]]
+    assert (dense.ms_rounds, hf.ms_rounds, sparse.ms_rounds) == ([10, 22, 31], [11, 20, 32], [12, 21, 30])
+    assert all(p.status == "ok" for p in (dense, hf, sparse))
+
+
+def test_a_failing_paired_round_is_timed_one_by_one_with_a_warning(cpu_only):
+    def failing_paired_timer(fns):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    one_by_one = []
+
+    def timer(fn):
+        fn()
+        one_by_one.append(1)
+        return 1.0, 0.5, 1.5
+
+    bench = B.LayerBench("tiny", torch.float32, torch.device("cpu"))
+    with unittest.TestCase().assertLogs("skipgpt.benchmark", "WARNING") as logs:
+        hf, sparse = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, timer, rounds=2,
+                                paired_timer=failing_paired_timer)
+    assert len(logs.records) == 2 and "paired timing failed (OutOfMemoryError" in logs.output[0]
+    assert len(one_by_one) == 4 and hf.ms_rounds == sparse.ms_rounds == [1.0, 1.0]
+
+
+def test_paired_flag_is_recorded(tmp_path, cpu_only):
+    assert bench(tmp_path, "--batch-size", "1", "--seqlens", "8", "--sparsity", "0.5", "--providers",
+                 "hf,triton-sparse", "--rounds", "2", "--paired") == 0
+    doc, _ = read_outputs(tmp_path, "layer-prefill")
+    assert doc["timing"]["paired"] is True and "--paired" in doc["command"]
+    assert doc["timing"]["method"].startswith("paired")
+    assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
+
+
 def test_out_of_memory_at_one_point(tmp_path, monkeypatch, cpu_only, capsys):
     step = B.LayerBench.step
 
@@ -303,6 +378,8 @@ def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
     (["--layers", "2"], "--layers applies to --scope model"),
     (["--decode-steps", "4"], "--decode-steps applies to --mode decode"),
     (["--mode", "generate", "--rounds", "2"], "--rounds applies to --mode prefill and decode"),
+    (["--mode", "generate", "--paired"], "--paired applies to --mode prefill and decode"),
+    (["--paired", "--cuda-graph"], "--paired times steps as their host launches them"),
     (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
 ])
 def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):
