@@ -599,19 +599,20 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
     (provider, point), in grid order; `progress` is called with each as its point completes.
 
     Timing comes in `rounds` interleaved rounds: each round times every provider of the point
-    once, round i starting from the i-th provider (the order rotated), so that drifts over a
-    point's timing (GPU clocks, host load) and what a provider leaves behind for the next (the
-    GPU's clocks after a heavy step) fall on all providers alike instead of on the same ones
-    every round. (Unrotated, the five-provider grid's last provider lost ~1.5 ms in its first
-    round at B=8 L=2048: docs/BENCHMARKS.md.) A point's median and quantiles are the
+    once, round i starting from the i-th provider still timed (the order rotated), so that each
+    provider takes another place in the round each time and drifts over a point's timing (GPU
+    clocks, host load) fall on all providers alike instead of on the same ones every round.
+    (Unrotated, the five-provider grid's last provider lost ~1.5 ms in its first round at
+    B=8 L=2048: docs/BENCHMARKS.md.) A point's median and quantiles are the
     medians of its rounds' (`Point.ms_rounds` keeps each round's median). Each round builds the
     provider's step afresh (the same seeded inputs), so one step's memory is held at a time.
 
     With `paired_timer` (see `paired_timer`), a round instead builds every provider's step and
     times them together, one call of each per repetition: a host whose speed changes for a
     while (the device machine's does, ~2x) then slows every provider alike. It holds all the
-    steps' memory at once; a round that fails so (out of memory, a failing step) is timed
-    provider by provider instead, with a logged warning."""
+    steps' memory at once; if a round fails so (out of memory, a failing step), that round and
+    the point's later ones are timed provider by provider instead, with a logged warning and a
+    note on the point."""
     if rounds < 1:
         raise ValueError(f"rounds: expected at least 1, got {rounds}")
     points = []
@@ -646,11 +647,18 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                 del ref
                 steps = 1 if mode == "prefill" else bench.decode_steps
                 timings = {p.provider: [] for p in group if p.status == "ok"}
+                paired = paired_timer
                 for i in range(rounds):
-                    start = i % len(group)
-                    order = [p for p in group[start:] + group[:start] if p.provider in timings]
-                    if paired_timer is not None and _time_paired_round(bench, order, paired_timer, steps, timings):
-                        continue
+                    live = [p for p in group if p.provider in timings]  # rotated among those still timed
+                    start = i % max(1, len(live))
+                    order = live[start:] + live[:start]
+                    if paired is not None and len(order) > 1:
+                        failure = _time_paired_round(bench, order, paired, steps, timings)
+                        if failure is None:
+                            continue
+                        paired = None  # not tried again at this point: its steps would fail alike
+                        for p in order:
+                            p.note = f"rounds {i + 1}-{rounds} timed one by one (paired timing failed: {failure})"
                     for p in order:
                         if not _time_round(bench, p, timer, steps, timings, broken):
                             p.note = f"timing round {i + 1} of {rounds}: {p.note}"
@@ -725,24 +733,25 @@ def _time_round(bench: Bench, point: Point, timer, steps: int, timings: dict, br
         _free_memory()
 
 
-def _time_paired_round(bench: Bench, order: list, paired_timer, steps: int, timings: dict) -> bool:
-    """One timing round of the points in `order`, their steps timed together by `paired_timer`.
-    False (after a logged warning) if that failed; the caller then times them one by one."""
+def _time_paired_round(bench: Bench, order: list, paired_timer, steps: int, timings: dict) -> Optional[str]:
+    """One timing round of the points in `order` (two or more), their steps timed together by
+    `paired_timer`. None if that worked; else why not, after a logged warning: the caller then
+    times them one by one, where each failure is reported on its point."""
     fns = []
     try:
         fns = [bench.step(p.provider, p.mode, p.batch, p.seqlen, p.skip) for p in order]
         results = paired_timer(fns)
-    except Exception as e:  # noqa: BLE001 - timed one by one instead, where each failure is reported
+    except Exception as e:  # noqa: BLE001 - see above
         p = order[0]
-        log.warning("B=%d L=%d skip=%g: paired timing failed (%s); timing this round's providers one by one",
+        log.warning("B=%d L=%d skip=%g: paired timing failed (%s); timing the point's providers one by one",
                     p.batch, p.seqlen, p.skip, _short(e))
-        return False
+        return _short(e)
     finally:
         del fns
         _free_memory()
     for p, result in zip(order, results):
         timings[p.provider].append([t / steps for t in result])
-    return True
+    return None
 
 
 def _failed_earlier(p: Point, broken: dict) -> bool:

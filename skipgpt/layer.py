@@ -174,10 +174,14 @@ class RoutedDecoderLayer(nn.Module):
         """Both routers' weights [4, H] and biases [4] as one. Eager steps reuse the last
         concatenation (two launches less per layer and step) while the four tensors are the same
         objects with the same versions and storage; an in-place update (load_state_dict, an
-        optimizer step), a new parameter or a .to() makes a new one. Compiled code concatenates
-        in the graph."""
+        optimizer step), a new parameter or a .to() makes a new one. Writes PyTorch does not
+        count are not seen: through `.data` (its own version counter) or an alias made with it;
+        after such a write, set `layer._router_weights = None`. Compiled code, a CUDA graph
+        being captured (its replays read the parameters themselves) and inference tensors (no
+        version counter) concatenate every step."""
         parts = (attn.weight, mlp.weight, attn.bias, mlp.bias)
-        if torch.compiler.is_compiling():
+        if (torch.compiler.is_compiling() or (attn.weight.is_cuda and torch.cuda.is_current_stream_capturing())
+                or any(p.is_inference() for p in parts)):
             return torch.cat(parts[:2]), torch.cat(parts[2:])
         # The cache holds the tensors themselves, so an id cannot be reused by a new one.
         key = [(p, p._version, p.data_ptr()) for p in parts]

@@ -43,7 +43,7 @@ def kernel_write_analysis_failures():
 
     class Collect(logging.Handler):
         def emit(self, record):
-            if record.pathname.endswith("triton_kernel_wrap.py"):
+            if record.pathname.endswith("triton_kernel_wrap.py") or "identify_" in record.getMessage():
                 error = f": {record.exc_info[1]!r}" if record.exc_info else ""
                 failures.append(record.getMessage() + error)
 

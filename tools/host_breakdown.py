@@ -57,6 +57,13 @@ def record_calls(fn) -> list:
     return calls
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", default="1:512,1:2048", help="comma-separated B:L prefill points")
@@ -65,7 +72,7 @@ def main():
                         help="the eager routed provider whose calls are recorded (compiled code would trace "
                              "the recording functions)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps / replays per call")
-    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+    parser.add_argument("--cprofile", type=_count, default=0, metavar="N",
                         help="also profile N steps with cProfile and print the functions with the most own "
                              "time (the profiler's own cost inflates Python-heavy code: compare shares, not us)")
     args = parser.parse_args()
@@ -103,8 +110,9 @@ def main():
 
 
 def print_profile(fn, steps: int, top: int = 30) -> None:
-    """cProfile over `steps` calls of fn (after a synchronize, so no GPU wait is in it): the
-    functions with the most own time, per step."""
+    """cProfile over `steps` calls of fn, started after a synchronize: the functions with the
+    most own time. A step that syncs (the exact form's counts) or fills the launch queue still
+    shows its waits, under the call that waited."""
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()

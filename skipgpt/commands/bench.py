@@ -84,7 +84,8 @@ torch-sparse run in that dtype, since a routed model's own rounding flips near-t
 check is weak where that gap is large, as the JSON's tolerance shows). Files: model-generate.csv/.json, -tokens.png (tokens/s) and
 -step.png (decode step ms), one panel per skip rate, batch sizes on the x axis.
 
-On a CUDA device: bfloat16, timed with triton.testing.do_bench. Without CUDA it says so and runs
+On a CUDA device: bfloat16, timed with triton.testing.do_bench (--paired: CUDA events around each
+step). Without CUDA it says so and runs
 the tiny geometry in float32 on the CPU paths (a small grid, eager providers, wall-clock timing)
 unless told otherwise.
 """
@@ -201,16 +202,16 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "3 calls on CPU and in generate mode, where it is per point)")
     t.add_argument("--rounds", type=positive_int, metavar="N",
                    help=f"interleaved timing rounds per point (default {DEFAULT_ROUNDS}): each round times every "
-                        "provider once, in turn, round i starting from the i-th provider, so clock or host drift "
-                        "during a point, and what one provider leaves on the GPU for the next, fall on all "
+                        "provider once, in turn, round i starting from the i-th provider, so each provider takes "
+                        "another place in the round each time and clock or host drift during a point falls on all "
                         "providers alike; a point's time is the median of its rounds' medians (prefill and decode)")
     t.add_argument("--paired", action="store_true",
                    help="time a round's providers together, one step of each per repetition, instead of one "
                         "provider after another: a host whose speed changes for a while then slows every "
                         "provider alike (for host-bound points, such as batch 1 at a few hundred tokens). Holds "
-                        "every provider's step in memory at once; a round that fails so is timed one provider "
-                        "after another, with a warning. Not with --cuda-graph (no host in the timing) or "
-                        "--mode generate")
+                        "every provider's step in memory at once; if a round fails so, the point is timed one "
+                        "provider after another, with a warning and a note. Not with --cuda-graph (no host in the "
+                        "timing) or --mode generate")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "

@@ -344,6 +344,27 @@ def test_linear_routers_concatenated_once_until_they_change():
     assert agree()[0].dtype == torch.float16
 
 
+def test_routers_built_under_inference_mode_are_concatenated_every_step():
+    """Inference tensors have no version counter to key the cache on: no cache, same routes."""
+    from skipgpt.router import Router
+
+    _, model = make_pair("llama")
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            for name in ("router_attention", "router_mlp"):
+                router = Router(model.config.hidden_size)
+                router.weight_predictor.weight.normal_(0.0, 20.0)
+                setattr(layer, name, router)
+        ids, mask = random_batch(model.config.vocab_size, 2, 9, "left")
+        skipgpt.set_pipeline(model, "torch-sparse")
+        ref = model(ids, attention_mask=mask).logits
+        skipgpt.set_pipeline(model, "triton-sparse")
+        out = model(ids, attention_mask=mask).logits
+    valid_close(out, ref, mask, atol=1e-5)
+    assert all(layer._router_weights is None for layer in model.model.layers)
+
+
 @pytest.mark.parametrize("pipeline", ["dense", "torch-sparse", "triton-sparse"])
 def test_nan_activations_propagate_like_the_dense_model(pipeline):
     """A NaN in one token's embedding is neither hidden nor a crash. As in Hugging Face's model,

@@ -5,7 +5,8 @@ opaque op, and so does every CPU call.
 
 The decomposition runs in AOTAutograd's functionalization, so the cases below trace with
 AOTAutograd on fake CUDA tensors: no GPU needed. They run in a child process (this file as a
-script, importing the installed skipgpt) because the test session runs Triton in its
+script, importing the installed skipgpt; the checkout's root is appended to its path for
+tests.helpers) because the test session runs Triton in its
 interpreter, whose kernels cannot be traced. Without a GPU the child gives Triton a target (sm_90)
 so that PyTorch can read from each kernel's IR which arguments it writes; where that analysis
 fails, PyTorch logs a warning and takes every argument as written, which costs the graph copies.
@@ -154,7 +155,7 @@ def trace_cases():
         )
 
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]
-    return {
+    cases = {
         "norm_rope": traced(
             norm_rope, cuda(6, H), cuda(H), cuda(3, HQ, D), cuda(6, D), cuda(6, D), ints(6), ints(3),
             cuda(1, 6, HK, D), cuda(1, 6, HK, D), cuda(1, 6, D), cuda(1, 6, D), cuda(1, 8, HK, D),
@@ -200,6 +201,15 @@ def trace_cases():
             lambda x, w: ops.rms_norm(x, w, 1e-5), lambda: torch.randn(4, H), lambda: torch.ones(H)
         ),
     }
+    if not torch.cuda.is_available():
+        # A control for the failure collector: with no target, the analysis must fail and say so.
+        class NoTarget:
+            def get_current_target(self):
+                raise RuntimeError("no target (control)")
+
+        triton.runtime.driver.set_active(NoTarget())
+        cases["analysis_control"] = traced(lambda x, w: ops.rms_norm(x, w, 1e-5), cuda(6, H), cuda(H))
+    return cases
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -301,6 +311,9 @@ def test_capacity_form_with_tile_rows_traces_at_a_symbolic_length(traces):
 def test_inductor_sees_what_each_kernel_writes(traces):
     # Where PyTorch cannot analyse a kernel's IR it takes every argument as written and copies
     # them in the graph; it only logs a warning, so the test reads the log.
+    traces = dict(traces)
+    control = traces.pop("analysis_control", None)
+    assert control is None or any("no target (control)" in f for f in control["analysis_failures"]), control
     failed = {name: trace["analysis_failures"] for name, trace in traces.items() if trace["analysis_failures"]}
     assert not failed, failed
 
@@ -310,5 +323,5 @@ def test_cpu_calls_stay_one_op(calls):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # for tests.helpers
+    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # for tests.helpers
     print(json.dumps(trace_cases()))
