@@ -109,3 +109,50 @@ def test_decode_matches_float32_truth(models, batch):
         skipgpt.set_pipeline(model, pipeline)
         outs[name] = layer_outputs(model, lambda: stepwise_logits(model, ids, mask, prefill=30))
     check(outs["triton-sparse"], outs["torch-sparse"], outs["truth"], keep)
+
+
+def test_linear_routers_on_cuda_cached_eagerly_and_read_live_in_a_cuda_graph():
+    """Real linear routers at 8B layer geometry: eager steps reuse the concatenated router
+    weights until a router changes in place; a step captured in a CUDA graph concatenates inside
+    the graph, so its replays follow the routers' current weights."""
+    from skipgpt.router import Router
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+    with torch.device("cuda"):
+        model = skipgpt.wrap(LlamaForCausalLM(config).to(torch.bfloat16).eval(), pipeline="dense")
+        layer = model.model.layers[0]
+        layer.router_attention, layer.router_mlp = Router(4096), Router(4096)
+    with torch.no_grad():  # weights that decide against the biases: negating one flips its routes
+        for router in (layer.router_attention, layer.router_mlp):
+            router.weight_predictor.weight.normal_(0.0, 20.0)
+    skipgpt.set_pipeline(model, "triton-sparse")
+    ids = torch.randint(0, 1024, (1, 256), device="cuda")
+    with torch.no_grad():
+        first = model(ids, use_cache=False).logits
+        cached = layer._router_weights[1]
+        again = model(ids, use_cache=False).logits
+        assert layer._router_weights[1] is cached and torch.equal(first, again)
+        weight = layer.router_mlp.weight_predictor.weight
+        weight.neg_()  # every MLP decision flips
+        flipped = model(ids, use_cache=False).logits
+        assert layer._router_weights[1] is not cached and torch.equal(layer._router_weights[1][2:], weight)
+        assert not torch.equal(flipped, first)
+
+        static_ids = ids.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(static_ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(static_ids, use_cache=False).logits
+        weight.neg_()  # back to the first routes, after the capture
+        graph.replay()
+        torch.cuda.synchronize()
+        # The replay took the first routes (a graph holding the flipped concatenation would give
+        # `flipped`), and eager steps see the restored weights too.
+        assert rel_err(captured.float(), first.float()) < rel_err(flipped.float(), first.float()) / 10
+        assert torch.equal(model(ids, use_cache=False).logits, first)
