@@ -12,16 +12,14 @@ launch queue has room, so a GPU-bound step's host time is a lower bound.
     python3 tools/host_breakdown.py --points 1:512,1:2048 --skip 0.25
 """
 import argparse
-import cProfile
-import io
-import pstats
 
 import torch
 import torch.nn.functional as F
-from profile_host import per_call_us  # tools/ is on the path of a script run from it
+from profile_host import per_call_us, print_cprofile  # tools/ is on the path of a script run from it
 
 from skipgpt import ops
 from skipgpt.benchmark import LayerBench
+from skipgpt.commands import positive_int
 
 
 def record_calls(fn) -> list:
@@ -57,13 +55,6 @@ def record_calls(fn) -> list:
     return calls
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
-    return value
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", default="1:512,1:2048", help="comma-separated B:L prefill points")
@@ -72,9 +63,9 @@ def main():
                         help="the eager routed provider whose calls are recorded (compiled code would trace "
                              "the recording functions)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps / replays per call")
-    parser.add_argument("--cprofile", type=_count, default=0, metavar="N",
-                        help="also profile N steps with cProfile and print the functions with the most own "
-                             "time (the profiler's own cost inflates Python-heavy code: compare shares, not us)")
+    parser.add_argument("--cprofile", type=positive_int, metavar="N",
+                        help="also profile N steps with cProfile and print the functions with the most own and "
+                             "cumulative time (the profiler's own cost inflates Python-heavy code: compare shares, not us)")
     args = parser.parse_args()
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
     for point in args.points.split(","):
@@ -106,25 +97,8 @@ def main():
             print(f"  probe: {name:58s} {per_call_us(probe, args.steps):7.1f} us")
         print(f"  step again {per_call_us(fn, args.steps):.1f} us, hf again {per_call_us(hf, args.steps):.1f} us")
         if args.cprofile:
-            print_profile(fn, args.cprofile)
-
-
-def print_profile(fn, steps: int, top: int = 30) -> None:
-    """cProfile over `steps` calls of fn, started after a synchronize: the functions with the
-    most own time. A step that syncs (the exact form's counts) or fills the launch queue still
-    shows its waits, under the call that waited."""
-    profiler = cProfile.Profile()
-    torch.cuda.synchronize()
-    profiler.enable()
-    for _ in range(steps):
-        fn()
-    profiler.disable()
-    torch.cuda.synchronize()
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream).sort_stats("tottime")
-    stats.print_stats(top)
-    print(f"  cProfile of {steps} steps (per-step us = tottime / {steps} * 1e6):")
-    print(stream.getvalue())
+            print(f"  cProfile of {args.cprofile} steps:")
+            print_cprofile(fn, args.cprofile)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,20 @@ def per_call_us(fn, n=300):
     return host_and_wall_us(fn, n)[0]
 
 
+def print_cprofile(fn, steps: int) -> None:
+    """cProfile over `steps` calls of fn, started after a synchronize: the functions with the
+    most own time, then the most cumulative time (per step: divide by `steps`). A step that
+    syncs (the exact form's counts) or fills the launch queue shows its waits under the call
+    that waited."""
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.runcall(lambda: [fn() for _ in range(steps)])
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(45)
+
+
 def launch_costs():
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
@@ -89,13 +103,8 @@ def main():
         print(f"{args.profile} {mode} B={batch} L={seqlen}, 10 steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
         if args.cprofile:
-            profiler = cProfile.Profile()
-            profiler.runcall(lambda: [fn() for _ in range(50)])
-            torch.cuda.synchronize()
             print(f"{args.profile} {mode} B={batch} L={seqlen}, 50 steps, Python profile:")
-            stats = pstats.Stats(profiler)
-            stats.sort_stats("tottime").print_stats(35)
-            stats.sort_stats("cumulative").print_stats(45)
+            print_cprofile(fn, 50)
 
 
 if __name__ == "__main__":
