@@ -168,6 +168,14 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
+def num_sms(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device; 4 for the Triton interpreter (CPU), few
+    enough that tests exercise grids that split or stride their work."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), for a plain int."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
@@ -219,13 +227,38 @@ def _tracing_kernels() -> bool:
     return getattr(_decomposing, "active", False)
 
 
-def launch(kernel):
+def launch(kernel, scratch: bool = False):
     """`kernel`, to index with a grid and call. While `decompose_under_compile` traces an op's
     CUDA implementation, its `torch.library.wrap_triton` form instead, which records the launch in
-    the graph for Inductor rather than running it."""
+    the graph for Inductor rather than running it. scratch: the kernel builds TMA descriptors,
+    for which Triton asks an allocator for global memory at each launch (Inductor sets its own)."""
     if _tracing_kernels():
         return torch.library.wrap_triton(kernel)
+    if scratch:
+        _set_scratch_allocator()
     return kernel
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can load these row-major 2-d tensors: 16-byte aligned bases and row strides.
+    While an op is traced the tensors have no address; Inductor keeps its buffers and the graph's
+    inputs 16-byte aligned (it copies a misaligned input), so there the strides decide."""
+    tracing = _tracing_kernels()
+    return all(t.stride(0) * t.element_size() % 16 == 0 and (tracing or t.data_ptr() % 16 == 0) for t in tensors)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: on_input_device's
+
+
+def _set_scratch_allocator() -> None:
+    """Give Triton an allocator unless one is set (by the caller, or by Inductor before its
+    launches): without one, a launch that needs scratch raises."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def bool_bytes(t: torch.Tensor) -> torch.Tensor:

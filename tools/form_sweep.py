@@ -21,29 +21,23 @@ from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
 # (block_m, block_n, block_k, num_warps, num_stages); None: what rows_gemm picks today.
-PREFILL_CONFIGS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                   (64, 128, 64, 4, 4)]
+PREFILL_CONFIGS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                   (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 DECODE_CONFIGS = [None, (16, 32, 128, 4, 4), (16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
                   (16, 16, 128, 2, 4), (16, 32, 128, 2, 6), (32, 32, 128, 4, 4), (64, 32, 128, 4, 4)]
 
 
-def rows_gemm_with(config, x, w, count, w2=None, residual=None, slot=None):
-    if config is None:
-        return lambda: kernels.rows_gemm(x, w, count, w2=w2, activation="silu" if w2 is not None else "none",
-                                         residual=residual, slot=slot)
-    bm, bn, bk, warps, stages = config
-    M, K = x.shape
-    N = w.shape[0]
-    rows = residual.shape[0] if residual is not None else M
-    out = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+def rows_gemm_with(config, x, w, count, w2=None, residual=None, rows=None, slot=None):
+    """rows_gemm, with its tiles replaced by `config` (None: its own)."""
+    tiles = kernels._tiles if config is None else (lambda *args: config)
 
     def run():
-        kernels._rows_gemm_kernel[(triton.cdiv(rows, bm), triton.cdiv(N, bn))](
-            x, w, w2 if w2 is not None else out, out, residual if residual is not None else out, out,
-            slot if slot is not None else out, count, M, rows, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            ACT=kernels.ACT_IDS["silu" if w2 is not None else "none"], GATED=w2 is not None, HAS_BIAS=False,
-            RESIDUAL=residual is not None, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
-        return out
+        picked, kernels._tiles = kernels._tiles, tiles
+        try:
+            return kernels.rows_gemm(x, w, count, w2=w2, activation="silu" if w2 is not None else "none",
+                                     residual=residual, rows=rows, slot=slot)
+        finally:
+            kernels._tiles = picked
     return run
 
 
@@ -55,16 +49,19 @@ def gemm_sweep(results):
     for T in (1, 8, 64, 128, 256, 512, 1024, 2048):
         M = max(1, int(T * 0.75))  # 25% skip
         count = torch.tensor([M], dtype=torch.int32, device=dev)
+        keep = torch.sort(torch.randperm(T, device=dev)[:M]).values
+        rows = torch.full((T,), -1, dtype=torch.int32, device=dev)
+        rows[:M] = keep.to(torch.int32)
         slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
-        slot[torch.randperm(T, device=dev)[:M]] = torch.arange(M, dtype=torch.int32, device=dev)
+        slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
         x = torch.randn(T, H, device=dev, dtype=dt)
         xi = torch.randn(T, I, device=dev, dtype=dt)
         res = torch.randn(T, H, device=dev, dtype=dt)
         cases = {
             "q": (lambda: F.linear(x[:M], w_q), dict(x=x, w=w_q)),
-            "o+res": (lambda: kernels.scatter_residual(res, F.linear(x[:M], w_q), slot), dict(x=x, w=w_q, residual=res, slot=slot)),
+            "o+res": (lambda: kernels.scatter_residual(res, F.linear(x[:M], w_q), slot), dict(x=x, w=w_q, residual=res, rows=rows, slot=slot)),
             "gated": (lambda: kernels.act_mul(F.linear(x[:M], w_g), F.linear(x[:M], w_u), "silu"), dict(x=x, w=w_g, w2=w_u)),
-            "down+res": (lambda: kernels.scatter_residual(res, F.linear(xi[:M], w_d), slot), dict(x=xi, w=w_d, residual=res, slot=slot)),
+            "down+res": (lambda: kernels.scatter_residual(res, F.linear(xi[:M], w_d), slot), dict(x=xi, w=w_d, residual=res, rows=rows, slot=slot)),
         }
         for name, (cublas, args) in cases.items():
             row = {"T": T, "M": M, "gemm": name, "cublas_ms": cuda_timer(cublas)[0]}

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import bool_bytes, cdiv, known_empty, launch, next_power_of_2
+from .._common import bool_bytes, cdiv, known_empty, launch, next_power_of_2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -187,12 +187,6 @@ def _combine_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the Triton interpreter: small, so tests exercise several splits
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # Triton's fp32 dot defaults to tf32; an fp32 model asks for fp32 accuracy.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -244,7 +238,7 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     block_n = 64 if q.device.type == "cuda" else 16
     # Enough chunks to fill the machine twice over; a function of static shapes only, so a
     # captured CUDA graph stays valid as the cache fills.
-    num_splits = max(1, min(cdiv(S, block_n), cdiv(2 * _num_sms(q.device), M * HK), 256))
+    num_splits = max(1, min(cdiv(S, block_n), cdiv(2 * num_sms(q.device), M * HK), 256))
     chunk = cdiv(cdiv(S, num_splits), block_n) * block_n
     num_splits = cdiv(S, chunk)
     part_o = torch.empty(M, HQ, num_splits, D, dtype=torch.float32, device=q.device)

@@ -134,42 +134,52 @@ def _gated_mlp_fake(x, w_gate, w_up, activation, count=None, tile_rows=None):
     return x.new_empty((x.shape[0], w_gate.shape[0]))
 
 
-def _check_residual(residual, x, weight, slot, count, tile_rows):
+def _check_residual(residual, x, weight, slot, count, rows, tile_rows):
     _check_x(x, count, tile_rows)
     _check_weight("weight", weight, x)
     check_tensor("residual", residual, ndim=2, device=x.device, device_of="x")
     check_same_dtype("residual", residual, "x", x)
     check_dim("residual", residual, 1, weight.shape[0], "weight's output size")
     check_rows("slot", slot, x.device, device_of="x")
+    check_rows("rows", rows, x.device, device_of="x")
     if slot is None:
         if count is not None:
-            raise ValueError("count: given without slot; the capacity form needs slot")
+            raise ValueError("count: given without slot; the capacity form needs slot and rows")
         check_dim("x", x, 0, residual.shape[0], "residual's row count (no slot given)")
     else:
         check_dim("slot", slot, 0, residual.shape[0], "residual's row count")
+    if count is not None and rows is None:
+        raise ValueError("rows: missing; the capacity form needs rows (and slot) from compact")
+    if count is None and rows is not None:
+        raise ValueError("rows: given without count; the exact form reads x's rows through slot only")
+    if rows is not None:
+        check_dim("rows", rows, 0, x.shape[0], "x's row count")
 
 
 @torch.library.custom_op("skipgpt::linear_residual", mutates_args=())
 def linear_residual(
     residual: Tensor, x: Tensor, weight: Tensor, slot: Optional[Tensor] = None, count: Optional[Tensor] = None,
-    tile_rows: Optional[int] = None,
+    rows: Optional[Tensor] = None, tile_rows: Optional[int] = None,
 ) -> Tensor:
     """out = residual; out[t] += x[slot[t]] @ weight.T for every token t with slot[t] >= 0.
 
     residual: [T, N]; x: [M, K] compacted rows (M = N_exec, or capacity T with `count`);
     weight: [N, K]; slot: [T] int32 from `compact` (None: dense, x row t belongs to token t).
+    Capacity form: count [1] int32 and rows [M] int32, compact's token of each of x's rows (the
+    inverse of slot); only the rows below count are projected, then added onto their tokens.
     Returns a new [T, N]: skipping tokens keep their residual row bit for bit.
-    slot and count are device data, not checked on the host: a token whose slot falls outside
-    [0, M) (or [0, count) in the capacity form) keeps its residual row, as a skipping token does.
+    slot, rows and count are device data, not checked on the host: a token whose slot falls
+    outside [0, M) (in the capacity form: outside [0, count), or at a row m with rows[m] != t)
+    keeps its residual row, as a skipping token does.
     tile_rows: as in `linear_rows`.
     """
-    _check_residual(residual, x, weight, slot, count, tile_rows)
-    return linear_residual_reference(residual, x, weight, slot, count)
+    _check_residual(residual, x, weight, slot, count, rows, tile_rows)
+    return linear_residual_reference(residual, x, weight, slot, count, rows)
 
 
 @linear_residual.register_fake
-def _linear_residual_fake(residual, x, weight, slot=None, count=None, tile_rows=None):
-    _check_residual(residual, x, weight, slot, count, tile_rows)
+def _linear_residual_fake(residual, x, weight, slot=None, count=None, rows=None, tile_rows=None):
+    _check_residual(residual, x, weight, slot, count, rows, tile_rows)
     return torch.empty_like(residual)
 
 
@@ -262,11 +272,11 @@ if HAS_TRITON:
 
     @linear_residual.register_kernel("cuda")
     @on_input_device
-    def _linear_residual_cuda(residual, x, weight, slot=None, count=None, tile_rows=None):
-        _check_residual(residual, x, weight, slot, count, tile_rows)
+    def _linear_residual_cuda(residual, x, weight, slot=None, count=None, rows=None, tile_rows=None):
+        _check_residual(residual, x, weight, slot, count, rows, tile_rows)
         if count is None:
             return kernels.scatter_residual(residual, F.linear(x, weight), slot)
-        return kernels.rows_gemm(x, weight, count, residual=residual, slot=slot, tile_rows=tile_rows)
+        return kernels.rows_gemm(x, weight, count, residual=residual, rows=rows, slot=slot, tile_rows=tile_rows)
 
     @qkv_rope_write.register_kernel("cuda")
     @on_input_device
@@ -291,7 +301,7 @@ if HAS_TRITON:
     )
     decompose_under_compile(
         linear_residual, _linear_residual_cuda,
-        lambda residual, x, weight, slot=None, count=None, tile_rows=None: _gemm_traceable(count, tile_rows),
+        lambda residual, x, weight, slot=None, count=None, rows=None, tile_rows=None: _gemm_traceable(count, tile_rows),
     )
     # Its tiles follow the bucketed token count: traced where that count is static (a decode
     # graph), one op where it is symbolic.

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, known_empty, launch, next_power_of_2
+from .._common import cdiv, known_empty, launch, next_power_of_2, num_sms, tma_ready
 
 ACT_IDS = {"none": 0, "silu": 1, "relu": 2}
 
@@ -56,45 +56,39 @@ def _scatter_residual_kernel(res_ptr, y_ptr, out_ptr, slot_ptr, T, M, N, HAS_SLO
     tl.store(out_ptr + t * N + cols, out, mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "T", "slot_ptr", "count_ptr"])
-def _rows_gemm_kernel(
-    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, slot_ptr, count_ptr,
-    M, T,
-    N: tl.constexpr, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+@triton.jit
+def _rows_gemm_tile(
+    x_ptr, x_desc, w_ptr, w_desc, w2_ptr, w2_desc, bias_ptr, res_ptr, out_ptr, rows_ptr, slot_ptr,
+    pid_m, pid_n, limit, T,
+    N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Row tiles vary fastest: the programs that share a weight tile run together and read it from
-    # HBM once. With column tiles fastest, each row tile streamed every weight again (the gated
-    # MLP's 235 MB at 8B, four times at 512 tokens) after the last pass had left L2.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Output tile (pid_m, pid_n) of rows_gemm: x's rows pid_m * BLOCK_M.. below `limit`."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    limit = tl.minimum(tl.load(count_ptr), M)
-    if RESIDUAL:  # output rows are tokens; token t reads x[slot[t]]
-        out_ok = offs_m < T
-        src = tl.load(slot_ptr + offs_m, mask=out_ok, other=-1)
-        a_ok = out_ok & (src >= 0) & (src < limit)
-    else:  # output rows are x's rows
-        src = offs_m
-        a_ok = offs_m < limit
-    src = tl.where(a_ok, src, 0).to(tl.int64)
+    a_ok = offs_m < limit
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # No executing row in this block: skip the K loop, so the weights are never read.
-    k_end = tl.where(tl.max(a_ok.to(tl.int32), axis=0) > 0, K, 0)
+    # A tile past the executing rows skips the K loop, so its weights are never read.
+    k_end = tl.where(pid_m * BLOCK_M < limit, K, 0)
     for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(x_ptr + src[:, None] * K + offs_k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-        w_ok = n_ok[None, :] & k_ok[:, None]
-        acc += tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
-        if GATED:
-            acc2 += tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), input_precision=DOT_PRECISION)
+        if TMA:  # rows past `limit` and columns past N come back zero
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+            acc = tl.dot(a, w_desc.load([pid_n * BLOCK_N, k0]).T, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc2 = tl.dot(a, w2_desc.load([pid_n * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
+                        mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+            w_off = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+            w_ok = n_ok[None, :] & k_ok[:, None]
+            acc = tl.dot(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc2 = tl.dot(a, tl.load(w2_ptr + w_off, mask=w_ok, other=0.0), acc2, input_precision=DOT_PRECISION)
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,13 +96,85 @@ def _rows_gemm_kernel(
     if GATED:
         a_act = _activate(y.to(tl.float32), ACT).to(dtype)
         y = (a_act.to(tl.float32) * acc2.to(dtype).to(tl.float32)).to(dtype)
-    out_off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     if RESIDUAL:
-        res = tl.load(res_ptr + out_off, mask=out_ok[:, None] & n_ok[None, :], other=0.0)
-        y = tl.where(a_ok[:, None], (res.to(tl.float32) + y.to(tl.float32)).to(dtype), res)
-        tl.store(out_ptr + out_off, y, mask=out_ok[:, None] & n_ok[None, :])
+        # Row m belongs to token rows[m], and only if slot[rows[m]] == m: a token is then written
+        # by exactly one program, here or in _copy_skipped_rows, whatever the index data hold.
+        tok = tl.load(rows_ptr + offs_m, mask=a_ok, other=-1)
+        ok = a_ok & (tok >= 0) & (tok < T)
+        tok = tl.where(ok, tok, 0)
+        ok = ok & (tl.load(slot_ptr + tok, mask=ok, other=-1) == offs_m)
+        out_off = tok.to(tl.int64)[:, None] * N + offs_n[None, :]
+        mask = ok[:, None] & n_ok[None, :]
+        res = tl.load(res_ptr + out_off, mask=mask, other=0.0)
+        tl.store(out_ptr + out_off, (res.to(tl.float32) + y.to(tl.float32)).to(dtype), mask=mask)
     else:
-        tl.store(out_ptr + out_off, y, mask=a_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y, mask=a_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _copy_skipped_rows(res_ptr, out_ptr, rows_ptr, slot_ptr, pid_t, pid_n, limit, T,
+                       N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = residual[t] for the tokens t of tile (pid_t, pid_n) that no row m < limit takes."""
+    offs_t = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = offs_t < T
+    s = tl.load(slot_ptr + offs_t, mask=t_ok, other=-1)
+    taken = t_ok & (s >= 0) & (s < limit)
+    taken = taken & (tl.load(rows_ptr + tl.where(taken, s, 0), mask=taken, other=-1) == offs_t)
+    mask = (t_ok & ~taken)[:, None] & (offs_n < N)[None, :]
+    off = offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptr + off, tl.load(res_ptr + off, mask=mask, other=0.0), mask=mask)
+
+
+# rows/slot/count are views at offsets into the compacted tensors whose alignment moves with the
+# token count: not specialised on, so a new length never recompiles.
+@triton.jit(do_not_specialize=["M", "T", "rows_ptr", "slot_ptr", "count_ptr"])
+def _rows_gemm_kernel(
+    x_ptr, w_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, rows_ptr, slot_ptr, count_ptr,
+    M, T,
+    N: tl.constexpr, K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    TMA: tl.constexpr, PROGRAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Tiles: first the GEMM's, row tiles varying fastest, so the programs that share a weight
+    # tile run together and read it from HBM once; then, with RESIDUAL, the copies of the tokens
+    # no row takes. PROGRAMS > 0: a persistent grid of that many programs strides over the tiles
+    # of the rows below the count only (no program is launched just to exit); PROGRAMS == 0: one
+    # program per tile of all M rows.
+    limit = tl.minimum(tl.load(count_ptr), M)
+    COL_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    if PROGRAMS > 0:
+        row_tiles = tl.cdiv(limit, BLOCK_M)
+    else:
+        row_tiles = tl.cdiv(M, BLOCK_M)
+    gemm_tiles = row_tiles * COL_TILES
+    tiles = gemm_tiles
+    if RESIDUAL:
+        tiles += tl.cdiv(T, BLOCK_M) * COL_TILES
+    x_desc = x_ptr
+    w_desc = w_ptr
+    w2_desc = w2_ptr
+    if TMA:  # needs 16-byte aligned bases and row strides (rows_gemm checks)
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[limit, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if GATED:
+            w2_desc = tl.make_tensor_descriptor(w2_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if PROGRAMS > 0:
+        step = PROGRAMS
+    else:
+        step = 1
+        tiles = tl.minimum(tiles, tl.program_id(0) + 1)
+    for tile in range(tl.program_id(0), tiles, step):
+        if tile < gemm_tiles:
+            _rows_gemm_tile(x_ptr, x_desc, w_ptr, w_desc, w2_ptr, w2_desc, bias_ptr, res_ptr, out_ptr, rows_ptr,
+                            slot_ptr, tile % row_tiles, tile // row_tiles, limit, T, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                            ACT, GATED, HAS_BIAS, RESIDUAL, TMA, DOT_PRECISION)
+        else:
+            copy = tile - gemm_tiles
+            token_tiles = tl.cdiv(T, BLOCK_M)
+            _copy_skipped_rows(res_ptr, out_ptr, rows_ptr, slot_ptr, copy % token_tiles, copy // token_tiles, limit,
+                               T, N, BLOCK_M, BLOCK_N)
 
 
 def _elementwise_block(n: int) -> int:
@@ -147,7 +213,9 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     programs instead of 64). From 128 rows (a capacity-form prefill) 128-row tiles reuse each
     weight tile across rows; a single GEMM's tiles widen with the rows (64, 128, then 256
     columns: enough programs for the SMs first, then fewer passes over the rows), while the
-    two-accumulator GEMMs stay at 128x128."""
+    two-accumulator GEMMs stay at 128x128. Re-measured for the persistent TMA kernel on an H200
+    (docs/bench/form-sweep-gemm-*, twelfth session): the gated GEMM gains a fourth stage, and past
+    1024 rows (a capacity form forced above its default range) 128x128 tiles beat 128x256 ones."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
@@ -160,34 +228,48 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     if rows <= 64:
         return next_power_of_2(rows), 64 if gated else 32, 128 if wide else 64, 4, 4
     if kind != "single":  # two accumulators (wider tiles run out of registers or shared memory)
-        return 128, 128, block_k, 8, 3
+        return 128, 128, block_k, 8, 4 if gated and wide else 3
     if rows <= 256:
         return 128, 64, block_k, 4, 4
-    if rows <= 512:
+    if rows <= 512 or rows > 1024:
         return 128, 128, block_k, 4, 4
     return 128, 256, block_k, 8, 3
 
 
-def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, slot=None, tile_rows=None):
-    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual.
-    tile_rows: the row count to pick tiles by (default: the output's rows; a symbolic one would
-    guard)."""
+def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, rows=None, slot=None,
+              tile_rows=None):
+    """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
+    (rows [M] and slot [T] given: x's row m is token rows[m]'s).
+    tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
+    From 128 rows a persistent grid of one program per SM strides over the live tiles: 1.1-1.4x
+    faster than one program per tile at 256-1024 rows (tools/gemm_variants.py, H200), most of it
+    in the gated GEMM. With 16-byte aligned rows the operands load through TMA descriptors."""
     M, K = x.shape
     N = weight.shape[0]
-    out_rows = residual.shape[0] if residual is not None else M
-    out = torch.empty(out_rows, N, dtype=x.dtype, device=x.device)
-    if known_empty(out_rows * N):
+    T = residual.shape[0] if residual is not None else M
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if known_empty(T * N):
         return out
-    kind = "gated" if w2 is not None else "single"
-    tiled_as = out_rows if tile_rows is None else tile_rows
-    block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), kind, x.device.type == "cuda")
+    on_gpu = x.device.type == "cuda"
+    tiled_as = M if tile_rows is None else tile_rows
+    block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), "gated" if w2 is not None else "single",
+                                                      on_gpu)
+    operands = [t for t in (x, weight, w2) if t is not None]
+    tma = tma_ready(*operands)
+    if tiled_as > 64:  # prefill-sized: persistent
+        programs = num_sms(x.device)
+        grid = (programs,)
+    else:  # decode-sized: one program per tile, whose weights spread over the SMs
+        programs = 0
+        grid = (cdiv(M, block_m) * cdiv(N, block_n) + (cdiv(T, block_m) * cdiv(N, block_n) if residual is not None else 0),)
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
-    launch(_rows_gemm_kernel)[(cdiv(out_rows, block_m), cdiv(N, block_n))](
+    launch(_rows_gemm_kernel, scratch=tma and on_gpu)[grid](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out, slot if slot is not None else dummy, count,
-        M, out_rows, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        residual if residual is not None else dummy, out, rows if rows is not None else count,
+        slot if slot is not None else count, count,
+        M, T, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None,
+        RESIDUAL=residual is not None, TMA=tma, PROGRAMS=programs,
         DOT_PRECISION=_dot_precision(x),
         num_warps=warps, num_stages=stages,
     )

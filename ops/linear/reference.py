@@ -32,9 +32,10 @@ def gated_mlp_reference(x, w_gate, w_up, activation: str, count=None):
     return _zero_invalid(y, _valid_rows(x.shape[0], count, x.device))
 
 
-def linear_residual_reference(residual, x, weight, slot=None, count=None):
-    """out[t] = residual[t] + x[slot[t]] @ weight.T where slot[t] >= 0 (and < count), else
-    residual[t]. Without slot, x's rows are residual's rows. residual [T, N], x [M, K]."""
+def linear_residual_reference(residual, x, weight, slot=None, count=None, rows=None):
+    """out[t] = residual[t] + x[slot[t]] @ weight.T where slot[t] >= 0 (and < count, and with
+    rows given rows[slot[t]] == t), else residual[t]. Without slot, x's rows are residual's rows.
+    residual [T, N], x [M, K], rows [M]."""
     y = F.linear(x, weight)
     if slot is None:
         return residual + y
@@ -42,8 +43,10 @@ def linear_residual_reference(residual, x, weight, slot=None, count=None):
         return residual.clone()
     limit = x.shape[0] if count is None else torch.clamp(count.to(x.device), max=x.shape[0])
     take = (slot >= 0) & (slot < limit)
-    # Gather at a valid row for tokens that do not take one: a slot past M would index out of y.
-    return torch.where(take[:, None], residual + y[torch.where(take, slot, 0).long()], residual)
+    at = torch.where(take, slot, 0).long()  # a valid row for tokens that take none (a slot past M)
+    if rows is not None:
+        take &= rows[at] == torch.arange(slot.shape[0], device=slot.device)
+    return torch.where(take[:, None], residual + y[at], residual)
 
 
 def qkv_rope_write_reference(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cache, v_cache, start):

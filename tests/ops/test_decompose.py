@@ -81,9 +81,10 @@ def traced(fn, *inputs):
 def trace_cases():
     import skipgpt.ops  # noqa: F401  (registers torch.ops.skipgpt)
     from skipgpt.ops.attention import kernels as attention_kernels
+    from skipgpt.ops.linear import kernels as linear_kernels
 
-    if not torch.cuda.is_available():  # the decode kernel's split count asks the GPU for its SM count
-        attention_kernels._num_sms = lambda device: 132
+    if not torch.cuda.is_available():  # decode splits and persistent grids ask the GPU for its SM count
+        attention_kernels.num_sms = linear_kernels.num_sms = lambda device: 132
         import triton
         from triton.backends.compiler import GPUTarget
 
@@ -151,7 +152,7 @@ def trace_cases():
         x, res, slot = x0.new_empty((T, H)), x0.new_empty((T, H)), x0.new_empty((T,), dtype=torch.int32)
         return (
             ops.forced_execute(params, start, 1, T, 3), ops.linear_rows(x, wq, None, count, 512),
-            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, 512),
+            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, slot, 512),
         )
 
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]

@@ -19,16 +19,17 @@ def brute_gated(x, wg, wu, activation):
     return ACT64[activation](brute_linear(x, wg)) * brute_linear(x, wu)
 
 
-def brute_residual(residual, x, w, slot=None, count=None):
-    """Token by token: residual[t] + x[slot[t]] @ w.T where slot[t] is a valid row, else the
-    residual row itself (returned as is, for bit-exact comparison)."""
+def brute_residual(residual, x, w, slot=None, count=None, rows=None):
+    """Token by token: residual[t] + x[slot[t]] @ w.T where slot[t] is a valid row (and, with
+    rows, rows[slot[t]] == t), else the residual row itself (returned as is, for bit-exact
+    comparison)."""
     T = residual.shape[0]
     limit = x.shape[0] if count is None else min(int(count), x.shape[0])
     out = residual.double().clone()
     executes = []
     for t in range(T):
         s = t if slot is None else int(slot[t])
-        if 0 <= s < limit:
+        if 0 <= s < limit and (rows is None or int(rows[s]) == t):
             out[t] = residual[t].double() + x[s].double() @ w.double().T
             executes.append(t)
     return out, torch.tensor(executes, dtype=torch.long)
@@ -77,8 +78,9 @@ def test_linear_residual_reference(dtype, form, p):
         x, slot, count = randn(routes.n, K, dtype=dtype, seed=7), routes.slot, None
     else:
         x, slot, count = randn(B * L, K, dtype=dtype, seed=7), routes.slot, routes.count
-    got = linear_residual_reference(residual, x, w, slot, count)
-    want, executes = brute_residual(residual, x, w, slot, count)
+    rows = routes.rows_cap if form == "capacity" else None
+    got = linear_residual_reference(residual, x, w, slot, count, rows)
+    want, executes = brute_residual(residual, x, w, slot, count, rows)
     assert got.dtype == dtype
     assert_rel(got[executes], want[executes], TOL[dtype])
     skips = torch.ones(B * L, dtype=torch.bool)
@@ -159,7 +161,7 @@ def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
         routes = make_routes(1, rows, 0.3, seed=rows, device=KERNEL_DEVICE)
         residual = randn(rows, N, dtype=dtype, device=KERNEL_DEVICE, seed=rows + 2)
         with poisoned_outputs(kernels):
-            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot)
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=routes.rows_cap, slot=routes.slot)
         return _check_residual(out, residual, x, w, routes, dtype)
     w2 = _w(N, K, dtype, KERNEL_DEVICE, seed=rows + 3) if kind == "gated" else None
     with poisoned_outputs(kernels):
@@ -191,7 +193,8 @@ def test_rows_gemm_tile_rows_picks_tiles_not_results(monkeypatch, rows, tile_row
         routes = make_routes(1, rows, 0.3, seed=rows, device=KERNEL_DEVICE)
         residual = randn(rows, N, device=KERNEL_DEVICE, seed=rows + 2)
         with poisoned_outputs(kernels):
-            out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot, tile_rows=tile_rows)
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=routes.rows_cap, slot=routes.slot,
+                                        tile_rows=tile_rows)
         _check_residual(out, residual, x, w, routes, torch.float32)
     else:
         w2 = _w(N, K, torch.float32, KERNEL_DEVICE, seed=rows + 3) if kind == "gated" else None
@@ -220,15 +223,58 @@ def test_rows_gemm_residual(dtype, B, L, p):
     residual = randn(T, N, dtype=dtype, device=KERNEL_DEVICE, seed=L + 2)
     w = _w(N, K, dtype, KERNEL_DEVICE, seed=L + 3)
     with poisoned_outputs(kernels):
-        out = kernels.rows_gemm(x, w, routes.count, residual=residual, slot=routes.slot)
+        out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=routes.rows_cap, slot=routes.slot)
     assert out.shape == (T, N)
     _check_residual(out, residual, x, w, routes, dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("tile_rows", [None, 512])  # one program per tile; a persistent grid
+def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypatch, tile_rows):
+    """rows and slot that are not each other's inverse (device data nobody checks): every token
+    is still written exactly once, by the GEMM where rows[slot[t]] == t, else with its residual."""
+    from skipgpt.ops.linear import kernels
+
+    gpu_tiles = kernels._tiles
+    monkeypatch.setattr(kernels, "_tiles", lambda r, size, kind, on_gpu: gpu_tiles(r, size, kind, True))
+    B, L, K, N = 2, 70, 24, 40
+    T = B * L
+    routes = make_routes(B, L, 0.7, seed=8, device=KERNEL_DEVICE)
+    n = routes.n
+    rows, slot = routes.rows_cap.clone(), routes.slot.clone()
+    t0, t1, t2 = (int(rows[i]) for i in (0, 1, 2))
+    rows[0] = t1  # rows[0] and rows[1] both name t1: only row 1 is t1's (slot[t1] == 1); t0 has no row
+    rows[2] = T + 5  # a token past the end: t2's slot points at a row that is not its own
+    slot[int(torch.nonzero(slot < 0)[0])] = n - 1  # a skipping token claims the last row, which is not its
+    x = randn(T, K, device=KERNEL_DEVICE, seed=9)
+    residual = randn(T, N, device=KERNEL_DEVICE, seed=10)
+    w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=11)
+    with poisoned_outputs(kernels):
+        out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=rows, slot=slot, tile_rows=tile_rows)
+    want, executes = brute_residual(residual, x, w, slot, routes.count, rows)
+    assert torch.isfinite(out).all(), "some token row was not written"
+    assert len(executes) == n - 2 and t0 not in executes and t2 not in executes
+    skips = torch.ones(T, dtype=torch.bool)
+    skips[executes] = False
+    assert torch.equal(out[skips.to(out.device)], residual[skips.to(out.device)])
+    assert_rel(out[executes.to(out.device)], want[executes], TOL[torch.float32])
+
+
+def test_tma_ready_needs_16_byte_rows_and_bases():
+    from skipgpt.ops._common import tma_ready
+
+    flat = torch.zeros(4096, dtype=torch.float16)
+    assert tma_ready(flat[:304 * 4].view(4, 304))
+    assert not tma_ready(flat[:300 * 4].view(4, 300)), "600-byte rows"
+    assert tma_ready(flat[8:8 + 304 * 4].view(4, 304)), "a base 16 bytes in"
+    assert not tma_ready(flat[4:4 + 304 * 4].view(4, 304)), "a base 8 bytes in"
+    assert not tma_ready(flat[:304 * 4].view(4, 304), flat[:300 * 4].view(4, 300)), "one operand unfit"
 
 
 def _check_residual(out, residual, x, w, routes, dtype):
     flat = routes.execute.flatten()
     assert torch.equal(out[~flat], residual[~flat]), "skipping tokens must keep their residual bit for bit"
-    want = linear_residual_reference(residual, x, w, routes.slot, routes.count)
+    want = linear_residual_reference(residual, x, w, routes.slot, routes.count, routes.rows_cap)
     assert_rel(out[flat], want[flat], TOL[dtype])
     assert torch.isfinite(out).all(), "some token row was not written"
 
@@ -416,8 +462,9 @@ def test_opcheck():
     xe = randn(routes.n, K, seed=7)
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w))
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, xe, w, routes.slot.clone()))
-    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt))
-    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, routes.slot.clone(), cnt, 64))
+    cap = (routes.slot.clone(), cnt, routes.rows_cap.clone())
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, *cap))
+    torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x, w, *cap, 64))
     none = make_routes(2, 4, 0.0)  # exact form with no executing token: x has no rows
     torch.library.opcheck(torch.ops.skipgpt.linear_residual.default, (residual, x[:0], w, none.slot.clone()))
     torch.library.opcheck(torch.ops.skipgpt.linear_rows.default, (x[:0], w, b))
@@ -455,10 +502,14 @@ def _bad_cases():
         (rs, (res, x, w, slot[:3]), ValueError, "slot: dim 0 must equal residual's row count"),
         (rs, (res, x, w, slot.long()), TypeError, "slot: expected dtype int32"),
         (rs, (res, x, w, None, count), ValueError, "count: given without slot"),
+        (rs, (res, x, w, slot, count), ValueError, "rows: missing; the capacity form needs rows"),
+        (rs, (res, x, w, slot, None, slot), ValueError, "rows: given without count"),
+        (rs, (res, x, w, slot, count, slot[:3]), ValueError, "rows: dim 0 must equal x's row count"),
+        (rs, (res, x, w, slot, count, slot.long()), TypeError, "rows: expected dtype int32"),
         (rs, (torch.zeros(5, 4).t(), x, w), ValueError, "residual: expected a contiguous tensor"),
         (lr, (x, w, None, None, 4), ValueError, "tile_rows: given without count"),
         (gm, (x, w, w, "silu", count, 0), ValueError, "tile_rows: expected a row count >= 1"),
-        (rs, (res, x, w, slot, None, 512), ValueError, "tile_rows: given without count"),
+        (rs, (res, x, w, slot, None, None, 512), ValueError, "tile_rows: given without count"),
     ]
 
 

@@ -84,7 +84,8 @@ def _calls(t, s):
         ("gated_mlp", (t.x, t.w_gate, t.w_up, "silu"), linear.gated_mlp_reference, None),
         ("gated_mlp", (t.x, t.w_gate, t.w_up, "silu", t.count), linear.gated_mlp_reference, n),
         ("linear_residual", (t.x, t.xe @ t.w_gate.t(), t.w_down, t.slot), linear.linear_residual_reference, None),
-        ("linear_residual", (t.x, t.x @ t.w_gate.t(), t.w_down, t.slot, t.count), linear.linear_residual_reference, None),
+        ("linear_residual", (t.x, t.x @ t.w_gate.t(), t.w_down, t.slot, t.count, t.rows_cap),
+         linear.linear_residual_reference, None),
     ]
 
 

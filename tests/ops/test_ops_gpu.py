@@ -237,13 +237,13 @@ def test_linear_8b(B, L):
             out = torch.ops.skipgpt.gated_mlp(x[:m], W["gate"], W["up"], "silu", count)
             want = silu64(lin64(x[:n_mlp], W["gate"])) * lin64(x[:n_mlp], W["up"])
             check(out[:n_mlp], want, f"gated_mlp {form}")
-        for name, w, inp, n, count, slot_r in (
-            ("o_proj", W["o"], x, n_attn, count_attn, slot[0]),
-            ("down_proj", W["down"], a_in, n_mlp, count_mlp, slot[1]),
+        for name, w, inp, n, count, slot_r, rows_r in (
+            ("o_proj", W["o"], x, n_attn, count_attn, slot[0], rows[0]),
+            ("down_proj", W["down"], a_in, n_mlp, count_mlp, slot[1], rows[1]),
         ):
             executes = slot_r >= 0
-            for form, m, cnt in (("exact", n, None), ("capacity", T, count)):
-                out = torch.ops.skipgpt.linear_residual(residual, inp[:m], w, slot_r, cnt)
+            for form, m, cnt, rows_f in (("exact", n, None, None), ("capacity", T, count, rows_r)):
+                out = torch.ops.skipgpt.linear_residual(residual, inp[:m], w, slot_r, cnt, rows_f)
                 assert torch.equal(out[~executes], residual[~executes]), f"{name} {form}: skipping rows changed"
                 want = residual[executes].double() + lin64(inp[:n], w)
                 check(out[executes], want, f"{name} {form}")
@@ -343,10 +343,10 @@ def _layer_step(W, B, L, start, S, seed):
         q = torch.ops.skipgpt.linear_rows(xq[: ra.shape[0]], W["q"], None, ca).view(-1, HQ, D)
         q = torch.ops.skipgpt.rope(q, cos.view(T, D), sin.view(T, D), ra, ca)
         o = torch.ops.skipgpt.sparse_attention(q, k_cache, v_cache, start_t, L, D ** -0.5, ra, offsets[0], key_mask)
-        h = torch.ops.skipgpt.linear_residual(x, o.view(-1, HQ * D), W["o"], slot[0], ca)
+        h = torch.ops.skipgpt.linear_residual(x, o.view(-1, HQ * D), W["o"], slot[0], ca, ra if ca is not None else None)
         hn = torch.ops.skipgpt.rms_norm(h, w_norm, EPS, rm, cm)
         a = torch.ops.skipgpt.gated_mlp(hn, W["gate"], W["up"], "silu", cm)
-        torch.ops.skipgpt.linear_residual(h, a, W["down"], slot[1], cm)
+        torch.ops.skipgpt.linear_residual(h, a, W["down"], slot[1], cm, rm if cm is not None else None)
     torch.ops.skipgpt.rms_norm(x, w_norm, EPS)
     torch.cuda.synchronize()
 

@@ -711,10 +711,12 @@ def linear_residual_cases(draw):
     form = draw(st.sampled_from(["dense", "exact", "capacity"]))
     g = torch.Generator().manual_seed(seed)
     execute = torch.rand(1, 1, T, generator=g) < 0.6
-    slot = compact_reference(execute)[1][0]
+    rows, slot, _ = (t[0] for t in compact_reference(execute))
     n = int(execute.sum())
     if draw(st.booleans()) and T > 0:  # slots outside [0, M) or past the count
         slot[int(torch.randint(0, T, (1,), generator=g))] = draw(st.sampled_from(BAD_INDEX + [T, n]))
+    if draw(st.booleans()) and T > 0:  # rows that are not slot's inverse
+        rows[int(torch.randint(0, T, (1,), generator=g))] = draw(st.sampled_from(BAD_INDEX + [T, 0]))
     M = {"dense": T, "exact": n, "capacity": T}[form]
 
     def base(device, put):
@@ -722,9 +724,10 @@ def linear_residual_cases(draw):
                     x=put(randn(M, K, dtype=dtype, seed=seed), "x"),
                     weight=put(randn(N, K, dtype=dtype, seed=seed + 1, scale=0.3), "weight"),
                     slot=None if form == "dense" else put(slot, "slot"),
-                    count=_count_tensor(n if count is None else count, put) if form == "capacity" else None)
+                    count=_count_tensor(n if count is None else count, put) if form == "capacity" else None,
+                    rows=put(rows, "rows") if form == "capacity" else None)
 
-    return draw(mutations(Case("linear_residual", base), ["residual", "x", "weight", "slot", "count"], {}))
+    return draw(mutations(Case("linear_residual", base), ["residual", "x", "weight", "slot", "count", "rows"], {}))
 
 
 def _residual_compare(out, want, args, kernel, case):
@@ -847,7 +850,7 @@ SPECS = {
     "gated_mlp": Spec(linear.gated_mlp, _impl(linear, "gated_mlp"),
                       _ref(linear.gated_mlp_reference, ["x", "w_gate", "w_up", "activation", "count"]), _rows_compare),
     "linear_residual": Spec(linear.linear_residual, _impl(linear, "linear_residual"),
-                            _ref(linear.linear_residual_reference, ["residual", "x", "weight", "slot", "count"]),
+                            _ref(linear.linear_residual_reference, ["residual", "x", "weight", "slot", "count", "rows"]),
                             _residual_compare),
     "qkv_rope_write": Spec(linear.qkv_rope_write, _impl(linear, "qkv_rope_write"), _qkv_expect, _qkv_compare,
                      kernel_expect=_qkv_kernel_expect, kernel_only_errors=(r"^start: slots",)),
