@@ -374,10 +374,11 @@ class RoutedDecoderLayer(nn.Module):
         capacity_rows = rows if counts[0] is not None else (None, None)
         o = self._attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
-                                capacity_rows[0], tile_rows)
+                                capacity_rows[0], tile_rows=tile_rows)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation, counts[1], tile_rows=tile_rows)
-        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], capacity_rows[1], tile_rows)
+        return ops.linear_residual(h, a, mlp.down_proj.weight, slot[1], counts[1], capacity_rows[1],
+                                   tile_rows=tile_rows)
 
 
 def _no_counts_on_host(seq_offsets: torch.Tensor) -> torch.Tensor:

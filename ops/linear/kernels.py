@@ -3,7 +3,8 @@
 - `act_mul` and `scatter_residual` finish the exact-count path, whose GEMMs run in cuBLAS.
 - `rows_gemm` is the capacity-form GEMM: it reads the executing count on the device, so a
   module that no row executes exits before streaming a byte of its weights. Optional epilogues:
-  bias, gated activation (two weights), residual add scattered through `slot`.
+  bias, gated activation (two weights), residual add onto each row's token (`rows`), in which
+  case the same launch copies the residual rows of the tokens that no row takes.
 - `qkv_rope_write` is the attention's input stage after its RMSNorm in one launch: the Q
   projection of the gathered executing rows and the K/V projections of every token, RoPE on Q
   and K, and the K/V write into the seq-first cache.
@@ -241,9 +242,10 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
     (rows [M] and slot [T] given: x's row m is token rows[m]'s).
     tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
-    From 128 rows a persistent grid of one program per SM strides over the live tiles: 1.1-1.4x
-    faster than one program per tile at 256-1024 rows (tools/gemm_variants.py, H200), most of it
-    in the gated GEMM. With 16-byte aligned rows the operands load through TMA descriptors."""
+    From 128 rows a persistent grid of one program per SM strides over the live tiles, and
+    operands with 16-byte aligned rows load through TMA descriptors: 1.1-1.3x faster than one
+    program per tile with pointer loads at 256-1024 rows, most of it in the gated GEMM
+    (docs/bench/gemm-variants-6d971d8.json, H200)."""
     M, K = x.shape
     N = weight.shape[0]
     T = residual.shape[0] if residual is not None else M
@@ -254,12 +256,14 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = M if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), "gated" if w2 is not None else "single",
                                                       on_gpu)
-    operands = [t for t in (x, weight, w2) if t is not None]
-    tma = tma_ready(*operands)
-    if tiled_as > 64:  # prefill-sized: persistent
+    # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized: one program
+    # per tile, whose weights spread over the SMs, and pointer loads (TMA took 1-5 us longer
+    # there; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
+    tma = tiled_as > 64 and tma_ready(*(t for t in (x, weight, w2) if t is not None))
+    if tiled_as > 64:
         programs = num_sms(x.device)
         grid = (programs,)
-    else:  # decode-sized: one program per tile, whose weights spread over the SMs
+    else:
         programs = 0
         grid = (cdiv(M, block_m) * cdiv(N, block_n) + (cdiv(T, block_m) * cdiv(N, block_n) if residual is not None else 0),)
     dummy = x  # for absent pointers (never dereferenced): an input, never the output
