@@ -168,12 +168,20 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
+@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """The streaming multiprocessors of a CUDA device; 4 for the Triton interpreter (CPU), few
     enough that tests exercise grids that split or stride their work."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: Triton's fp32 dot defaults to tf32; an fp32 model asks for fp32
+    accuracy."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def next_power_of_2(n: int) -> int:
@@ -240,11 +248,12 @@ def launch(kernel, scratch: bool = False):
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can load these row-major 2-d tensors: 16-byte aligned bases and row strides.
-    While an op is traced the tensors have no address; Inductor keeps its buffers and the graph's
-    inputs 16-byte aligned (it copies a misaligned input), so there the strides decide."""
+    """Whether TMA can load these contiguous row-major 2-d tensors: 16-byte aligned bases and rows
+    (the row size, not stride(0), which a one-row tensor may leave arbitrary). While an op is
+    traced the tensors have no address; Inductor keeps its buffers and the graph's inputs 16-byte
+    aligned (it copies a misaligned input), so there the row sizes decide."""
     tracing = _tracing_kernels()
-    return all(t.stride(0) * t.element_size() % 16 == 0 and (tracing or t.data_ptr() % 16 == 0) for t in tensors)
+    return all(t.shape[1] * t.element_size() % 16 == 0 and (tracing or t.data_ptr() % 16 == 0) for t in tensors)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -257,7 +266,8 @@ def _set_scratch_allocator() -> None:
     from triton.runtime import _allocation
 
     current = getattr(_allocation, "_allocator", None)
-    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+    current = current.get() if hasattr(current, "get") else current  # a ContextVar, or (older) the allocator
+    if current is None or isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
 

@@ -14,7 +14,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer
 from skipgpt.ops.linear import kernels

@@ -6,6 +6,8 @@ machine). The earlier kernels module is a file, loaded as a sibling of today's:
     python tools/gemm_ab.py old_kernels.py        # writes $OUT/gemm-ab.json (or /tmp)
 
 The earlier module must take rows_gemm's keyword arguments of 6d971d8 (residual via slot only).
+"now, TMA" and "now, pointers" force tma_ready's answer; rows_gemm loads through TMA only above
+64 rows, so the two agree below.
 """
 import importlib.util
 import json
@@ -35,9 +37,12 @@ for T in (1, 8, 16, 32, 64, 128, 256, 512, 1024):
         M = max(1, T - int(T * skip))
         count = torch.tensor([M], dtype=torch.int32, device=dev)
         keep = torch.sort(torch.randperm(T, device=dev)[:M]).values
-        rows = torch.full((T,), -1, dtype=torch.int32, device=dev); rows[:M] = keep.int()
-        slot = torch.full((T,), -1, dtype=torch.int32, device=dev); slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
-        x = torch.randn(T, H, device=dev, dtype=dt); xi = torch.randn(T, I, device=dev, dtype=dt)
+        rows = torch.full((T,), -1, dtype=torch.int32, device=dev)
+        rows[:M] = keep.int()
+        slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
+        slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
+        x = torch.randn(T, H, device=dev, dtype=dt)
+        xi = torch.randn(T, I, device=dev, dtype=dt)
         res = torch.randn(T, H, device=dev, dtype=dt)
         cases = {
             "q": (dict(x=x, weight=w_q), {}, lambda: F.linear(x[:M], w_q)),

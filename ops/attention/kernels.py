@@ -6,13 +6,12 @@ device; tiles past a sequence's count exit at once, so the grid is static (B * c
 Decode (one query per sequence): split-KV. Each program takes one query, one KV head with its
 whole GQA group, and one chunk of keys; a second kernel merges the chunks by log-sum-exp.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import bool_bytes, cdiv, known_empty, launch, next_power_of_2, num_sms
+from .._common import bool_bytes, cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -186,12 +185,6 @@ def _combine_kernel(
         tl.store(o_ptr + (m.to(tl.int64) * HQ + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Triton's fp32 dot defaults to tf32; an fp32 model asks for fp32 accuracy.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _no_keys(q, B, S, seq_len):
     """No token or no key slot: every query sees no key (zeros). None when there is work."""
     if known_empty(q.numel()):
@@ -222,7 +215,7 @@ def prefill(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_m
         M, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, tiles, scale * LOG2E,
         HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_ROWS=rows is not None, HAS_KMASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.device.type == "cuda" else 1,
     )
     return out
@@ -256,7 +249,7 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         HQ=HQ, HK=HK, HEAD_DIM=D, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n,
         HAS_ROWS=rows is not None, HAS_COUNT=count is not None, HAS_KMASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2 if q.device.type == "cuda" else 1,
     )
     launch(_combine_kernel)[(M, HQ)](

@@ -1,5 +1,6 @@
 """Projection ops over compacted rows: the gated MLP, projections whose output is added back
-into the residual stream through `slot` (no zero-fill, no separate residual pass), and
+into the residual stream (through `slot`, or in the capacity form onto each row's token through
+`rows`; no zero-fill, no separate residual pass), and
 `qkv_rope_write`, the attention's Q/K/V projections with RoPE and the KV-cache write.
 
 Exact form (count None): cuBLAS does the GEMM over the compacted rows, Triton the epilogue pass.
@@ -151,7 +152,7 @@ def _check_residual(residual, x, weight, slot, count, rows, tile_rows):
     if count is not None and rows is None:
         raise ValueError("rows: missing; the capacity form needs rows (and slot) from compact")
     if count is None and rows is not None:
-        raise ValueError("rows: given without count; the exact form reads x's rows through slot only")
+        raise ValueError("rows: given without count; only the capacity form takes rows")
     if rows is not None:
         check_dim("rows", rows, 0, x.shape[0], "x's row count")
 

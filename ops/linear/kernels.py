@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, known_empty, launch, next_power_of_2, num_sms, tma_ready
+from .._common import cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms, tma_ready
 
 ACT_IDS = {"none": 0, "silu": 1, "relu": 2}
 
@@ -143,7 +143,7 @@ def _rows_gemm_kernel(
     # no row takes. PROGRAMS > 0: a persistent grid of that many programs strides over the tiles
     # of the rows below the count only (no program is launched just to exit); PROGRAMS == 0: one
     # program per tile of all M rows.
-    limit = tl.minimum(tl.load(count_ptr), M)
+    limit = tl.maximum(tl.minimum(tl.load(count_ptr), M), 0)  # a negative count: no row
     COL_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PROGRAMS > 0:
         row_tiles = tl.cdiv(limit, BLOCK_M)
@@ -204,7 +204,7 @@ def scatter_residual(residual, y, slot):
 
 
 def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM with `rows` output rows;
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM over `rows` input rows;
     kind: "single" (one accumulator), "gated" (two: gate and up) or "halves" (two, each half the
     tile's columns: a head's halves in qkv_rope_write).
     Picked from the bucketed row count only, so a new batch or length never recompiles.
@@ -215,8 +215,8 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     weight tile across rows; a single GEMM's tiles widen with the rows (64, 128, then 256
     columns: enough programs for the SMs first, then fewer passes over the rows), while the
     two-accumulator GEMMs stay at 128x128. Re-measured for the persistent TMA kernel on an H200
-    (docs/bench/form-sweep-gemm-*, twelfth session): the gated GEMM gains a fourth stage, and past
-    1024 rows (a capacity form forced above its default range) 128x128 tiles beat 128x256 ones."""
+    (docs/bench/form-sweep-gemm-and-layer-599c7df-draft.json): the gated GEMM gains a fourth stage,
+    and past 1024 rows (a capacity form forced above its default range) 128x128 tiles beat 128x256."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a
@@ -242,10 +242,12 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
     (rows [M] and slot [T] given: x's row m is token rows[m]'s).
     tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
-    From 128 rows a persistent grid of one program per SM strides over the live tiles, and
+    Above 64 rows a persistent grid of one program per SM strides over the live tiles, and
     operands with 16-byte aligned rows load through TMA descriptors: 1.1-1.3x faster than one
     program per tile with pointer loads at 256-1024 rows, most of it in the gated GEMM
     (docs/bench/gemm-variants-6d971d8.json, H200)."""
+    if not (residual is None) == (rows is None) == (slot is None):
+        raise ValueError("rows_gemm: residual, rows and slot go together")
     M, K = x.shape
     N = weight.shape[0]
     T = residual.shape[0] if residual is not None else M
@@ -270,18 +272,14 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     launch(_rows_gemm_kernel, scratch=tma and on_gpu)[grid](
         x, weight, w2 if w2 is not None else dummy, bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, rows if rows is not None else count,
-        slot if slot is not None else count, count,
+        slot if slot is not None else count, count,  # count for absent index pointers, never dereferenced
         M, T, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACT=ACT_IDS[activation], GATED=w2 is not None, HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None, TMA=tma, PROGRAMS=programs,
-        DOT_PRECISION=_dot_precision(x),
+        DOT_PRECISION=dot_precision(x.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out
-
-
-def _dot_precision(x):
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -399,7 +397,7 @@ def qkv_rope_write(x, w_q, w_k, w_v, b_q, b_k, b_v, cos, sin, rows, count, k_cac
         b_q if b_q is not None else dummy, b_k if b_k is not None else dummy, b_v if b_v is not None else dummy,
         cos, sin, rows, count if count is not None else dummy, q, k_cache, v_cache, start,
         T, M, T // B, S, K=K, HQ=HQ, HK=HK, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=block_k,
-        HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=_dot_precision(x),
+        HAS_BIAS=b_q is not None, HAS_COUNT=count is not None, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=warps, num_stages=stages,
     )
     return q

@@ -149,10 +149,11 @@ def trace_cases():
     def symbolic_capacity(x0, wq, wg, wu, wd, params, start, count, tokens):
         # The capacity form under torch.cond: T symbolic, GEMM tiles fixed by tile_rows.
         T = tokens.shape[0]
-        x, res, slot = x0.new_empty((T, H)), x0.new_empty((T, H)), x0.new_empty((T,), dtype=torch.int32)
+        x, res = x0.new_empty((T, H)), x0.new_empty((T, H))
+        slot, rows = x0.new_empty((T,), dtype=torch.int32), x0.new_empty((T,), dtype=torch.int32)
         return (
             ops.forced_execute(params, start, 1, T, 3), ops.linear_rows(x, wq, None, count, 512),
-            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, slot, 512),
+            ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, rows, 512),
         )
 
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]

@@ -260,6 +260,90 @@ def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypa
     assert_rel(out[executes.to(out.device)], want[executes], TOL[torch.float32])
 
 
+@requires_triton
+@pytest.mark.parametrize("value", [-1, -65, -1000, -(2**31), 2**31 - 1])
+@pytest.mark.parametrize("tile_rows", [None, 1])  # 70 rows: a persistent grid; tiles of 1 row: one program per tile
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_rows_gemm_counts_outside_the_rows(value, tile_rows, kind):
+    """A count below zero projects no row, one past M every row: each output row is still written
+    exactly as the reference says (a negative row-tile count once left the copies unlaunched)."""
+    from skipgpt.ops.linear import kernels
+
+    T, K, N = 70, 24, 40
+    x = randn(T, K, device=KERNEL_DEVICE, seed=1)
+    w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=2)
+    count = torch.tensor([value], dtype=torch.int32, device=KERNEL_DEVICE)
+    if kind == "residual":
+        routes = make_routes(1, T, 1.0, device=KERNEL_DEVICE)  # rows and slot: the identity
+        residual = randn(T, N, device=KERNEL_DEVICE, seed=3)
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, count, residual=residual, rows=routes.rows_cap, slot=routes.slot,
+                                    tile_rows=tile_rows)
+        want = linear_residual_reference(residual, x, w, routes.slot, count, routes.rows_cap)
+        assert torch.isfinite(out).all(), "some token row was not written"
+        assert_rel(out, want, TOL[torch.float32])
+        if value < 0:
+            assert torch.equal(out, residual)
+    else:
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, count, tile_rows=tile_rows)
+        n = min(max(value, 0), T)
+        assert_rel(out[:n], linear_rows_reference(x, w, None, count)[:n], TOL[torch.float32])
+        assert torch.isnan(out[n:]).all(), "rows at or past the count were written"
+
+
+@requires_triton
+@pytest.mark.parametrize("tile_rows", [None, 1])
+def test_rows_gemm_residual_with_no_rows_keeps_every_token(tile_rows):
+    """x without rows (M = 0) but tokens and a count: every token keeps its residual row."""
+    from skipgpt.ops.linear import kernels
+
+    T, K, N = 90, 16, 24
+    residual = randn(T, N, device=KERNEL_DEVICE, seed=4)
+    x = torch.empty(0, K, device=KERNEL_DEVICE)
+    slot = torch.arange(T, dtype=torch.int32, device=KERNEL_DEVICE)  # slots past M: taken by no row
+    count = torch.tensor([5], dtype=torch.int32, device=KERNEL_DEVICE)
+    with poisoned_outputs(kernels):
+        out = kernels.rows_gemm(x, _w(N, K, torch.float32, KERNEL_DEVICE), count, residual=residual,
+                                rows=slot[:0], slot=slot, tile_rows=tile_rows)
+    assert torch.equal(out, residual)
+
+
+@requires_triton
+@pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
+def test_rows_gemm_misaligned_operands_take_pointer_loads(kind):
+    """A base 4 bytes off 16-byte alignment cannot feed TMA: the persistent grid then loads the
+    operand through pointers, with the same results."""
+    from skipgpt.ops._common import tma_ready
+    from skipgpt.ops.linear import kernels
+
+    T, K, N = 130, 64, 40
+    x = randn(T * K + 1, device=KERNEL_DEVICE, seed=5)[1:].view(T, K)
+    assert not tma_ready(x) and tma_ready(x.clone())
+    w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=6)
+    routes = make_routes(1, T, 0.6, seed=7, device=KERNEL_DEVICE)
+    if kind == "residual":
+        residual = randn(T, N, device=KERNEL_DEVICE, seed=8)
+        with poisoned_outputs(kernels):
+            out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=routes.rows_cap, slot=routes.slot)
+        return _check_residual(out, residual, x, w, routes, torch.float32)
+    w2 = _w(N, K, torch.float32, KERNEL_DEVICE, seed=9) if kind == "gated" else None
+    with poisoned_outputs(kernels):
+        out = kernels.rows_gemm(x, w, routes.count, w2=w2, activation="silu" if w2 is not None else "none")
+    want = gated_mlp_reference(x, w, w2, "silu", routes.count) if w2 is not None else \
+        linear_rows_reference(x, w, None, routes.count)
+    assert_rel(out[: routes.n], want[: routes.n], TOL[torch.float32])
+    assert torch.isnan(out[routes.n:]).all()
+
+
+def test_rows_gemm_wants_residual_rows_and_slot_together():
+    from skipgpt.ops.linear import kernels
+
+    x, w, count = torch.zeros(4, 8), torch.zeros(8, 8), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="residual, rows and slot go together"):
+        kernels.rows_gemm(x, w, count, residual=torch.zeros(4, 8), slot=torch.zeros(4, dtype=torch.int32))
+
+
 def test_tma_ready_needs_16_byte_rows_and_bases():
     from skipgpt.ops._common import tma_ready
 
@@ -269,6 +353,38 @@ def test_tma_ready_needs_16_byte_rows_and_bases():
     assert tma_ready(flat[8:8 + 304 * 4].view(4, 304)), "a base 16 bytes in"
     assert not tma_ready(flat[4:4 + 304 * 4].view(4, 304)), "a base 8 bytes in"
     assert not tma_ready(flat[:304 * 4].view(4, 304), flat[:300 * 4].view(4, 300)), "one operand unfit"
+    assert not tma_ready(torch.zeros(4, 4)[:1, :3]), "one 12-byte row (its stride(0) is 4 elements)"
+
+
+def test_scratch_allocator_is_set_only_where_none_is(monkeypatch):
+    """Triton asks an allocator for TMA descriptors' scratch: launch(scratch=True) gives one where
+    none is set, keeps one the caller set, and reads older Triton's plain module attribute too."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from skipgpt.ops import _common
+
+    def current():
+        held = _allocation._allocator
+        return held.get() if hasattr(held, "get") else held
+
+    def fresh():  # a new context: what another thread starts with
+        assert isinstance(current(), _allocation.NullAllocator)
+        _common._set_scratch_allocator()
+        assert current() is _common._scratch
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        _common._set_scratch_allocator()
+        assert current() is mine, "the caller's allocator was replaced"
+
+    contextvars.Context().run(fresh)
+    set_to = []
+    monkeypatch.setattr(_allocation, "_allocator", _allocation.NullAllocator())  # older Triton's layout
+    monkeypatch.setattr(triton, "set_allocator", set_to.append)
+    _common._set_scratch_allocator()
+    assert set_to == [_common._scratch]
 
 
 def _check_residual(out, residual, x, w, routes, dtype):
@@ -503,7 +619,7 @@ def _bad_cases():
         (rs, (res, x, w, slot.long()), TypeError, "slot: expected dtype int32"),
         (rs, (res, x, w, None, count), ValueError, "count: given without slot"),
         (rs, (res, x, w, slot, count), ValueError, "rows: missing; the capacity form needs rows"),
-        (rs, (res, x, w, slot, None, slot), ValueError, "rows: given without count"),
+        (rs, (res, x, w, slot, None, slot), ValueError, "rows: given without count; only the capacity form"),
         (rs, (res, x, w, slot, count, slot[:3]), ValueError, "rows: dim 0 must equal x's row count"),
         (rs, (res, x, w, slot, count, slot.long()), TypeError, "rows: expected dtype int32"),
         (rs, (torch.zeros(5, 4).t(), x, w), ValueError, "residual: expected a contiguous tensor"),
