@@ -40,6 +40,21 @@ def rows_gemm_with(config, x, w, count, w2=None, residual=None, rows=None, slot=
     return run
 
 
+def gemm_inputs(T: int, M: int, dev, dt):
+    """A capacity-form step of T tokens, M of them executing at random: count [1], compact's rows
+    [T] and slot [T], inputs x [T, H] and xi [T, I], residual [T, H]."""
+    count = torch.tensor([M], dtype=torch.int32, device=dev)
+    keep = torch.sort(torch.randperm(T, device=dev)[:M]).values
+    rows = torch.full((T,), -1, dtype=torch.int32, device=dev)
+    rows[:M] = keep.to(torch.int32)
+    slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
+    slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
+    x = torch.randn(T, H, device=dev, dtype=dt)
+    xi = torch.randn(T, I, device=dev, dtype=dt)
+    res = torch.randn(T, H, device=dev, dtype=dt)
+    return count, rows, slot, x, xi, res
+
+
 def gemm_sweep(results):
     dev, dt = torch.device("cuda"), torch.bfloat16
     w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
@@ -47,15 +62,7 @@ def gemm_sweep(results):
     w_d = torch.randn(H, I, device=dev, dtype=dt) * 0.02
     for T in (1, 8, 64, 128, 256, 512, 1024, 2048):
         M = max(1, int(T * 0.75))  # 25% skip
-        count = torch.tensor([M], dtype=torch.int32, device=dev)
-        keep = torch.sort(torch.randperm(T, device=dev)[:M]).values
-        rows = torch.full((T,), -1, dtype=torch.int32, device=dev)
-        rows[:M] = keep.to(torch.int32)
-        slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
-        slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
-        x = torch.randn(T, H, device=dev, dtype=dt)
-        xi = torch.randn(T, I, device=dev, dtype=dt)
-        res = torch.randn(T, H, device=dev, dtype=dt)
+        count, rows, slot, x, xi, res = gemm_inputs(T, M, dev, dt)
         cases = {
             "q": (lambda: F.linear(x[:M], w_q), dict(x=x, w=w_q)),
             "o+res": (lambda: kernels.scatter_residual(res, F.linear(x[:M], w_q), slot), dict(x=x, w=w_q, residual=res, rows=rows, slot=slot)),

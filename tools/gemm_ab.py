@@ -9,6 +9,7 @@ The earlier module must take rows_gemm's keyword arguments of 6d971d8 (residual 
 "now, TMA" and "now, pointers" force tma_ready's answer; rows_gemm loads through TMA only above
 64 rows, so the two agree below.
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -17,14 +18,19 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from form_sweep import H, I, gemm_inputs  # this folder is on sys.path when run as a script
 from skipgpt.benchmark import cuda_timer
 from skipgpt.ops.linear import kernels
 
-spec = importlib.util.spec_from_file_location("skipgpt.ops.linear._earlier_kernels", sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("earlier", help="an earlier ops/linear/kernels.py, as `git show REV:ops/linear/kernels.py` writes it")
+args = parser.parse_args()
+if not os.path.isfile(args.earlier):
+    sys.exit(f"gemm_ab: no such file: {args.earlier}")
+spec = importlib.util.spec_from_file_location("skipgpt.ops.linear._earlier_kernels", args.earlier)
 old = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old)
 
-H, I = 4096, 14336
 dev, dt = torch.device("cuda"), torch.bfloat16
 torch.manual_seed(0)
 w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
@@ -35,15 +41,7 @@ real_ready = kernels.tma_ready
 for T in (1, 8, 16, 32, 64, 128, 256, 512, 1024):
     for skip in (0.0, 0.25):
         M = max(1, T - int(T * skip))
-        count = torch.tensor([M], dtype=torch.int32, device=dev)
-        keep = torch.sort(torch.randperm(T, device=dev)[:M]).values
-        rows = torch.full((T,), -1, dtype=torch.int32, device=dev)
-        rows[:M] = keep.int()
-        slot = torch.full((T,), -1, dtype=torch.int32, device=dev)
-        slot[keep] = torch.arange(M, dtype=torch.int32, device=dev)
-        x = torch.randn(T, H, device=dev, dtype=dt)
-        xi = torch.randn(T, I, device=dev, dtype=dt)
-        res = torch.randn(T, H, device=dev, dtype=dt)
+        count, rows, slot, x, xi, res = gemm_inputs(T, M, dev, dt)
         cases = {
             "q": (dict(x=x, weight=w_q), {}, lambda: F.linear(x[:M], w_q)),
             "gated": (dict(x=x, weight=w_g, w2=w_u, activation="silu"), {}, lambda: kernels.act_mul(F.linear(x[:M], w_g), F.linear(x[:M], w_u), "silu")),
