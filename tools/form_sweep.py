@@ -55,11 +55,18 @@ def gemm_inputs(T: int, M: int, dev, dt):
     return count, rows, slot, x, xi, res
 
 
-def gemm_sweep(results):
-    dev, dt = torch.device("cuda"), torch.bfloat16
+def gemm_weights(dev, dt):
+    """Random Llama-3.1-8B projection weights: Q (also timed as o_proj) [H, H], gate and up [I, H],
+    down [H, I]."""
     w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
     w_g, w_u = (torch.randn(I, H, device=dev, dtype=dt) * 0.02 for _ in range(2))
     w_d = torch.randn(H, I, device=dev, dtype=dt) * 0.02
+    return w_q, w_g, w_u, w_d
+
+
+def gemm_sweep(results):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    w_q, w_g, w_u, w_d = gemm_weights(dev, dt)
     for T in (1, 8, 64, 128, 256, 512, 1024, 2048):
         M = max(1, int(T * 0.75))  # 25% skip
         count, rows, slot, x, xi, res = gemm_inputs(T, M, dev, dt)

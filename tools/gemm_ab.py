@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from form_sweep import H, I, gemm_inputs  # this folder is on sys.path when run as a script
+from form_sweep import gemm_inputs, gemm_weights  # this folder is on sys.path when run as a script
 from skipgpt.benchmark import cuda_timer
 from skipgpt.ops.linear import kernels
 
@@ -33,9 +33,7 @@ spec.loader.exec_module(old)
 
 dev, dt = torch.device("cuda"), torch.bfloat16
 torch.manual_seed(0)
-w_q = torch.randn(H, H, device=dev, dtype=dt) * 0.02
-w_g, w_u = (torch.randn(I, H, device=dev, dtype=dt) * 0.02 for _ in range(2))
-w_d = torch.randn(H, I, device=dev, dtype=dt) * 0.02
+w_q, w_g, w_u, w_d = gemm_weights(dev, dt)
 results = []
 real_ready = kernels.tma_ready
 for T in (1, 8, 16, 32, 64, 128, 256, 512, 1024):
@@ -48,12 +46,12 @@ for T in (1, 8, 16, 32, 64, 128, 256, 512, 1024):
             "o+res": (dict(x=x, weight=w_q, residual=res, slot=slot), dict(rows=rows), lambda: kernels.scatter_residual(res, F.linear(x[:M], w_q), slot)),
             "down+res": (dict(x=xi, weight=w_d, residual=res, slot=slot), dict(rows=rows), lambda: kernels.scatter_residual(res, F.linear(xi[:M], w_d), slot)),
         }
-        for name, (args, extra, cublas) in cases.items():
+        for name, (op_args, extra, cublas) in cases.items():
             row = {"T": T, "M": M, "gemm": name, "cublas": cuda_timer(cublas)[0] * 1e3}
-            row["old"] = cuda_timer(lambda: old.rows_gemm(count=count, **args))[0] * 1e3
+            row["old"] = cuda_timer(lambda: old.rows_gemm(count=count, **op_args))[0] * 1e3
             for tma in (True, False):
                 kernels.tma_ready = (lambda *t: real_ready(*t)) if tma else (lambda *t: False)
-                row["new_tma" if tma else "new_ptr"] = cuda_timer(lambda: kernels.rows_gemm(count=count, **args, **extra))[0] * 1e3
+                row["new_tma" if tma else "new_ptr"] = cuda_timer(lambda: kernels.rows_gemm(count=count, **op_args, **extra))[0] * 1e3
             kernels.tma_ready = real_ready
             results.append(row)
             print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

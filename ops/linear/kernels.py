@@ -261,8 +261,9 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized: one program
     # per tile, whose weights spread over the SMs, and pointer loads (TMA took 1-5 us longer
     # there; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
-    tma = tiled_as > 64 and tma_ready(*(t for t in (x, weight, w2) if t is not None))
-    if tiled_as > 64:
+    persistent = tiled_as > 64
+    tma = persistent and tma_ready(*(t for t in (x, weight, w2) if t is not None))
+    if persistent:
         programs = num_sms(x.device)
         grid = (programs,)
     else:
