@@ -23,16 +23,15 @@ What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen o
 kernels (skipgpt.ops._common.decompose_under_compile), so the compiled code launches the kernels
 itself. These stay op calls through the dispatcher (70-200 us of host time each): exact_rows and
 counts_to_host (host reads of the exact form); attention where the step length is symbolic and
-no kernel is named (decode or prefill kernel picked by it), and single-token attention where the
-batch or cache size is symbolic (its split count); and the capacity-form projections where the
+no kernel is named (decode or prefill kernel picked by it); and the capacity-form projections where the
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
 graphs) the capacity form calls none of these: counts_to_host runs in a torch.cond of its own,
 taken only where the exact form will run; the GEMMs take tile_rows
-(skipgpt.layer.COND_TILE_ROWS); and attention names the prefill kernel, which then also serves
-single-token steps (slower on the GPU than the decode kernel; compile_model warns the first time
-one arrives).
-In CUDA-graph-captured decode the dispatcher costs nothing, and there the projections keep their
-per-size tiles.
+(skipgpt.layer.COND_TILE_ROWS), which single-token steps then share; and attention names its
+kernel in a torch.cond of its own on L == 1 (split-KV decode, else prefill). Inductor captures no
+graph holding a torch.cond in CUDA graphs, so that graph's decode steps are bound by host time
+(compile_model warns the first time one arrives). In CUDA-graph-captured decode the dispatcher
+costs nothing, and there the projections keep their per-size tiles.
 
 Compiled generation: CUDA graphs for the decode step. Use a static cache, and one of:
 
@@ -236,10 +235,10 @@ def compile_model(
         if step is not None and step[1] == 1 and state is not None and state.single_graph and "decode" not in warned \
                 and on_cuda() and _runs_skipgpt_attention(model):
             warned.add("decode")
-            logger.warning("skipgpt: compile_model without CUDA graphs runs every step in one graph, whose "
-                           "attention takes the prefill kernel: single-token (decode) steps run without its "
-                           "split over the keys. For generation, mode='reduce-overhead' captures decode steps "
-                           "in CUDA graphs with the decode kernel")
+            logger.warning("skipgpt: compile_model without CUDA graphs runs every step in one graph, which "
+                           "Inductor does not capture in CUDA graphs (it holds torch.cond): single-token (decode) "
+                           "steps are bound by host time. For generation, mode='reduce-overhead' captures decode "
+                           "steps in CUDA graphs")
         _logits_positions(args, kwargs)
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if cuda_graphs else 0
         out = compiled(*args, **kwargs)

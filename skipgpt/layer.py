@@ -353,14 +353,22 @@ class RoutedDecoderLayer(nn.Module):
                                     tile_rows)
 
     def _attention(self, q, k_cache, v_cache, start, L, scale, rows=None, seq_offsets=None, key_mask=None):
-        """ops.sparse_attention. In compile_model's single graph L is symbolic, and a kernel picked
-        by L would guard on L == 1, leaving the op one dispatcher call (70-200 us of host time a
-        step): there every step runs the prefill kernel, single-token steps included, which then
-        pay GPU time for not splitting the keys (compile_model warns when a decode step arrives).
-        (Dynamo shows a symbolic L as a plain int, so the test is on the mode, not on L.)"""
-        single_graph = torch.compiler.is_compiling() and self.state.single_graph
-        return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
-                                    attend_with="prefill" if single_graph else None)
+        """ops.sparse_attention, whose kernel follows L: split-KV decode for single-token steps,
+        tiled prefill otherwise. In compile_model's single graph L is symbolic, and the op's own
+        choice would guard on L == 1, leaving it one dispatcher call (70-200 us of host time a
+        step): there a torch.cond on L == 1 names the kernel in each branch. Its predicate is a
+        size, tested by the graph's host code: no sync. (Dynamo shows a symbolic L as a plain
+        int, so the test is on the mode, not on L.)"""
+        if not (torch.compiler.is_compiling() and self.state.single_graph):
+            return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask)
+
+        def attend_with(kernel):
+            def attend(q, k_cache, v_cache, start):
+                return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
+                                            attend_with=kernel)
+            return attend
+
+        return torch.cond(L == 1, attend_with("decode"), attend_with("prefill"), (q, k_cache, v_cache, start))
 
     def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
                         tile_rows=None):

@@ -26,7 +26,8 @@ class RoutingState:
     new seed or rate reaches compiled code as data instead of forcing a recompile.
     forced_copies: the same values on the other devices of a model whose layers are spread over
     several (device_map), keyed by str(device); layers read them through `forced_params_on`.
-    single_graph: how compiled triton-sparse layers pick the capacity or exact form. True:
+    single_graph: how compiled triton-sparse layers pick the capacity or exact form, and compiled
+    dense and triton-sparse layers their attention kernel (decode for single-token steps). True:
     `torch.cond`, so with a symbolic token count one graph serves every count, but Inductor never
     captures a graph holding torch.cond in a CUDA graph. False (the default): a Python branch,
     i.e. a guard on a symbolic count, so steps of at most `capacity_max_tokens` tokens and longer

@@ -106,8 +106,9 @@ def sparse_attention(
     at slots <= p that the mask keeps. Returns [M, Hq, D]; a query that sees no key gets zeros.
     L == 1 takes the split-KV decode kernel, longer steps the tiled prefill kernel.
     attend_with: "decode" or "prefill" to name the kernel instead (results agree; "decode" needs
-    L == 1). Compiled code whose L is symbolic names it: a choice by L would guard on L == 1, so
-    such a call stays one op through the dispatcher (70-200 us of host time).
+    L == 1). Compiled code whose L is symbolic names it (skipgpt's layers, in a torch.cond on
+    L == 1): a choice by L would guard on L == 1, so such a call stays one op through the
+    dispatcher (70-200 us of host time).
 
     Index values (rows, seq_offsets, start) live on the device and are not checked on the host
     (that would sync); the kernels stay inside every tensor whatever they hold:
@@ -147,11 +148,8 @@ if HAS_TRITON:
     def _traceable(q, k_cache, v_cache, start, seq_len, scale, rows=None, seq_offsets=None, key_mask=None,
                    attend_with=None):
         # Picking the kernel by a symbolic L would guard (and recompile at L = 1), so such calls
-        # stay one op unless they name the kernel. The decode kernel's split count depends on
-        # every size.
-        if attend_with is None and not static_ints(seq_len):
-            return False
-        return (attend_with or _kernel_for(seq_len)) == "prefill" or static_ints(q, k_cache)
+        # stay one op unless they name the kernel. Either kernel traces at symbolic sizes.
+        return attend_with is not None or static_ints(seq_len)
 
     decompose_under_compile(sparse_attention, _sparse_attention_cuda, _traceable)
 

@@ -14,6 +14,10 @@ import triton.language as tl
 from .._common import bool_bytes, cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms
 
 LOG2E = 1.4426950408889634
+# Decode: at most this many chunks of keys per query, merged this many at a time (the CPU's
+# interpreter merges 4 at a time, so that tests cover several rounds).
+MAX_SPLITS = 256
+COMBINE_SPLITS = 32
 
 
 @triton.jit
@@ -110,21 +114,26 @@ def _prefill_kernel(
         tl.store(o_ptr + q_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["M", "T", "L", "S", "SM", "CHUNK", "rows_ptr", "count_ptr", "start_ptr"])
+# The split count is a runtime int like the sizes it follows (M, S), so that compiled code with
+# symbolic sizes traces the launch (compile_model's single graph) and a new size never recompiles.
+# With seq_offsets, the executing count is seq_offsets[B]: read there rather than from a view,
+# which Inductor fails to lower inside torch.cond.
+@triton.jit(do_not_specialize=["M", "B", "T", "L", "S", "SM", "CHUNK", "NUM_SPLITS", "rows_ptr", "offsets_ptr",
+                               "start_ptr"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, rows_ptr, count_ptr, start_ptr, kmask_ptr,
-    M, T, L, S, SM, CHUNK, qk_scale,
-    HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, rows_ptr, offsets_ptr, start_ptr, kmask_ptr,
+    M, B, T, L, S, SM, CHUNK, NUM_SPLITS, qk_scale,
+    HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROWS: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr, HAS_KMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # see _prefill_kernel
     m = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     limit = M
-    if HAS_COUNT:
-        limit = tl.minimum(tl.load(count_ptr), M)
+    if HAS_ROWS:
+        limit = tl.minimum(tl.load(offsets_ptr + B), M)
     if m < limit:
         r = m
         if HAS_ROWS:
@@ -159,29 +168,37 @@ def _decode_kernel(
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["M", "count_ptr"])
+@triton.jit(do_not_specialize=["M", "B", "NUM_SPLITS", "offsets_ptr"])
 def _combine_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr, count_ptr, M,
-    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
+    part_o_ptr, part_lse_ptr, o_ptr, offsets_ptr, M, B, NUM_SPLITS,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     m = tl.program_id(0)
     h = tl.program_id(1)
     limit = M
-    if HAS_COUNT:
-        limit = tl.minimum(tl.load(count_ptr), M)
+    if HAS_ROWS:
+        limit = tl.minimum(tl.load(offsets_ptr + B), M)
     if m < limit:
-        splits = tl.arange(0, BLOCK_SPLITS)
-        s_ok = splits < NUM_SPLITS
         d = tl.arange(0, HEAD_DIM)
-        part = (m.to(tl.int64) * HQ + h) * NUM_SPLITS + splits
-        lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
-        top = tl.max(lse, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.math.exp2(lse - top)
-        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+        first = (m.to(tl.int64) * HQ + h) * NUM_SPLITS
+        # Log-sum-exp over the splits, BLOCK_SPLITS at a time, rescaling what came before to each
+        # block's new maximum. A split that saw no key has lse -inf and weighs nothing.
+        top = tl.full([1], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_SPLITS):
+            splits = s0 + tl.arange(0, BLOCK_SPLITS)
+            s_ok = splits < NUM_SPLITS
+            lse = tl.load(part_lse_ptr + first + splits, mask=s_ok, other=float("-inf"))
+            new_top = tl.maximum(top, tl.max(lse, axis=0))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no -inf - -inf
+            rescale = tl.math.exp2(top - shift)
+            w = tl.math.exp2(lse - shift)
+            o = tl.load(part_o_ptr + (first + splits)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+            acc = acc * rescale + tl.sum(w[:, None] * o, axis=0)
+            total = total * rescale + tl.sum(w, axis=0)
+            top = new_top
+        out = acc / tl.where(total > 0, total, 1.0)
         tl.store(o_ptr + (m.to(tl.int64) * HQ + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
 
 
@@ -228,33 +245,37 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     if done is not None:
         return done
     out = torch.empty_like(q)
-    block_n = 64 if q.device.type == "cuda" else 16
+    cuda = q.device.type == "cuda"
+    block_n = 64 if cuda else 16
     # Enough chunks to fill the machine twice over; a function of static shapes only, so a
-    # captured CUDA graph stays valid as the cache fills.
-    num_splits = max(1, min(cdiv(S, block_n), cdiv(2 * num_sms(q.device), M * HK), 256))
+    # captured CUDA graph stays valid as the cache fills. sym_max/sym_min: plain max/min would
+    # guard on symbolic sizes (and M may be 0 at run time, hence the divisor's floor of 1).
+    fill = cdiv(2 * num_sms(q.device), torch.sym_max(M * HK, 1))
+    num_splits = torch.sym_max(1, torch.sym_min(torch.sym_min(cdiv(S, block_n), fill), MAX_SPLITS))
     chunk = cdiv(cdiv(S, num_splits), block_n) * block_n
-    num_splits = cdiv(S, chunk)
-    part_o = torch.empty(M, HQ, num_splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(M, HQ, num_splits, dtype=torch.float32, device=q.device)
-    count = seq_offsets[-1:] if seq_offsets is not None else None
+    num_splits = torch.sym_max(1, cdiv(S, chunk))  # as cdiv alone for S >= 1; the floor keeps it provably >= 1
+    # Flat: a multi-dim buffer with a symbolic split count would guard on its strides.
+    part_lse = torch.empty(M * HQ * num_splits, dtype=torch.float32, device=q.device)  # [M, HQ, splits]
+    part_o = torch.empty(M * HQ * num_splits * D, dtype=torch.float32, device=q.device)  # [M, HQ, splits, D]
+    has_rows = rows is not None
     dummy = q  # for absent pointers (never dereferenced): an input, never the output
     group = HQ // HK
     launch(_decode_kernel)[(M, HK, num_splits)](
         q, k_cache, v_cache, part_o, part_lse,
-        rows if rows is not None else dummy,
-        count if count is not None else dummy,
+        rows if has_rows else dummy,
+        seq_offsets if has_rows else dummy,
         start,
         bool_bytes(key_mask) if key_mask is not None else dummy,
-        M, B * seq_len, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, chunk, scale * LOG2E,
-        HQ=HQ, HK=HK, HEAD_DIM=D, NUM_SPLITS=num_splits,
+        M, B, B * seq_len, seq_len, S, key_mask.shape[1] if key_mask is not None else 0, chunk, num_splits,
+        scale * LOG2E,
+        HQ=HQ, HK=HK, HEAD_DIM=D,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n,
-        HAS_ROWS=rows is not None, HAS_COUNT=count is not None, HAS_KMASK=key_mask is not None,
+        HAS_ROWS=has_rows, HAS_KMASK=key_mask is not None,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2 if q.device.type == "cuda" else 1,
+        num_warps=4, num_stages=2 if cuda else 1,
     )
     launch(_combine_kernel)[(M, HQ)](
-        part_o, part_lse, out, count if count is not None else dummy, M,
-        HQ=HQ, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_SPLITS=next_power_of_2(num_splits),
-        HAS_COUNT=count is not None,
+        part_o, part_lse, out, seq_offsets if has_rows else dummy, M, B, num_splits,
+        HQ=HQ, HEAD_DIM=D, BLOCK_SPLITS=COMBINE_SPLITS if cuda else 4, HAS_ROWS=has_rows,
     )
     return out

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import skipgpt
 from skipgpt.compile import compile_model
 from tests.helpers import kernel_write_analysis_failures, rel_err
-from tests.model.tiny import random_batch
+from tests.model.tiny import random_batch, stepwise_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -68,11 +68,11 @@ def test_compiled_layer_launches_its_kernels_itself():
     op_calls = set(re.findall(r"torch\.ops\.skipgpt\.(\w+)", code))
     # Only the exact form's host reads: counts_to_host (in a torch.cond taken only where the exact
     # form runs) and exact_rows. The capacity form's GEMMs trace with tiles fixed by tile_rows,
-    # attention names the prefill kernel, compaction takes a fixed block.
+    # attention names its kernel in a torch.cond on L == 1, compaction takes a fixed block.
     assert op_calls <= {"counts_to_host", "exact_rows"}, op_calls
     for kernel in ("_rms_norm_kernel", "_rope_kernel", "_rope_kv_write_kernel", "_act_mul_kernel",
                    "_scatter_residual_kernel", "_rows_gemm_kernel", "_forced_execute_kernel", "_compact_kernel",
-                   "_prefill_kernel"):
+                   "_prefill_kernel", "_decode_kernel", "_combine_kernel"):
         assert re.search(rf"def {kernel}\w*\(", code), kernel  # its source, copied into the generated code
 
 
@@ -84,6 +84,21 @@ def tiny_cuda_pair(pipeline):
     skipgpt.force_routes(model, skip=0.3, seed=5)
     skipgpt.set_pipeline(model, pipeline)
     return model, copy.deepcopy(model)
+
+
+def test_compiled_decode_steps_match_eager():
+    """compile_model's one graph at single-token steps after a 300-token prefill: the decode side
+    of the attention's torch.cond (the split-KV kernel, at symbolic batch and cache sizes) gives
+    eager's logits."""
+    eager = one_layer_8b()
+    compiled = compile_model(copy.deepcopy(eager), fullgraph=True)
+    ids, mask = random_batch(1024, 2, 304, "left", device="cuda")
+    with torch.no_grad():
+        ref = stepwise_logits(eager, ids, mask, prefill=300).float()
+        out = stepwise_logits(compiled, ids, mask, prefill=300).float()
+    keep = mask.bool()
+    assert rel_err(out[:, 300:][keep[:, 300:]], ref[:, 300:][keep[:, 300:]]) < 1e-2
+    assert rel_err(out[keep], ref[keep]) < 1e-2
 
 
 def test_compiled_steps_where_no_token_executes_match_eager():

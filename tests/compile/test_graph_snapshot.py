@@ -79,17 +79,21 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   empty
 [cond_false_0]
   skipgpt.counts_to_host.default
-[cond_true_1]
+[cond_true_3]
   unsqueeze
   unsqueeze
   skipgpt.linear_rows.default
   skipgpt.rope.default
-  skipgpt.sparse_attention.default
+  cond
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
+[cond_true_1]
+  skipgpt.sparse_attention.default
 [cond_false_1]
+  skipgpt.sparse_attention.default
+[cond_false_3]
   aten.sym_size.int
   skipgpt.exact_rows.default
   aten.sym_size.int
@@ -100,11 +104,17 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   aten._assert_scalar.default
   skipgpt.linear_rows.default
   skipgpt.rope.default
-  skipgpt.sparse_attention.default
+  cond
+  aten.sym_size.int
+  aten._assert_scalar.default
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
-  skipgpt.linear_residual.default""")
+  skipgpt.linear_residual.default
+[cond_true_2]
+  skipgpt.sparse_attention.default
+[cond_false_2]
+  skipgpt.sparse_attention.default""")
 
     def test_dense_layer(self):
         self.assertExpectedInline(traced_ops("dense"), """\
@@ -121,11 +131,15 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   linear
   skipgpt.rope.default
   skipgpt.rope_kv_write.default
-  skipgpt.sparse_attention.default
+  cond
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
-  skipgpt.linear_residual.default""")
+  skipgpt.linear_residual.default
+[cond_true_0]
+  skipgpt.sparse_attention.default
+[cond_false_0]
+  skipgpt.sparse_attention.default""")
 
 
 def _cond_branches(top: torch.fx.GraphModule) -> list:
@@ -142,8 +156,9 @@ def test_cond_branches_pick_what_traces():
     """What lets compile_model's single graph launch the kernels itself rather than call ops
     through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows
     (COND_TILE_ROWS), and the exact branch's (cuBLAS, no count) none; the counts go to the host
-    (one op) only where the exact form runs, which reads them; attention names the prefill
-    kernel, since a choice by the symbolic L would guard."""
+    (one op) only where the exact form runs, which reads them; attention names its kernel in a
+    torch.cond of its own on L == 1 (decode, else prefill): a choice inside the op by the
+    symbolic L would guard."""
     from skipgpt.layer import COND_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
@@ -159,5 +174,12 @@ def test_cond_branches_pick_what_traces():
     }
     assert tiles == {"capacity": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
     (dense,) = captured_graphs("dense")
-    kernels = [n.kwargs.get("attend_with") for g in (capacity, exact, dense) for n in _calls(g, "skipgpt.sparse_attention.default")]
-    assert kernels == ["prefill"] * 3, kernels
+    for g in (capacity, exact, dense):
+        assert not _calls(g, "skipgpt.sparse_attention.default")  # only inside the cond below
+        ((decode, prefill),) = _cond_branches(g)
+        kernels = [n.kwargs.get("attend_with") for b in (decode, prefill) for n in _calls(b, "skipgpt.sparse_attention.default")]
+        assert kernels == ["decode", "prefill"], kernels
+        (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
+        pred = cond.args[0].meta["example_value"].node  # L == 1: a symbol traced at L = 5 (B = 2) against 1
+        (symbol,) = pred.expr.free_symbols
+        assert str(pred.expr) == f"Eq({symbol}, 1)" and pred.shape_env.var_to_val[symbol] == 5, pred.expr

@@ -168,6 +168,7 @@ DECODE_CASES = [
     (5, 2, 2, 64, 9, 4, None, 0.0, "exact"),  # N = 0
     (5, 4, 1, 64, 9, 4, "left", 0.0, "capacity"),  # N = 0, capacity
     (4, 4, 1, 64, 33, 0, "left", 1.0, "capacity"),  # all execute, capacity
+    (1, 4, 1, 64, 150, 5, "right", 1.0, "capacity"),  # splits merged in several rounds, capacity
 ]
 
 

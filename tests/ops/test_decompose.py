@@ -28,15 +28,15 @@ H, HQ, HK, D, I = 64, 4, 2, 16, 96  # hidden, query/KV heads, head dim, MLP widt
 class DynamicSize:
     """An input [n] whose size is symbolic, as torch.compile traces a dynamic sequence length."""
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self, n, name="L"):
+        self.n, self.name = n, name
 
     def fake(self, mode):  # outside the mode: from_tensor keeps a tensor that is already fake as it is
         from torch._dynamo.source import ConstantSource
         from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
         context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
-        return mode.from_tensor(torch.empty(self.n), source=ConstantSource("L"), symbolic_context=context)
+        return mode.from_tensor(torch.empty(self.n), source=ConstantSource(self.name), symbolic_context=context)
 
 
 def traced(fn, *inputs):
@@ -156,6 +156,15 @@ def trace_cases():
             ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, rows, 512),
         )
 
+    def symbolic_decode(q0, start, tokens, slots):
+        # Single-token attention as compile_model's single graph runs it (the decode side of the
+        # layer's torch.cond on L == 1): the rows (T), L and the cache's length S all symbolic.
+        T, S = tokens.shape[0], slots.shape[0]
+        q, rows = q0.new_empty((T, HQ, D)), q0.new_empty((T,), dtype=torch.int32)
+        kc, vc = q0.new_empty((1, S, HK, D)), q0.new_empty((1, S, HK, D))
+        offsets = q0.new_empty((2,), dtype=torch.int32)
+        return ops.sparse_attention(q, kc, vc, start, T, D ** -0.5, rows, offsets, attend_with="decode")
+
     cache = [cuda(2, 16, HK, D), cuda(2, 16, HK, D), ints(1, dtype=torch.int64)]
     cases = {
         "norm_rope": traced(
@@ -194,6 +203,9 @@ def trace_cases():
         "symbolic_prefill": traced(
             lambda *args: attend(*args, attend_with="prefill"), cuda(5, HQ, D), cuda(1, 16, HK, D), cuda(1, 16, HK, D),
             ints(1, dtype=torch.int64), ints(5), ints(2), DynamicSize(6),
+        ),
+        "symbolic_decode": traced(
+            symbolic_decode, cuda(1), ints(1, dtype=torch.int64), DynamicSize(6), DynamicSize(40, name="S"),
         ),
         "symbolic_sizes": traced(
             symbolic_sizes, cuda(4, H), cuda(H), cuda(H, H), cuda(I, H), cuda(I, H), cuda(H, I), cuda(4, H), cuda(4),
@@ -279,10 +291,13 @@ def test_calls_that_would_guard_stay_one_op(calls):
 def test_calls_that_name_their_choice_trace_at_symbolic_sizes(traces):
     # Attention that names its kernel (compile_model's single graph), and compaction, whose scan
     # takes a fixed block at a symbolic T: their kernels go into the graph, without a guard.
-    prefill, compact = traces["symbolic_prefill"], traces["symbolic_compact"]
+    prefill, decode, compact = traces["symbolic_prefill"], traces["symbolic_decode"], traces["symbolic_compact"]
     assert no_skipgpt_op(prefill["calls"]) and kernels(prefill["calls"]) == ["kernel:_prefill_kernel"], prefill
+    assert no_skipgpt_op(decode["calls"]), decode
+    assert kernels(decode["calls"]) == ["kernel:_decode_kernel", "kernel:_combine_kernel"], decode
     assert no_skipgpt_op(compact["calls"]) and kernels(compact["calls"]) == ["kernel:_compact_kernel"], compact
-    assert prefill["guards"] == [] and compact["guards"] == [], (prefill["guards"], compact["guards"])
+    for trace in (prefill, decode, compact):
+        assert trace["guards"] == [], trace["guards"]
 
 
 def test_symbolic_sizes_trace_without_guards(traces):
