@@ -27,8 +27,8 @@ no kernel is named (decode or prefill kernel picked by it); and the capacity-for
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
 graphs) the capacity form calls none of these: counts_to_host runs in a torch.cond of its own,
 taken only where the exact form will run; the GEMMs take tile_rows
-(skipgpt.layer.COND_TILE_ROWS), which single-token steps then share; and attention names its
-kernel in a torch.cond of its own on L == 1 (split-KV decode, else prefill). Inductor captures no
+(skipgpt.layer.COND_TILE_ROWS; single-token steps, by a torch.cond on L == 1, DECODE_TILE_ROWS);
+and attention names its kernel by L == 1 too (split-KV decode, else prefill). Inductor captures no
 graph holding a torch.cond in CUDA graphs, so that graph's decode steps are bound by host time
 (compile_model warns the first time one arrives). In CUDA-graph-captured decode the dispatcher
 costs nothing, and there the projections keep their per-size tiles.

@@ -38,6 +38,10 @@ FUSED_QKV_MAX_TOKENS = 1024
 # o_proj, down_proj) take 13-27% more GPU time with them than with their best tiles
 # (tools/form_sweep.py's GEMM sweep, H200); the gated GEMM's tiles are the same at every size.
 COND_TILE_ROWS = 512
+# ... and single-token steps under torch.cond take those of this many rows, the decode tiles of
+# batches up to 64 (with the 512-row tiles, graph-captured decode steps of that graph took
+# 1.6-2.1x eager's GPU time at B=1-8, H200; docs/BENCHMARKS.md).
+DECODE_TILE_ROWS = 64
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -323,11 +327,22 @@ class RoutedDecoderLayer(nn.Module):
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
         cos, sin = cos.view(T, -1), sin.view(T, -1)
 
-        tile_rows = COND_TILE_ROWS if use_cond else None
+        def capacity_form_with(tile_rows, attend_with):
+            def capacity_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
+                return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos,
+                                            sin, k_cache, v_cache, start, key_mask, L, tile_rows, attend_with)
+            return capacity_form
 
-        def capacity_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
-            return self._sparse_modules(x, xq, (rows[0], rows[1]), _counts(seq_offsets), slot, seq_offsets, cos, sin,
-                                        k_cache, v_cache, start, key_mask, L, tile_rows)
+        if use_cond:
+            # Decode steps get GEMM tiles and an attention kernel of their own, by a second cond
+            # on the step's length (a size: tested by the graph's host code).
+            decode_form = capacity_form_with(DECODE_TILE_ROWS, "decode")
+            prefill_form = capacity_form_with(COND_TILE_ROWS, "prefill")
+
+            def capacity_form(*operands):
+                return torch.cond(L == 1, decode_form, prefill_form, operands)
+        else:
+            capacity_form = capacity_form_with(None, None)
 
         def exact_form(x, xq, rows, slot, seq_offsets, host_counts, cos, sin, k_cache, v_cache, start):
             rows_attn, rows_mlp = ops.exact_rows(rows, seq_offsets, host_counts)
@@ -342,7 +357,7 @@ class RoutedDecoderLayer(nn.Module):
         return out.view(B, L, H)
 
     def _sparse_modules(self, x, xq, rows, counts, slot, seq_offsets, cos, sin, k_cache, v_cache, start, key_mask, L,
-                        tile_rows=None):
+                        tile_rows=None, attend_with=None):
         """Q from the normalised compacted rows xq, then `_attend_and_mlp`. rows/counts:
         (attention, MLP) pairs; counts are None in the exact form. Returns [T, H]."""
         g, attn = self.geometry, self.self_attn
@@ -350,17 +365,19 @@ class RoutedDecoderLayer(nn.Module):
         q = self.family.q_norm(attn, q.view(-1, g.num_heads, g.head_dim))
         q = ops.rope(q.contiguous(), cos, sin, rows[0], counts[0])
         return self._attend_and_mlp(x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
-                                    tile_rows)
+                                    tile_rows, attend_with)
 
-    def _attention(self, q, k_cache, v_cache, start, L, scale, rows=None, seq_offsets=None, key_mask=None):
+    def _attention(self, q, k_cache, v_cache, start, L, scale, rows=None, seq_offsets=None, key_mask=None,
+                   attend_with=None):
         """ops.sparse_attention, whose kernel follows L: split-KV decode for single-token steps,
-        tiled prefill otherwise. In compile_model's single graph L is symbolic, and the op's own
-        choice would guard on L == 1, leaving it one dispatcher call (70-200 us of host time a
-        step): there a torch.cond on L == 1 names the kernel in each branch. Its predicate is a
-        size, tested by the graph's host code: no sync. (Dynamo shows a symbolic L as a plain
-        int, so the test is on the mode, not on L.)"""
-        if not (torch.compiler.is_compiling() and self.state.single_graph):
-            return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask)
+        tiled prefill otherwise; attend_with names it where the caller knows. In compile_model's
+        single graph L is symbolic, and the op's own choice would guard on L == 1, leaving it one
+        dispatcher call (70-200 us of host time a step): there a torch.cond on L == 1 names the
+        kernel in each branch. Its predicate is a size, tested by the graph's host code: no sync.
+        (Dynamo shows a symbolic L as a plain int, so the test is on the mode, not on L.)"""
+        if attend_with is not None or not (torch.compiler.is_compiling() and self.state.single_graph):
+            return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
+                                        attend_with=attend_with)
 
         def attend_with(kernel):
             def attend(q, k_cache, v_cache, start):
@@ -371,16 +388,17 @@ class RoutedDecoderLayer(nn.Module):
         return torch.cond(L == 1, attend_with("decode"), attend_with("prefill"), (q, k_cache, v_cache, start))
 
     def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
-                        tile_rows=None):
+                        tile_rows=None, attend_with=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
         over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
-        capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code."""
+        capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code.
+        attend_with: the attention kernel, where the caller knows it (see `_attention`)."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()
         # The capacity form projects only the executing rows and adds each onto its token (rows);
         # the exact form's rows are x's rows already, which slot alone maps.
         capacity_rows = rows if counts[0] is not None else (None, None)
-        o = self._attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask)
+        o = self._attention(q, k_cache, v_cache, start, L, scale, rows[0], seq_offsets[0], key_mask, attend_with)
         h = ops.linear_residual(x, o.view(-1, g.num_heads * g.head_dim), attn.o_proj.weight, slot[0], counts[0],
                                 capacity_rows[0], tile_rows=tile_rows)
         hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, rows[1], counts[1])

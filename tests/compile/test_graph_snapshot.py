@@ -80,19 +80,27 @@ class TestRoutedLayerGraph(expecttest.TestCase):
 [cond_false_0]
   skipgpt.counts_to_host.default
 [cond_true_3]
+  cond
+[cond_true_1]
   unsqueeze
   unsqueeze
   skipgpt.linear_rows.default
   skipgpt.rope.default
-  cond
+  skipgpt.sparse_attention.default
   skipgpt.linear_residual.default
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_true_1]
-  skipgpt.sparse_attention.default
 [cond_false_1]
+  unsqueeze
+  unsqueeze
+  skipgpt.linear_rows.default
+  skipgpt.rope.default
   skipgpt.sparse_attention.default
+  skipgpt.linear_residual.default
+  skipgpt.rms_norm.default
+  skipgpt.gated_mlp.default
+  skipgpt.linear_residual.default
 [cond_false_3]
   aten.sym_size.int
   skipgpt.exact_rows.default
@@ -152,34 +160,44 @@ def _calls(gm: torch.fx.GraphModule, op: str) -> list:
     return [n for n in gm.graph.nodes if str(n.target) == op]
 
 
+def _on_length_one(g: torch.fx.GraphModule) -> tuple:
+    """(true branch, false branch) of the one torch.cond in `g`, after checking that it tests
+    L == 1: a symbol traced at L = 5 (B = 2) against 1."""
+    (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
+    pred = cond.args[0].meta["example_value"].node
+    (symbol,) = pred.expr.free_symbols
+    assert str(pred.expr) == f"Eq({symbol}, 1)" and pred.shape_env.var_to_val[symbol] == 5, pred.expr
+    return getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
+
+
 def test_cond_branches_pick_what_traces():
     """What lets compile_model's single graph launch the kernels itself rather than call ops
-    through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows
-    (COND_TILE_ROWS), and the exact branch's (cuBLAS, no count) none; the counts go to the host
-    (one op) only where the exact form runs, which reads them; attention names its kernel in a
-    torch.cond of its own on L == 1 (decode, else prefill): a choice inside the op by the
+    through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows, by a cond of
+    its own on L == 1 (DECODE_TILE_ROWS, else COND_TILE_ROWS), and the exact branch's (cuBLAS,
+    no count) none; the counts go to the host (one op) only where the exact form runs, which
+    reads them; attention names its kernel (decode where L == 1, else prefill), in the capacity
+    form by the same cond and elsewhere by a cond around it: a choice inside the op by the
     symbolic L would guard."""
-    from skipgpt.layer import COND_TILE_ROWS
+    from skipgpt.layer import COND_TILE_ROWS, DECODE_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
+    attention = "skipgpt.sparse_attention.default"
     (top,) = captured_graphs("triton-sparse")
     (no_copy, copy), (capacity, exact) = _cond_branches(top)
     copies = [len(_calls(g, "skipgpt.counts_to_host.default")) for g in (no_copy, copy, capacity, exact)]
     assert copies == [0, 1, 0, 0], copies
     (read,) = _calls(exact, "skipgpt.exact_rows.default")
     assert len(read.args) == 3, read.args  # rows, seq_offsets and the copied counts
+    decode, prefill = _on_length_one(capacity)
     tiles = {
         branch: [n.kwargs.get("tile_rows") for n in g.graph.nodes if str(n.target) in gemms]
-        for branch, g in (("capacity", capacity), ("exact", exact))
+        for branch, g in (("decode", decode), ("prefill", prefill), ("exact", exact))
     }
-    assert tiles == {"capacity": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
+    assert tiles == {"decode": [DECODE_TILE_ROWS] * 4, "prefill": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
+    kernels = [n.kwargs.get("attend_with") for g in (decode, prefill) for n in _calls(g, attention)]
+    assert kernels == ["decode", "prefill"], kernels
     (dense,) = captured_graphs("dense")
-    for g in (capacity, exact, dense):
-        assert not _calls(g, "skipgpt.sparse_attention.default")  # only inside the cond below
-        ((decode, prefill),) = _cond_branches(g)
-        kernels = [n.kwargs.get("attend_with") for b in (decode, prefill) for n in _calls(b, "skipgpt.sparse_attention.default")]
+    for g in (exact, dense):
+        assert not _calls(g, attention)  # only inside the cond
+        kernels = [n.kwargs.get("attend_with") for b in _on_length_one(g) for n in _calls(b, attention)]
         assert kernels == ["decode", "prefill"], kernels
-        (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
-        pred = cond.args[0].meta["example_value"].node  # L == 1: a symbol traced at L = 5 (B = 2) against 1
-        (symbol,) = pred.expr.free_symbols
-        assert str(pred.expr) == f"Eq({symbol}, 1)" and pred.shape_env.var_to_val[symbol] == 5, pred.expr
