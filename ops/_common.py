@@ -256,25 +256,8 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     return all(t.shape[1] * t.element_size() % 16 == 0 and (tracing or t.data_ptr() % 16 == 0) for t in tensors)
 
 
-# Scratch buffers by (device, stream): see _scratch.
-_scratch_buffers: dict = {}
-
-
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for a launch's TMA descriptors, which the kernel writes and reads within its
-    own run. Launches on one stream run one after another, so one buffer per (device, stream)
-    serves them all: a torch.empty per launch cost ~5 us of host time (three per eager layer
-    step). While a CUDA graph is captured, each launch gets a buffer of its own, which the graph's
-    memory pool keeps: a replay may run beside launches on other streams. Buffers stay allocated
-    (tens of KB: descriptors of one program per SM)."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: on_input_device's
-    key = (torch.cuda.current_device(), stream)
-    buffer = _scratch_buffers.get(key)
-    if buffer is None or buffer.numel() < size:
-        # The caching allocator's blocks are aligned to 512 bytes, more than TMA asks for.
-        buffer = _scratch_buffers[key] = torch.empty(size, dtype=torch.int8, device="cuda")
-    return buffer
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: on_input_device's
 
 
 def _set_scratch_allocator() -> None:

@@ -287,27 +287,6 @@ def test_capacity_gemms_replay_in_a_cuda_graph():
             assert torch.equal(got[:live], want[:live]), f"{name}: the replay differs from eager at skip {skip}"
 
 
-def test_tma_scratch_is_one_buffer_per_stream_and_fresh_while_capturing():
-    """Eager launches on one stream share one scratch buffer (grown when a launch needs more);
-    another stream gets its own, and launches captured in a CUDA graph get one each."""
-    from skipgpt.ops import _common
-
-    side = torch.cuda.Stream()
-    first = _common._scratch(1024, 128, side.cuda_stream)
-    assert _common._scratch(512, 128, side.cuda_stream).data_ptr() == first.data_ptr()
-    grown = _common._scratch(1 << 20, 128, side.cuda_stream)
-    assert grown.numel() >= 1 << 20 and _common._scratch(1024, 128, side.cuda_stream).data_ptr() == grown.data_ptr()
-    other = torch.cuda.Stream()
-    assert _common._scratch(1024, 128, other.cuda_stream).data_ptr() != grown.data_ptr()
-    x = torch.zeros(8, device=DEV)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        captured = [_common._scratch(1024, 128, side.cuda_stream) for _ in range(2)]
-        x.add_(1)
-    ptrs = {t.data_ptr() for t in captured}
-    assert len(ptrs) == 2 and grown.data_ptr() not in ptrs
-
-
 @pytest.mark.parametrize("B,L", [(2, 300), (1, 400), (8, 1)])
 def test_qkv_rope_write_8b(B, L):
     """Q of the executing rows (capacity form) and K/V of every token in one launch, against float64."""
