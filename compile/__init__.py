@@ -254,7 +254,8 @@ def compile_model(
 def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:
     """Allocate the static seq-first layers of the call's cache eagerly, before the compiled
     forward runs (see StaticSeqFirstLayer.allocate), swapping fresh transformers static layers
-    for them. Returns the step's (B, L), when the call shows it."""
+    for them; and make room in the growing ones (SeqFirstLayer.make_room), whose reallocation
+    the graph cannot trace. Returns the step's (B, L), when the call shows it."""
     from skipgpt.cache import StaticSeqFirstLayer, seq_first_layer
     from skipgpt.layer import RoutedDecoderLayer
 
@@ -282,7 +283,31 @@ def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int,
                 g = layer.geometry
                 kv.allocate(ids.shape[0], g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
         cache._skipgpt_prepared = True
+    if cache is not None and hasattr(cache, "layers") and layers is not None:
+        _make_room(cache, layers, ids.shape[0], ids.shape[1], model.get_input_embeddings().weight.dtype)
     return ids.shape[0], ids.shape[1]
+
+
+def _make_room(cache, layers, batch: int, new_tokens: int, dtype) -> None:
+    """Grow (or allocate) the cache's growing seq-first layers for a step of `new_tokens`, in
+    eager code. Every layer fills alike, so the first routed layer's tells whether any must grow:
+    one check per step."""
+    from skipgpt.cache import SeqFirstLayer, StaticSeqFirstLayer, seq_first_layer
+    from skipgpt.layer import RoutedDecoderLayer
+
+    first = next((layer for layer in layers if isinstance(layer, RoutedDecoderLayer)), None)
+    if first is None:
+        return
+    kv = seq_first_layer(cache, first.layer_idx)
+    if type(kv) is not SeqFirstLayer or (kv.is_initialized and kv.length + new_tokens <= kv.keys.shape[1]):
+        return
+    for layer in layers:
+        if not isinstance(layer, RoutedDecoderLayer):
+            continue
+        kv = seq_first_layer(cache, layer.layer_idx)
+        if not isinstance(kv, StaticSeqFirstLayer):
+            g = layer.geometry
+            kv.make_room(batch, new_tokens, g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
 
 
 def _logits_positions(args, kwargs) -> None:

@@ -36,6 +36,15 @@ class SeqFirstLayer(CacheLayerMixin):
         `[1]` int64 device tensor holding the first claimed slot (filled by `torch.full`, a
         device-side fill, so no host-to-device copy and no sync).
         """
+        self.make_room(batch, new_tokens, num_heads, head_dim, dtype, device)
+        start = torch.full((1,), self.length, dtype=torch.int64, device=self.keys.device)
+        self.length += new_tokens
+        return self.keys, self.values, start
+
+    def make_room(self, batch: int, new_tokens: int, num_heads: int, head_dim: int, dtype, device) -> None:
+        """Allocate or grow the buffers so that `new_tokens` more slots fit, claiming none.
+        skipgpt.compile's entry calls it before a compiled step: growing copies the filled
+        slots into new buffers, which a compiled graph cannot trace at symbolic sizes."""
         needed = self.length + new_tokens
         if not self.is_initialized:
             self._allocate(batch, max(MIN_CAPACITY, needed), num_heads, head_dim, dtype, device)
@@ -53,9 +62,6 @@ class SeqFirstLayer(CacheLayerMixin):
                 )
             if needed > self.keys.shape[1]:
                 self._grow(max(needed, 2 * self.keys.shape[1]))
-        start = torch.full((1,), self.length, dtype=torch.int64, device=self.keys.device)
-        self.length = needed
-        return self.keys, self.values, start
 
     def _allocate(self, batch, capacity, num_heads, head_dim, dtype, device):
         self.keys = torch.zeros(batch, capacity, num_heads, head_dim, dtype=dtype, device=device)
