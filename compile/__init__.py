@@ -68,6 +68,10 @@ sets `generation_config.disable_compile`, so generate() does not compile the com
 again. Plain `torch.compile(model, mode="reduce-overhead")` captures decode steps called on the
 compiled module, but its `.generate()` runs the uncompiled model (transformers calls `self`).
 
+compile_model's default (one graph, no CUDA graphs) also generates with generate()'s default
+dynamic cache: its entry grows the seq-first cache in eager code before a step that would
+overflow it (a reallocation the graph cannot trace). Those decode steps are bound by host time.
+
 `explain(model, inputs)` reports graphs, graph breaks and recompiles in plain words.
 """
 from __future__ import annotations
