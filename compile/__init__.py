@@ -239,10 +239,10 @@ def compile_model(
         if step is not None and step[1] == 1 and state is not None and state.single_graph and "decode" not in warned \
                 and on_cuda() and _runs_skipgpt_attention(model):
             warned.add("decode")
-            logger.warning("skipgpt: compile_model without CUDA graphs runs every step in one graph, which "
-                           "Inductor does not capture in CUDA graphs (it holds torch.cond): single-token (decode) "
-                           "steps are bound by host time. For generation, mode='reduce-overhead' captures decode "
-                           "steps in CUDA graphs")
+            logger.warning("skipgpt: compile_model without CUDA graphs runs every step in one graph (torch.cond "
+                           "between forms and kernels), and no CUDA graph replays it: single-token (decode) steps are "
+                           "bound by host time. For generation, mode='reduce-overhead' captures decode steps in CUDA "
+                           "graphs")
         _logits_positions(args, kwargs)
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if cuda_graphs else 0
         out = compiled(*args, **kwargs)

@@ -143,6 +143,11 @@ class StaticSeqFirstLayer(SeqFirstLayer):
         self.max_cache_len = int(max_cache_len)
         self.fill = torch.zeros(1, dtype=torch.int64)
 
+    def make_room(self, batch: int, new_tokens: int, num_heads: int, head_dim: int, dtype, device) -> None:
+        """Allocate the buffers (see `allocate`); a static cache never grows: `reserve` checks that a
+        step fits, on the device."""
+        self.allocate(batch, num_heads, head_dim, dtype, device)
+
     def allocate(self, batch: int, num_heads: int, head_dim: int, dtype, device) -> None:
         """Allocate the `[batch, max_cache_len, num_heads, head_dim]` buffers now (no-op once
         allocated). Done outside compiled code, the buffers are marked as static addresses, so

@@ -379,13 +379,13 @@ class RoutedDecoderLayer(nn.Module):
             return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
                                         attend_with=attend_with)
 
-        def attend_with(kernel):
+        def branch(kernel):
             def attend(q, k_cache, v_cache, start):
                 return ops.sparse_attention(q, k_cache, v_cache, start, L, scale, rows, seq_offsets, key_mask,
                                             attend_with=kernel)
             return attend
 
-        return torch.cond(L == 1, attend_with("decode"), attend_with("prefill"), (q, k_cache, v_cache, start))
+        return torch.cond(L == 1, branch("decode"), branch("prefill"), (q, k_cache, v_cache, start))
 
     def _attend_and_mlp(self, x, q, rows, counts, slot, seq_offsets, k_cache, v_cache, start, key_mask, L,
                         tile_rows=None, attend_with=None):

@@ -35,7 +35,7 @@ def _check(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
         if attend_with not in ATTEND_WITH:
             raise ValueError(f"attend_with: expected one of {ATTEND_WITH} or None, got {attend_with!r}")
         # A symbolic seq_len (traced) cannot be checked without a guard: "decode" with one is the
-        # caller's to vouch for (skipgpt's layers never pass it).
+        # caller's to vouch for (skipgpt's layers pass it only under a torch.cond on L == 1).
         if attend_with == "decode" and type(seq_len) is int and seq_len != 1:
             raise ValueError(
                 f"attend_with: 'decode' attends one query per sequence and needs seq_len == 1, got {seq_len}"

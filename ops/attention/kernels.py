@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import bool_bytes, cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms
+from .._common import bool_bytes, cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms, static_ints
 
 LOG2E = 1.4426950408889634
 # Decode: at most this many chunks of keys per query, merged this many at a time (the CPU's
@@ -250,10 +250,12 @@ def decode(q, k_cache, v_cache, start, seq_len, scale, rows, seq_offsets, key_ma
     # Enough chunks to fill the machine twice over; a function of static shapes only, so a
     # captured CUDA graph stays valid as the cache fills. sym_max/sym_min: plain max/min would
     # guard on symbolic sizes (and M may be 0 at run time, hence the divisor's floor of 1).
-    fill = cdiv(2 * num_sms(q.device), torch.sym_max(M * HK, 1))
-    num_splits = torch.sym_max(1, torch.sym_min(torch.sym_min(cdiv(S, block_n), fill), MAX_SPLITS))
+    # (Eager sizes take the builtins: torch.sym_max costs ~1 us of host time a call.)
+    top, bottom = (max, min) if static_ints(M, S) else (torch.sym_max, torch.sym_min)
+    fill = cdiv(2 * num_sms(q.device), top(M * HK, 1))
+    num_splits = top(1, bottom(bottom(cdiv(S, block_n), fill), MAX_SPLITS))
     chunk = cdiv(cdiv(S, num_splits), block_n) * block_n
-    num_splits = torch.sym_max(1, cdiv(S, chunk))  # as cdiv alone for S >= 1; the floor keeps it provably >= 1
+    num_splits = top(1, cdiv(S, chunk))  # as cdiv alone for S >= 1; the floor keeps it provably >= 1
     # Flat: a multi-dim buffer with a symbolic split count would guard on its strides.
     part_lse = torch.empty(M * HQ * num_splits, dtype=torch.float32, device=q.device)  # [M, HQ, splits]
     part_o = torch.empty(M * HQ * num_splits * D, dtype=torch.float32, device=q.device)  # [M, HQ, splits, D]

@@ -201,6 +201,26 @@ def test_kernel_query_seeing_no_key_gives_zeros(launch, L):
 
 
 @requires_triton
+def test_decode_merge_after_a_round_of_splits_that_see_no_key():
+    # 5 splits of 32 slots, merged 4 at a time on the CPU: padding over the first 128 slots
+    # leaves the whole first round with no key, so the merge's running maximum starts at -inf.
+    from skipgpt.ops.attention import kernels
+
+    B, Hq, Hk, D, start = 1, 4, 1, 64, 155
+    S = start + 1
+    k_cache = randn(B, S, Hk, D, device=KERNEL_DEVICE, seed=1)
+    v_cache = randn(B, S, Hk, D, device=KERNEL_DEVICE, seed=2)
+    q = randn(B, Hq, D, device=KERNEL_DEVICE, seed=3)
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[:, :128] = False
+    key_mask = key_mask.to(KERNEL_DEVICE)
+    start_t = torch.tensor([start], device=KERNEL_DEVICE)
+    out = kernels.decode(q, k_cache, v_cache, start_t, 1, 0.125, None, None, key_mask)
+    want, _ = brute_attention(q, k_cache, v_cache, start_t, 1, 0.125, key_mask=key_mask)
+    assert_rel(out, want, 1e-5)
+
+
+@requires_triton
 def test_kernel_key_mask_narrower_than_cache():
     # key_mask covers fewer slots than the cache: slots past its width count as padding.
     from skipgpt.ops.attention import kernels
@@ -221,7 +241,7 @@ def test_kernel_key_mask_narrower_than_cache():
 @pytest.mark.parametrize("kernel,L,ran", [(None, 1, "decode"), (None, 3, "prefill"), ("prefill", 1, "prefill"),
                                           ("decode", 1, "decode"), ("prefill", 5, "prefill")])
 def test_kernel_argument_picks_the_launch(monkeypatch, kernel, L, ran):
-    # attend_with names the kernel (compiled code at a symbolic L asks for "prefill"); None picks by L.
+    # attend_with names the kernel (compiled code at a symbolic L, in a torch.cond on L == 1); None picks by L.
     from skipgpt.ops.attention import kernels
 
     ran_kernels = []
