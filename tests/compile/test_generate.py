@@ -111,14 +111,18 @@ def test_compile_model_default_is_one_graph_with_torch_cond():
 def test_compile_model_default_generate_grows_the_dynamic_cache_outside_the_graph(monkeypatch):
     """generate() without a static cache on compile_model's one graph: the seq-first cache
     doubles during decoding (here from 16 slots), which compile_model's entry does in eager code;
-    traced in the graph, the reallocation failed to compile. The tokens are eager's."""
+    traced in the graph, the reallocation failed to compile. The tokens are eager's, and after
+    the first call neither another batch nor a cache grown twice recompiles."""
     from skipgpt import cache
 
     monkeypatch.setattr(cache, "MIN_CAPACITY", 16)
     model, eager = routed_and_eager("triton-sparse")
     compile_model(model)
-    for seed, (batch, length) in enumerate([(2, 14), (3, 9)]):  # 14 + 5 tokens cross 16 slots
-        assert torch.equal(generate(model, batch, length, seed), generate(eager, batch, length, seed)), (batch, length)
+    # 14 + 5 tokens cross 16 slots; 30 + 5 cross 16 and 32.
+    for seed, (batch, length) in enumerate([(2, 14), (3, 9), (2, 30)]):
+        with torch.compiler.set_stance("default" if seed == 0 else "fail_on_recompile"):
+            out = generate(model, batch, length, seed)
+        assert torch.equal(out, generate(eager, batch, length, seed)), (batch, length)
 
 
 @pytest.mark.parametrize("pipeline", ["dense", "triton-sparse"])
