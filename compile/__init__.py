@@ -235,7 +235,7 @@ def compile_model(
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
-        step = _prepare_static_cache(model, args, kwargs)
+        step = _prepare_cache(model, args, kwargs)
         if step is not None and step[1] == 1 and state is not None and state.single_graph and "decode" not in warned \
                 and on_cuda() and _runs_skipgpt_attention(model):
             warned.add("decode")
@@ -255,14 +255,9 @@ def compile_model(
     return model
 
 
-def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:
-    """Allocate the static seq-first layers of the call's cache eagerly, before the compiled
-    forward runs (see StaticSeqFirstLayer.allocate), swapping fresh transformers static layers
-    for them; and make room in the growing ones (SeqFirstLayer.make_room), whose reallocation
-    the graph cannot trace. Returns the step's (B, L), when the call shows it."""
-    from skipgpt.cache import StaticSeqFirstLayer, seq_first_layer
-    from skipgpt.layer import RoutedDecoderLayer
-
+def _prepare_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int, int]]:
+    """Ready the call's cache in eager code, before the compiled forward runs (`_make_room`).
+    Returns the step's (B, L), when the call shows it."""
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1:
         # transformers' 4-D masks broadcast over heads: [B, 1, L, S]. Under dynamic=True that
@@ -275,43 +270,33 @@ def _prepare_static_cache(model: nn.Module, args, kwargs) -> Optional[tuple[int,
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layers = getattr(getattr(model, "model", None), "layers", None)
-    # Once per cache object (a decode step would otherwise walk every layer again).
-    if cache is not None and hasattr(cache, "layers") and layers is not None and \
-            not getattr(cache, "_skipgpt_prepared", False):
-        dtype = model.get_input_embeddings().weight.dtype
-        for layer in layers:
-            if not isinstance(layer, RoutedDecoderLayer):
-                continue
-            kv = seq_first_layer(cache, layer.layer_idx)
-            if isinstance(kv, StaticSeqFirstLayer) and not kv.is_initialized:
-                g = layer.geometry
-                kv.allocate(ids.shape[0], g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
-        cache._skipgpt_prepared = True
     if cache is not None and hasattr(cache, "layers") and layers is not None:
         _make_room(cache, layers, ids.shape[0], ids.shape[1], model.get_input_embeddings().weight.dtype)
     return ids.shape[0], ids.shape[1]
 
 
 def _make_room(cache, layers, batch: int, new_tokens: int, dtype) -> None:
-    """Grow (or allocate) the cache's growing seq-first layers for a step of `new_tokens`, in
-    eager code. Every layer fills alike, so the first routed layer's tells whether any must grow:
-    one check per step."""
-    from skipgpt.cache import SeqFirstLayer, StaticSeqFirstLayer, seq_first_layer
+    """Give the routed layers' seq-first cache layers room for a step of `new_tokens`
+    (SeqFirstLayer.make_room), swapping fresh transformers layers for them: static buffers
+    allocated while tracing would be graph outputs, not static addresses (see
+    StaticSeqFirstLayer.allocate), and a growing layer's reallocation cannot be traced at all.
+    Every layer fills alike, so once a cache has been walked, the first routed layer's tells
+    whether any must grow: one check per step."""
+    from skipgpt.cache import SeqFirstLayer, seq_first_layer
     from skipgpt.layer import RoutedDecoderLayer
 
-    first = next((layer for layer in layers if isinstance(layer, RoutedDecoderLayer)), None)
-    if first is None:
+    routed = [layer for layer in layers if isinstance(layer, RoutedDecoderLayer)]
+    if not routed:
         return
-    kv = seq_first_layer(cache, first.layer_idx)
-    if type(kv) is not SeqFirstLayer or (kv.is_initialized and kv.length + new_tokens <= kv.keys.shape[1]):
-        return
-    for layer in layers:
-        if not isinstance(layer, RoutedDecoderLayer):
-            continue
-        kv = seq_first_layer(cache, layer.layer_idx)
-        if not isinstance(kv, StaticSeqFirstLayer):
-            g = layer.geometry
-            kv.make_room(batch, new_tokens, g.num_kv_heads, g.head_dim, dtype, layer.input_layernorm.weight.device)
+    if getattr(cache, "_skipgpt_prepared", False):
+        kv = seq_first_layer(cache, routed[0].layer_idx)
+        if type(kv) is not SeqFirstLayer or (kv.is_initialized and kv.length + new_tokens <= kv.keys.shape[1]):
+            return
+    for layer in routed:
+        g = layer.geometry
+        seq_first_layer(cache, layer.layer_idx).make_room(batch, new_tokens, g.num_kv_heads, g.head_dim, dtype,
+                                                          layer.input_layernorm.weight.device)
+    cache._skipgpt_prepared = True
 
 
 def _logits_positions(args, kwargs) -> None:
