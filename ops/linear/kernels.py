@@ -237,6 +237,11 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     return 128, 256, block_k, 8, 3
 
 
+def _persistent(tiled_as: int) -> bool:
+    """Whether rows_gemm launches its persistent grid for GEMMs tiled as `tiled_as` rows."""
+    return tiled_as > 64
+
+
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, rows=None, slot=None,
               tile_rows=None):
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
@@ -261,7 +266,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized: one program
     # per tile, whose weights spread over the SMs, and pointer loads (TMA took 1-5 us longer
     # there; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
-    persistent = tiled_as > 64
+    persistent = _persistent(tiled_as)
     tma = persistent and tma_ready(*(t for t in (x, weight, w2) if t is not None))
     if persistent:
         programs = num_sms(x.device)
