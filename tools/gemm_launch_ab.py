@@ -1,5 +1,5 @@
 """rows_gemm's launch forms against each other where an eager step is host-bound (device machine):
-the persistent grid with TMA loads (today's default above 64 rows), the persistent grid with
+the persistent grid with TMA loads (the default above 64 rows before EAGER_PER_TILE_MAX_ROWS), the persistent grid with
 pointer loads, and one program per tile with pointer loads (the decode form). For each form:
 the host time of one call and its GPU time, for the layer's three capacity GEMMs at 128-1024
 rows (25% skip), then whole eager layer steps timed paired with hf (B=1, L 512 and 1024).
@@ -22,8 +22,13 @@ real_persistent, real_tma_ready = kernels._persistent, kernels.tma_ready
 
 
 def use_form(form: str) -> None:
-    kernels._persistent = real_persistent if form != "per-tile" else (lambda tiled_as: False)
+    """Force a form above 64 rows (rows_gemm's own choice also depends on the row count)."""
+    kernels._persistent = (lambda tiled_as: tiled_as > 64) if form != "per-tile" else (lambda tiled_as: False)
     kernels.tma_ready = real_tma_ready if form == "persistent+tma" else (lambda *tensors: False)
+
+
+def restore() -> None:
+    kernels._persistent, kernels.tma_ready = real_persistent, real_tma_ready
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +53,7 @@ for T in (128, 256, 512, 1024):
             row = dict(T=T, M=M, gemm=name, form=form, host_us=per_call_us(fn, 200), gpu_us=cuda_timer(fn)[0] * 1e3)
             results["gemm"].append(row)
             print(f"T={T:5d} {name:9s} {form:15s} host {row['host_us']:6.1f} us  gpu {row['gpu_us']:7.1f} us", flush=True)
-use_form(FORMS[0])
+restore()
 
 bench = LayerBench("llama-3.1-8b", dt, dev)
 
@@ -79,7 +84,7 @@ for point in args.points.split(","):
         results["layer"].append(row)
         print(f"B={B} L={L} skip {skip} round {r}: " + "  ".join(
             f"{n} {t[0]:.3f} ms ({timed[0][0] / t[0]:.3f}x of hf)" for n, t in zip(names, timed)), flush=True)
-use_form(FORMS[0])
+restore()
 out = os.path.join(os.environ.get("OUT", "/tmp"), "gemm-launch-ab.json")
 with open(out, "w") as f:
     json.dump(results, f, indent=1)

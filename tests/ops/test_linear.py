@@ -39,6 +39,14 @@ def _w(N, K, dtype, device="cpu", seed=0):
     return randn(N, K, dtype=dtype, device=device, seed=seed, scale=K ** -0.5)
 
 
+def force_grid(monkeypatch, grid: str) -> None:
+    """Make rows_gemm launch `grid` ("per-tile" or "persistent") at any row count: eager calls
+    take the persistent grid only above EAGER_PER_TILE_MAX_ROWS rows, more than these tests run."""
+    from skipgpt.ops.linear import kernels
+
+    monkeypatch.setattr(kernels, "_persistent", lambda tiled_as: grid == "persistent")
+
+
 # ---------------------------------------------------------------------------------------------
 # the references against float64
 
@@ -229,12 +237,13 @@ def test_rows_gemm_residual(dtype, B, L, p):
 
 
 @requires_triton
-@pytest.mark.parametrize("tile_rows", [None, 512])  # one program per tile; a persistent grid
-def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypatch, tile_rows):
+@pytest.mark.parametrize("grid", ["per-tile", "persistent"])
+def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypatch, grid):
     """rows and slot that are not each other's inverse (device data nobody checks): every token
     is still written exactly once, by the GEMM where rows[slot[t]] == t, else with its residual."""
     from skipgpt.ops.linear import kernels
 
+    force_grid(monkeypatch, grid)
     gpu_tiles = kernels._tiles
     monkeypatch.setattr(kernels, "_tiles", lambda r, size, kind, on_gpu: gpu_tiles(r, size, kind, True))
     B, L, K, N = 2, 70, 24, 40
@@ -250,7 +259,7 @@ def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypa
     residual = randn(T, N, device=KERNEL_DEVICE, seed=10)
     w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=11)
     with poisoned_outputs(kernels):
-        out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=rows, slot=slot, tile_rows=tile_rows)
+        out = kernels.rows_gemm(x, w, routes.count, residual=residual, rows=rows, slot=slot)
     want, executes = brute_residual(residual, x, w, slot, routes.count, rows)
     assert torch.isfinite(out).all(), "some token row was not written"
     assert len(executes) == n - 2 and t0 not in executes and t2 not in executes
@@ -262,13 +271,14 @@ def test_rows_gemm_residual_writes_each_token_once_whatever_the_indices(monkeypa
 
 @requires_triton
 @pytest.mark.parametrize("value", [-1, -65, -1000, -(2**31), 2**31 - 1])
-@pytest.mark.parametrize("tile_rows", [None, 1])  # 70 rows: a persistent grid; tiles of 1 row: one program per tile
+@pytest.mark.parametrize("grid", ["per-tile", "persistent"])
 @pytest.mark.parametrize("kind", ["plain", "residual"])
-def test_rows_gemm_counts_outside_the_rows(value, tile_rows, kind):
+def test_rows_gemm_counts_outside_the_rows(monkeypatch, value, grid, kind):
     """A count below zero projects no row, one past M every row: each output row is still written
     exactly as the reference says (a negative row-tile count once left the copies unlaunched)."""
     from skipgpt.ops.linear import kernels
 
+    force_grid(monkeypatch, grid)
     T, K, N = 70, 24, 40
     x = randn(T, K, device=KERNEL_DEVICE, seed=1)
     w = _w(N, K, torch.float32, KERNEL_DEVICE, seed=2)
@@ -277,8 +287,7 @@ def test_rows_gemm_counts_outside_the_rows(value, tile_rows, kind):
         routes = make_routes(1, T, 1.0, device=KERNEL_DEVICE)  # rows and slot: the identity
         residual = randn(T, N, device=KERNEL_DEVICE, seed=3)
         with poisoned_outputs(kernels):
-            out = kernels.rows_gemm(x, w, count, residual=residual, rows=routes.rows_cap, slot=routes.slot,
-                                    tile_rows=tile_rows)
+            out = kernels.rows_gemm(x, w, count, residual=residual, rows=routes.rows_cap, slot=routes.slot)
         want = linear_residual_reference(residual, x, w, routes.slot, count, routes.rows_cap)
         assert torch.isfinite(out).all(), "some token row was not written"
         assert_rel(out, want, TOL[torch.float32])
@@ -286,18 +295,19 @@ def test_rows_gemm_counts_outside_the_rows(value, tile_rows, kind):
             assert torch.equal(out, residual)
     else:
         with poisoned_outputs(kernels):
-            out = kernels.rows_gemm(x, w, count, tile_rows=tile_rows)
+            out = kernels.rows_gemm(x, w, count)
         n = min(max(value, 0), T)
         assert_rel(out[:n], linear_rows_reference(x, w, None, count)[:n], TOL[torch.float32])
         assert torch.isnan(out[n:]).all(), "rows at or past the count were written"
 
 
 @requires_triton
-@pytest.mark.parametrize("tile_rows", [None, 1])
-def test_rows_gemm_residual_with_no_rows_keeps_every_token(tile_rows):
+@pytest.mark.parametrize("grid", ["per-tile", "persistent"])
+def test_rows_gemm_residual_with_no_rows_keeps_every_token(monkeypatch, grid):
     """x without rows (M = 0) but tokens and a count: every token keeps its residual row."""
     from skipgpt.ops.linear import kernels
 
+    force_grid(monkeypatch, grid)
     T, K, N = 90, 16, 24
     residual = randn(T, N, device=KERNEL_DEVICE, seed=4)
     x = torch.empty(0, K, device=KERNEL_DEVICE)
@@ -305,18 +315,19 @@ def test_rows_gemm_residual_with_no_rows_keeps_every_token(tile_rows):
     count = torch.tensor([5], dtype=torch.int32, device=KERNEL_DEVICE)
     with poisoned_outputs(kernels):
         out = kernels.rows_gemm(x, _w(N, K, torch.float32, KERNEL_DEVICE), count, residual=residual,
-                                rows=slot[:0], slot=slot, tile_rows=tile_rows)
+                                rows=slot[:0], slot=slot)
     assert torch.equal(out, residual)
 
 
 @requires_triton
 @pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
-def test_rows_gemm_misaligned_operands_take_pointer_loads(kind):
+def test_rows_gemm_misaligned_operands_take_pointer_loads(monkeypatch, kind):
     """A base 4 bytes off 16-byte alignment cannot feed TMA: the persistent grid then loads the
     operand through pointers, with the same results."""
     from skipgpt.ops._common import tma_ready
     from skipgpt.ops.linear import kernels
 
+    force_grid(monkeypatch, "persistent")
     T, K, N = 130, 64, 40
     x = randn(T * K + 1, device=KERNEL_DEVICE, seed=5)[1:].view(T, K)
     assert not tma_ready(x) and tma_ready(x.clone())
@@ -342,6 +353,31 @@ def test_rows_gemm_wants_residual_rows_and_slot_together():
     x, w, count = torch.zeros(4, 8), torch.zeros(8, 8), torch.ones(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="residual, rows and slot go together"):
         kernels.rows_gemm(x, w, count, residual=torch.zeros(4, 8), slot=torch.zeros(4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("tracing", [False, True])
+def test_rows_gemm_grid_follows_rows_and_tracing(monkeypatch, tracing):
+    """Eager GEMMs launch one program per tile up to EAGER_PER_TILE_MAX_ROWS rows (host-bound
+    steps, where the persistent grid's TMA setup costs more host time than it saves GPU time);
+    traced ones, which Inductor launches, take the persistent grid above 64 rows."""
+    from skipgpt.ops import _common
+    from skipgpt.ops.linear import kernels
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["PROGRAMS"])
+
+    monkeypatch.setattr(kernels, "launch", lambda kernel, scratch=False: Recorder())
+    monkeypatch.setattr(kernels, "num_sms", lambda device: 132)
+    monkeypatch.setattr(_common._decomposing, "active", tracing, raising=False)
+    w = torch.zeros(8, 16)
+    for rows in (64, 65, kernels.EAGER_PER_TILE_MAX_ROWS, kernels.EAGER_PER_TILE_MAX_ROWS + 1):
+        kernels.rows_gemm(torch.zeros(rows, 16), w, torch.ones(1, dtype=torch.int32))
+    persistent = [programs > 0 for programs in launched]
+    assert persistent == ([False, True, True, True] if tracing else [False, False, False, True])
+    assert set(launched) <= {0, 132}
 
 
 def test_tma_ready_needs_16_byte_rows_and_bases():
