@@ -1,20 +1,24 @@
 """rows_gemm's launch forms against each other where an eager step is host-bound (device machine):
-the persistent grid with TMA loads (the default above 64 rows before EAGER_PER_TILE_MAX_ROWS), the persistent grid with
-pointer loads, and one program per tile with pointer loads (the decode form). For each form:
-the host time of one call and its GPU time, for the layer's three capacity GEMMs at 128-1024
-rows (25% skip), then whole eager layer steps timed paired with hf (B=1, L 512 and 1024).
+the persistent grid with TMA loads (rows_gemm's choice above 64 rows before
+EAGER_PER_TILE_MAX_ROWS), the persistent grid with pointer loads, and one program per tile with
+pointer loads (the decode form). First each form's host and GPU time per call for the layer's
+three capacity GEMMs at 128-1024 rows (25% skip); then whole eager layer steps against hf (B=1,
+L 512 and 1024), each step three ways, in a shuffled order per round: host time, steady time
+(back-to-back steps: max(host, GPU), what a model's layers see) and GPU time (CUDA-graph replay).
 
     python tools/gemm_launch_ab.py --rounds 3      # writes $OUT/gemm-launch-ab.json (or /tmp)
 """
 import argparse
 import json
 import os
+import random
+import time
 
 import torch
 
 from form_sweep import gemm_inputs, gemm_weights  # this folder is on sys.path when run as a script
 from profile_host import per_call_us
-from skipgpt.benchmark import LayerBench, cuda_timer, paired_timer
+from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer
 from skipgpt.ops.linear import kernels
 
 FORMS = ("persistent+tma", "persistent", "per-tile")
@@ -33,13 +37,14 @@ def restore() -> None:
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rounds", type=int, default=3, help="paired rounds per layer point")
+parser.add_argument("--no-gemm", action="store_true", help="skip the per-GEMM part")
 parser.add_argument("--points", default="1:512:0.25,1:1024:0.25,1:512:0,1:1024:0", help="B:L:skip layer points")
 args = parser.parse_args()
 dev, dt = torch.device("cuda"), torch.bfloat16
 torch.manual_seed(0)
 w_q, w_g, w_u, w_d = gemm_weights(dev, dt)
 results = {"gemm": [], "layer": []}
-for T in (128, 256, 512, 1024):
+for T in () if args.no_gemm else (128, 256, 512, 1024):
     M = int(T * 0.75)
     count, rows, slot, x, xi, res = gemm_inputs(T, M, dev, dt)
     cases = {
@@ -65,25 +70,38 @@ def in_form(form, step):
     return run
 
 
+def steady_us(fn, steps: int = 200) -> float:
+    """Wall time per step of `steps` steps back to back: max(host, GPU) per step, as the layers of
+    a model see it (no L2 flush; a GPU-bound step fills the launch queue and the host waits)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+shuffle = random.Random(0)
 for point in args.points.split(","):
     B, L, skip = point.split(":")
     B, L, skip = int(B), int(L), float(skip)
     hf = bench.step("hf", "prefill", B, L, skip)
     step = bench.step("triton-sparse", "prefill", B, L, skip)
-    names = ["hf", *FORMS]
-    fns = [hf, *(in_form(f, step) for f in FORMS)]
-    for form in FORMS:
-        use_form(form)
-        print(f"B={B} L={L} skip {skip} {form:15s} host {per_call_us(step, 100):7.1f} us per step", flush=True)
-    print(f"B={B} L={L} skip {skip} hf              host {per_call_us(hf, 100):7.1f} us per step", flush=True)
+    fns = {"hf": hf, **{f: in_form(f, step) for f in FORMS}}
     for r in range(args.rounds):
-        order = [(r + i) % len(fns) for i in range(len(fns))]  # rotated: no form always last
-        timed_in_order = paired_timer([fns[i] for i in order], rep_ms=300)
-        timed = [timed_in_order[order.index(i)] for i in range(len(fns))]
-        row = dict(B=B, L=L, skip=skip, round=r, **{n: t[0] for n, t in zip(names, timed)})
-        results["layer"].append(row)
-        print(f"B={B} L={L} skip {skip} round {r}: " + "  ".join(
-            f"{n} {t[0]:.3f} ms ({timed[0][0] / t[0]:.3f}x of hf)" for n, t in zip(names, timed)), flush=True)
+        names = list(fns)
+        shuffle.shuffle(names)  # a new order each round: no form always follows the same one
+        for name in names:
+            fn = fns[name]
+            host = per_call_us(fn, 20)  # 20 steps: the launch queue never fills
+            steady = steady_us(fn)
+            gpu = cuda_graph_timer(fn)[0] * 1e3  # replayed: the GPU's time alone, L2 flushed
+            restore()
+            row = dict(B=B, L=L, skip=skip, round=r, provider=name, host_us=host, steady_us=steady, gpu_us=gpu)
+            results["layer"].append(row)
+            print(f"B={B} L={L} skip {skip} round {r} {name:15s} host {host:7.1f}  steady {steady:7.1f}  "
+                  f"gpu {gpu:7.1f} us", flush=True)
 restore()
 out = os.path.join(os.environ.get("OUT", "/tmp"), "gemm-launch-ab.json")
 with open(out, "w") as f:
