@@ -3,15 +3,17 @@ the persistent grid with TMA loads (rows_gemm's choice above 64 rows before
 EAGER_PER_TILE_MAX_ROWS), the persistent grid with pointer loads, and one program per tile with
 pointer loads (the decode form). First each form's host and GPU time per call for the layer's
 three capacity GEMMs at 128-1024 rows (25% skip); then whole eager layer steps against hf (B=1,
-L 512 and 1024), each step three ways, in a shuffled order per round: host time, steady time
-(back-to-back steps: max(host, GPU), what a model's layers see) and GPU time (CUDA-graph replay).
+L 512 and 1024), each step three ways: GPU time (CUDA-graph replay), and in short blocks
+interleaved in a shuffled order per round, host time and steady time (back-to-back steps:
+max(host, GPU), what a model's layers see), each set against hf's block of the same round.
 
-    python tools/gemm_launch_ab.py --rounds 3      # writes $OUT/gemm-launch-ab.json (or /tmp)
+    python tools/gemm_launch_ab.py      # writes $OUT/gemm-launch-ab.json (or /tmp)
 """
 import argparse
 import json
 import os
 import random
+import statistics
 import time
 
 import torch
@@ -36,7 +38,7 @@ def restore() -> None:
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--rounds", type=int, default=3, help="paired rounds per layer point")
+parser.add_argument("--rounds", type=int, default=40, help="timed blocks per form and layer point")
 parser.add_argument("--no-gemm", action="store_true", help="skip the per-GEMM part")
 parser.add_argument("--points", default="1:512:0.25,1:1024:0.25,1:512:0,1:1024:0", help="B:L:skip layer points")
 args = parser.parse_args()
@@ -70,18 +72,30 @@ def in_form(form, step):
     return run
 
 
-def steady_us(fn, steps: int = 200) -> float:
-    """Wall time per step of `steps` steps back to back: max(host, GPU) per step, as the layers of
-    a model see it (no L2 flush; a GPU-bound step fills the launch queue and the host waits)."""
-    fn()
+def host_and_steady_us(fn, host_steps: int = 10, steady_steps: int = 40) -> tuple[float, float]:
+    """(host, steady) microseconds per step: the host's time to launch `host_steps` steps (few
+    enough that the launch queue never fills), then the wall time per step of `steady_steps` steps
+    back to back, synchronized: max(host, GPU) per step, as a model's layers see it (no L2 flush)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(host_steps):
+        fn()
+    host = (time.perf_counter() - t0) / host_steps * 1e6
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steady_steps):
         fn()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e6
+    return host, (time.perf_counter() - t0) / steady_steps * 1e6
 
 
+def median(values):
+    return statistics.median(values)
+
+
+# The device machine's host speed drifts by up to 2x within seconds, so each form is timed in
+# many short blocks, in a new shuffled order per round, and compared with hf's block of the same
+# round: the ratio's median over rounds, not the times', is the result.
 shuffle = random.Random(0)
 for point in args.points.split(","):
     B, L, skip = point.split(":")
@@ -89,19 +103,29 @@ for point in args.points.split(","):
     hf = bench.step("hf", "prefill", B, L, skip)
     step = bench.step("triton-sparse", "prefill", B, L, skip)
     fns = {"hf": hf, **{f: in_form(f, step) for f in FORMS}}
+    gpu = {}
+    for name, fn in fns.items():
+        gpu[name] = cuda_graph_timer(fn)[0] * 1e3  # replayed: the GPU's time alone, L2 flushed
+        restore()
+    blocks = {name: [] for name in fns}
     for r in range(args.rounds):
         names = list(fns)
-        shuffle.shuffle(names)  # a new order each round: no form always follows the same one
+        shuffle.shuffle(names)
         for name in names:
-            fn = fns[name]
-            host = per_call_us(fn, 20)  # 20 steps: the launch queue never fills
-            steady = steady_us(fn)
-            gpu = cuda_graph_timer(fn)[0] * 1e3  # replayed: the GPU's time alone, L2 flushed
-            restore()
-            row = dict(B=B, L=L, skip=skip, round=r, provider=name, host_us=host, steady_us=steady, gpu_us=gpu)
-            results["layer"].append(row)
-            print(f"B={B} L={L} skip {skip} round {r} {name:15s} host {host:7.1f}  steady {steady:7.1f}  "
-                  f"gpu {gpu:7.1f} us", flush=True)
+            blocks[name].append(host_and_steady_us(fns[name]))
+        restore()
+    for name in fns:
+        host = [b[0] for b in blocks[name]]
+        steady = [b[1] for b in blocks[name]]
+        row = dict(B=B, L=L, skip=skip, provider=name, gpu_us=gpu[name], host_us=median(host),
+                   steady_us=median(steady),
+                   host_vs_hf=median([h / b[0] for h, b in zip(host, blocks["hf"])]),
+                   steady_speedup_vs_hf=median([b[1] / s for s, b in zip(steady, blocks["hf"])]),
+                   blocks=blocks[name])
+        results["layer"].append(row)
+        print(f"B={B} L={L} skip {skip} {name:15s} gpu {gpu[name]:6.1f}  host {row['host_us']:6.1f} "
+              f"({row['host_vs_hf']:.3f} of hf's)  steady {row['steady_us']:6.1f} us "
+              f"({row['steady_speedup_vs_hf']:.3f}x of hf)", flush=True)
 restore()
 out = os.path.join(os.environ.get("OUT", "/tmp"), "gemm-launch-ab.json")
 with open(out, "w") as f:
