@@ -27,7 +27,8 @@ no kernel is named (decode or prefill kernel picked by it); and the capacity-for
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
 graphs) the capacity form calls none of these: counts_to_host runs in a torch.cond of its own,
 taken only where the exact form will run; the GEMMs take tile_rows
-(skipgpt.layer.COND_TILE_ROWS; single-token steps, by a torch.cond on L == 1, DECODE_TILE_ROWS);
+(skipgpt.layer.COND_SHORT_TILE_ROWS or COND_LONG_TILE_ROWS, by a torch.cond on the token count;
+single-token steps, by a torch.cond on L == 1, DECODE_TILE_ROWS);
 and attention names its kernel by L == 1 too (split-KV decode, else prefill). Inductor captures no
 graph holding a torch.cond in CUDA graphs, so that graph's decode steps are bound by host time
 (compile_model warns the first time one arrives). In CUDA-graph-captured decode the dispatcher

@@ -230,7 +230,7 @@ def known_empty(size) -> bool:
 _decomposing = threading.local()
 
 
-def tracing_kernels() -> bool:
+def _tracing_kernels() -> bool:
     """Whether `decompose_under_compile` is tracing an op's CUDA implementation on this thread."""
     return getattr(_decomposing, "active", False)
 
@@ -240,7 +240,7 @@ def launch(kernel, scratch: bool = False):
     CUDA implementation, its `torch.library.wrap_triton` form instead, which records the launch in
     the graph for Inductor rather than running it. scratch: the kernel builds TMA descriptors,
     for which Triton asks an allocator for global memory at each launch (Inductor sets its own)."""
-    if tracing_kernels():
+    if _tracing_kernels():
         return torch.library.wrap_triton(kernel)
     if scratch:
         _set_scratch_allocator()
@@ -252,7 +252,7 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     (the row size, not stride(0), which a one-row tensor may leave arbitrary). While an op is
     traced the tensors have no address; Inductor keeps its buffers and the graph's inputs 16-byte
     aligned (it copies a misaligned input), so there the row sizes decide."""
-    tracing = tracing_kernels()
+    tracing = _tracing_kernels()
     return all(t.shape[1] * t.element_size() % 16 == 0 and (tracing or t.data_ptr() % 16 == 0) for t in tensors)
 
 
@@ -275,13 +275,13 @@ def bool_bytes(t: torch.Tensor) -> torch.Tensor:
     """A bool tensor's bytes as uint8, for a kernel to read (any nonzero byte is True, as in
     PyTorch): a view, except while `decompose_under_compile` traces an op. Inductor (torch 2.11)
     cannot lower a view between bool and another dtype, so there it is a copy (a mask's few bytes)."""
-    return t.to(torch.uint8) if tracing_kernels() else t.view(torch.uint8)
+    return t.to(torch.uint8) if _tracing_kernels() else t.view(torch.uint8)
 
 
 def bytes_to_bool(t: torch.Tensor) -> torch.Tensor:
     """The int8 0/1 bytes a kernel wrote, as bool: a view, or while an op is traced a comparison
     (see `bool_bytes`)."""
-    return (t != 0) if tracing_kernels() else t.view(torch.bool)
+    return (t != 0) if _tracing_kernels() else t.view(torch.bool)
 
 
 def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., bool]] = None) -> None:
@@ -315,7 +315,7 @@ def decompose_under_compile(op, cuda_impl, traceable: Optional[Callable[..., boo
         opaque = custom_triton_ops_decomposition_disabled() or not args[0].is_cuda
         if opaque or (traceable is not None and not traceable(*args, **kwargs)):
             return mode.__torch_dispatch__(func, types, args, kwargs)
-        was = tracing_kernels()
+        was = _tracing_kernels()
         _decomposing.active = True
         try:
             with mode:

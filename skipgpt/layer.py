@@ -32,12 +32,16 @@ FUSED_QKV_MIN_TOKENS = 65
 # its default or the form is forced (use_form).
 FUSED_QKV_MAX_TOKENS = 1024
 # Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
-# capacity form's GEMMs take the tiles of this many rows (ops' tile_rows), so that Inductor
-# launches them rather than calling each op through the dispatcher (70-200 us of host time a call,
-# which bounds these steps). These tiles suit 257-512 rows; at 1024 rows the single GEMMs (Q,
-# o_proj, down_proj) take 13-27% more GPU time with them than with their best tiles
-# (tools/form_sweep.py's GEMM sweep, H200); the gated GEMM's tiles are the same at every size.
-COND_TILE_ROWS = 512
+# capacity form's GEMMs take fixed tiles (ops' tile_rows), so that Inductor launches them rather
+# than calling each op through the dispatcher (70-200 us of host time a call, which bounds these
+# steps). A cond on the token count (a size: tested on the host) gives steps of up to
+# COND_SHORT_TILE_ROWS tokens those rows' tiles and grid (one program per tile, as eager steps of
+# that size take: ops.linear.kernels.PER_TILE_MAX_ROWS), longer ones COND_LONG_TILE_ROWS' (the
+# persistent TMA grid). With the 512-row tiles alone, 1024-token steps ran their single GEMMs (Q,
+# o_proj, down_proj) 13-27% slower (tools/form_sweep.py's GEMM sweep, H200), and the one graph
+# took 0.96x of eager's time at B=1 L=1024 (H100, docs/BENCHMARKS.md).
+COND_SHORT_TILE_ROWS = 512
+COND_LONG_TILE_ROWS = 1024
 # ... and single-token steps under torch.cond take those of this many rows, the decode tiles of
 # batches up to 64 (with the 512-row tiles, graph-captured decode steps of that graph took
 # 1.6-2.1x eager's GPU time at B=1-8, H200; docs/BENCHMARKS.md).
@@ -335,9 +339,14 @@ class RoutedDecoderLayer(nn.Module):
 
         if use_cond:
             # Decode steps get GEMM tiles and an attention kernel of their own, by a second cond
-            # on the step's length (a size: tested by the graph's host code).
+            # on the step's length, and longer steps tiles by their token count (sizes: tested by
+            # the graph's host code).
             decode_form = capacity_form_with(DECODE_TILE_ROWS, "decode")
-            prefill_form = capacity_form_with(COND_TILE_ROWS, "prefill")
+            short_form = capacity_form_with(COND_SHORT_TILE_ROWS, "prefill")
+            long_form = capacity_form_with(COND_LONG_TILE_ROWS, "prefill")
+
+            def prefill_form(*operands):
+                return torch.cond(T <= COND_SHORT_TILE_ROWS, short_form, long_form, operands)
 
             def capacity_form(*operands):
                 return torch.cond(L == 1, decode_form, prefill_form, operands)
@@ -391,7 +400,7 @@ class RoutedDecoderLayer(nn.Module):
                         tile_rows=None, attend_with=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
         over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
-        capacity-form GEMMs' (see COND_TILE_ROWS); None in the exact form and eager code.
+        capacity-form GEMMs' (see COND_SHORT_TILE_ROWS); None in the exact form and eager code.
         attend_with: the attention kernel, where the caller knows it (see `_attention`)."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms, tma_ready, tracing_kernels
+from .._common import cdiv, dot_precision, known_empty, launch, next_power_of_2, num_sms, tma_ready
 
 ACT_IDS = {"none": 0, "silu": 1, "relu": 2}
 
@@ -237,20 +237,24 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     return 128, 256, block_k, 8, 3
 
 
-# Eager capacity-form GEMMs of up to this many rows launch one program per tile with pointer
-# loads, as decode-sized ones do. Such steps are host-bound, and the persistent grid's TMA
-# descriptors cost each call ~15 us more host time (Triton asks the host for their scratch
-# memory), more than their GPU saving: eager layer steps of B=1 L=512 ran 1.24-1.30x faster than
-# hf with per-tile launches, 0.91-1.02x with the persistent TMA grid (0% and 25% skip, H100;
-# docs/bench/gemm-launch-ab-8761a70.json). At 1024 rows the persistent TMA grid won (1.28x of hf
-# against 1.14x, 25% skip). Traced calls (Inductor launches them) keep the persistent grid.
-EAGER_PER_TILE_MAX_ROWS = 512
+# Capacity-form GEMMs of up to this many rows launch one program per tile with pointer loads, as
+# decode-sized ones do, unless a CUDA graph is being captured. Such steps are bound by host time,
+# and the persistent grid's TMA descriptors cost each launch ~13 us more of it (Triton asks the
+# host for their scratch memory), more than they save on the GPU: eager layer steps of B=1 L=512,
+# timed back to back in interleaved blocks, ran 1.07-1.09x faster than hf per tile, 0.99-1.01x
+# with the persistent TMA grid, though that grid took 7-15% less GPU time (H200;
+# docs/bench/gemm-launch-ab-a1b8a27.json). At 1024 rows, where the GPU bounds the step, the
+# persistent TMA grid won: 1.18-1.28x against 1.02-1.10x. A graph replay costs no host time, so
+# there the persistent grid is taken from 65 rows.
+PER_TILE_MAX_ROWS = 512
 
 
-def _persistent(tiled_as: int) -> bool:
+def _persistent(tiled_as: int, on_gpu: bool) -> bool:
     """Whether rows_gemm launches its persistent grid (TMA loads where the operands allow) for a
     GEMM tiled as `tiled_as` rows, rather than one program per tile with pointer loads."""
-    return tiled_as > 64 and (tiled_as > EAGER_PER_TILE_MAX_ROWS or tracing_kernels())
+    if tiled_as <= 64:
+        return False
+    return tiled_as > PER_TILE_MAX_ROWS or (on_gpu and torch.cuda.is_current_stream_capturing())
 
 
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, rows=None, slot=None,
@@ -258,8 +262,8 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
     (rows [M] and slot [T] given: x's row m is token rows[m]'s).
     tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
-    Above 64 rows (traced) or 512 rows (eager; see EAGER_PER_TILE_MAX_ROWS) a persistent grid of
-    one program per SM strides over the live tiles, and operands with 16-byte aligned rows load
+    Above 512 rows (64 while a CUDA graph is captured; see PER_TILE_MAX_ROWS) a persistent grid
+    of one program per SM strides over the live tiles, and operands with 16-byte aligned rows load
     through TMA descriptors: 1.1-1.3x less GPU time than one program per tile with pointer loads
     at 256-1024 rows, most of it in the gated GEMM (docs/bench/gemm-variants-6d971d8.json, H200)."""
     if not (residual is None) == (rows is None) == (slot is None):
@@ -274,11 +278,11 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = M if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), "gated" if w2 is not None else "single",
                                                       on_gpu)
-    # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized and small
-    # eager ones (see EAGER_PER_TILE_MAX_ROWS): one program per tile, whose weights spread over
-    # the SMs, and pointer loads (at decode sizes TMA took 1-5 us longer;
+    # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized and, outside
+    # a graph capture, up to PER_TILE_MAX_ROWS: one program per tile, whose weights spread over
+    # the SMs, and pointer loads (at decode sizes TMA took 1-5 us longer in graph replays too;
     # docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
-    persistent = _persistent(tiled_as)
+    persistent = _persistent(tiled_as, on_gpu)
     tma = persistent and tma_ready(*(t for t in (x, weight, w2) if t is not None))
     if persistent:
         programs = num_sms(x.device)
