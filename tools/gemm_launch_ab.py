@@ -1,6 +1,6 @@
 """rows_gemm's launch forms against each other where an eager step is host-bound (device machine):
 the persistent grid with TMA loads (rows_gemm's choice above 64 rows before
-EAGER_PER_TILE_MAX_ROWS), the persistent grid with pointer loads, and one program per tile with
+PER_TILE_MAX_ROWS), the persistent grid with pointer loads, and one program per tile with
 pointer loads (the decode form). First each form's host and GPU time per call for the layer's
 three capacity GEMMs at 128-1024 rows (25% skip); then whole eager layer steps against hf (B=1,
 L 512 and 1024), each step three ways: GPU time (CUDA-graph replay), and in short blocks

@@ -238,23 +238,22 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
 
 
 # Capacity-form GEMMs of up to this many rows launch one program per tile with pointer loads, as
-# decode-sized ones do, unless a CUDA graph is being captured. Such steps are bound by host time,
-# and the persistent grid's TMA descriptors cost each launch ~13 us more of it (Triton asks the
-# host for their scratch memory), more than they save on the GPU: eager layer steps of B=1 L=512,
-# timed back to back in interleaved blocks, ran 1.07-1.09x faster than hf per tile, 0.99-1.01x
-# with the persistent TMA grid, though that grid took 7-15% less GPU time (H200;
-# docs/bench/gemm-launch-ab-a1b8a27.json). At 1024 rows, where the GPU bounds the step, the
-# persistent TMA grid won: 1.18-1.28x against 1.02-1.10x. A graph replay costs no host time, so
-# there the persistent grid is taken from 65 rows.
+# decode-sized ones do. Such steps are bound by host time, and the persistent grid's TMA
+# descriptors cost each launch ~13 us more of it (Triton asks the host for their scratch memory),
+# more than they save on the GPU: eager layer steps of B=1 L=512, timed back to back in
+# interleaved blocks, ran 1.07-1.09x faster than hf per tile, 0.99-1.01x with the persistent TMA
+# grid, though that grid took 7-15% less GPU time (H200; docs/bench/gemm-launch-ab-a1b8a27.json).
+# At 1024 rows, where the GPU bounds the step, the persistent TMA grid won: 1.18-1.28x against
+# 1.02-1.10x. Up to 256 rows the two grids took the same GPU time; at 257-512 rows a CUDA-graph
+# replay (no host time) would gain ~14% of these GEMMs' time with the persistent grid, which is
+# not taken: those are decode batches of more than 256 sequences, captured.
 PER_TILE_MAX_ROWS = 512
 
 
-def _persistent(tiled_as: int, on_gpu: bool) -> bool:
+def _persistent(tiled_as: int) -> bool:
     """Whether rows_gemm launches its persistent grid (TMA loads where the operands allow) for a
     GEMM tiled as `tiled_as` rows, rather than one program per tile with pointer loads."""
-    if tiled_as <= 64:
-        return False
-    return tiled_as > PER_TILE_MAX_ROWS or (on_gpu and torch.cuda.is_current_stream_capturing())
+    return tiled_as > PER_TILE_MAX_ROWS
 
 
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, rows=None, slot=None,
@@ -262,10 +261,10 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
     (rows [M] and slot [T] given: x's row m is token rows[m]'s).
     tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
-    Above 512 rows (64 while a CUDA graph is captured; see PER_TILE_MAX_ROWS) a persistent grid
-    of one program per SM strides over the live tiles, and operands with 16-byte aligned rows load
-    through TMA descriptors: 1.1-1.3x less GPU time than one program per tile with pointer loads
-    at 256-1024 rows, most of it in the gated GEMM (docs/bench/gemm-variants-6d971d8.json, H200)."""
+    Above PER_TILE_MAX_ROWS rows a persistent grid of one program per SM strides over the live
+    tiles, and operands with 16-byte aligned rows load through TMA descriptors: 1.1-1.3x less GPU
+    time than one program per tile with pointer loads at 512-1024 rows, most of it in the gated
+    GEMM (docs/bench/gemm-variants-6d971d8.json, H200)."""
     if not (residual is None) == (rows is None) == (slot is None):
         raise ValueError("rows_gemm: residual, rows and slot go together")
     M, K = x.shape
@@ -278,11 +277,10 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = M if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), "gated" if w2 is not None else "single",
                                                       on_gpu)
-    # Prefill-sized: persistent, and TMA loads where the operands allow. Decode-sized and, outside
-    # a graph capture, up to PER_TILE_MAX_ROWS: one program per tile, whose weights spread over
-    # the SMs, and pointer loads (at decode sizes TMA took 1-5 us longer in graph replays too;
-    # docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
-    persistent = _persistent(tiled_as, on_gpu)
+    # Above PER_TILE_MAX_ROWS: persistent, and TMA loads where the operands allow. Below: one
+    # program per tile, whose weights spread over the SMs, and pointer loads (at decode sizes TMA
+    # took 1-5 us longer in graph replays too; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
+    persistent = _persistent(tiled_as)
     tma = persistent and tma_ready(*(t for t in (x, weight, w2) if t is not None))
     if persistent:
         programs = num_sms(x.device)

@@ -79,7 +79,19 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   empty
 [cond_false_0]
   skipgpt.counts_to_host.default
-[cond_true_3]
+[cond_true_4]
+  cond
+[cond_true_2]
+  unsqueeze
+  unsqueeze
+  skipgpt.linear_rows.default
+  skipgpt.rope.default
+  skipgpt.sparse_attention.default
+  skipgpt.linear_residual.default
+  skipgpt.rms_norm.default
+  skipgpt.gated_mlp.default
+  skipgpt.linear_residual.default
+[cond_false_2]
   cond
 [cond_true_1]
   unsqueeze
@@ -101,7 +113,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_false_3]
+[cond_false_4]
   aten.sym_size.int
   skipgpt.exact_rows.default
   aten.sym_size.int
@@ -119,9 +131,9 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_true_2]
+[cond_true_3]
   skipgpt.sparse_attention.default
-[cond_false_2]
+[cond_false_3]
   skipgpt.sparse_attention.default""")
 
     def test_dense_layer(self):
@@ -170,15 +182,29 @@ def _on_length_one(g: torch.fx.GraphModule) -> tuple:
     return getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
 
 
+def _on_token_count(g: torch.fx.GraphModule) -> tuple:
+    """(true branch, false branch) of the one torch.cond in `g`, after checking that it tests the
+    step's token count (B * L, traced at 2 * 5) against COND_SHORT_TILE_ROWS."""
+    from skipgpt.layer import COND_SHORT_TILE_ROWS
+
+    (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
+    pred = cond.args[0].meta["example_value"].node
+    values = pred.shape_env.var_to_val
+    assert str(pred.expr).endswith(f"<= {COND_SHORT_TILE_ROWS}"), pred.expr
+    assert sorted(values[s] for s in pred.expr.free_symbols) == [2, 5], pred.expr
+    return getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
+
+
 def test_cond_branches_pick_what_traces():
     """What lets compile_model's single graph launch the kernels itself rather than call ops
     through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows, by a cond of
-    its own on L == 1 (DECODE_TILE_ROWS, else COND_TILE_ROWS), and the exact branch's (cuBLAS,
+    its own on L == 1 (DECODE_TILE_ROWS), else on the token count (COND_SHORT_TILE_ROWS or
+    COND_LONG_TILE_ROWS), and the exact branch's (cuBLAS,
     no count) none; the counts go to the host (one op) only where the exact form runs, which
     reads them; attention names its kernel (decode where L == 1, else prefill), in the capacity
     form by the same cond and elsewhere by a cond around it: a choice inside the op by the
     symbolic L would guard."""
-    from skipgpt.layer import COND_TILE_ROWS, DECODE_TILE_ROWS
+    from skipgpt.layer import COND_LONG_TILE_ROWS, COND_SHORT_TILE_ROWS, DECODE_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
     attention = "skipgpt.sparse_attention.default"
@@ -189,13 +215,16 @@ def test_cond_branches_pick_what_traces():
     (read,) = _calls(exact, "skipgpt.exact_rows.default")
     assert len(read.args) == 3, read.args  # rows, seq_offsets and the copied counts
     decode, prefill = _on_length_one(capacity)
+    short, long = _on_token_count(prefill)
+    branches = {"decode": decode, "short": short, "long": long, "exact": exact}
     tiles = {
         branch: [n.kwargs.get("tile_rows") for n in g.graph.nodes if str(n.target) in gemms]
-        for branch, g in (("decode", decode), ("prefill", prefill), ("exact", exact))
+        for branch, g in branches.items()
     }
-    assert tiles == {"decode": [DECODE_TILE_ROWS] * 4, "prefill": [COND_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
-    kernels = [n.kwargs.get("attend_with") for g in (decode, prefill) for n in _calls(g, attention)]
-    assert kernels == ["decode", "prefill"], kernels
+    assert tiles == {"decode": [DECODE_TILE_ROWS] * 4, "short": [COND_SHORT_TILE_ROWS] * 4,
+                     "long": [COND_LONG_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
+    kernels = [n.kwargs.get("attend_with") for g in (decode, short, long) for n in _calls(g, attention)]
+    assert kernels == ["decode", "prefill", "prefill"], kernels
     (dense,) = captured_graphs("dense")
     for g in (exact, dense):
         assert not _calls(g, attention)  # only inside the cond

@@ -40,8 +40,8 @@ def _w(N, K, dtype, device="cpu", seed=0):
 
 
 def force_grid(monkeypatch, grid: str) -> None:
-    """Make rows_gemm launch `grid` ("per-tile" or "persistent") at any row count: eager calls
-    take the persistent grid only above EAGER_PER_TILE_MAX_ROWS rows, more than these tests run."""
+    """Make rows_gemm launch `grid` ("per-tile" or "persistent") at any row count: it takes the
+    persistent grid only above PER_TILE_MAX_ROWS rows, more than these tests run."""
     from skipgpt.ops.linear import kernels
 
     monkeypatch.setattr(kernels, "_persistent", lambda tiled_as: grid == "persistent")
@@ -355,12 +355,11 @@ def test_rows_gemm_wants_residual_rows_and_slot_together():
         kernels.rows_gemm(x, w, count, residual=torch.zeros(4, 8), slot=torch.zeros(4, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("tracing", [False, True])
-def test_rows_gemm_grid_follows_rows_and_tracing(monkeypatch, tracing):
-    """Eager GEMMs launch one program per tile up to EAGER_PER_TILE_MAX_ROWS rows (host-bound
-    steps, where the persistent grid's TMA setup costs more host time than it saves GPU time);
-    traced ones, which Inductor launches, take the persistent grid above 64 rows."""
-    from skipgpt.ops import _common
+@requires_triton
+def test_rows_gemm_grid_follows_the_rows():
+    """One program per tile up to PER_TILE_MAX_ROWS rows (host-bound steps, where the persistent
+    grid's TMA setup costs more host time than it saves GPU time), the persistent grid above; by
+    the rows the tiles are picked for (tile_rows where given)."""
     from skipgpt.ops.linear import kernels
 
     launched = []
@@ -369,15 +368,14 @@ def test_rows_gemm_grid_follows_rows_and_tracing(monkeypatch, tracing):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(kwargs["PROGRAMS"])
 
-    monkeypatch.setattr(kernels, "launch", lambda kernel, scratch=False: Recorder())
-    monkeypatch.setattr(kernels, "num_sms", lambda device: 132)
-    monkeypatch.setattr(_common._decomposing, "active", tracing, raising=False)
-    w = torch.zeros(8, 16)
-    for rows in (64, 65, kernels.EAGER_PER_TILE_MAX_ROWS, kernels.EAGER_PER_TILE_MAX_ROWS + 1):
-        kernels.rows_gemm(torch.zeros(rows, 16), w, torch.ones(1, dtype=torch.int32))
-    persistent = [programs > 0 for programs in launched]
-    assert persistent == ([False, True, True, True] if tracing else [False, False, False, True])
-    assert set(launched) <= {0, 132}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "launch", lambda kernel, scratch=False: Recorder())
+        patch.setattr(kernels, "num_sms", lambda device: 132)
+        w = torch.zeros(8, 16)
+        for rows in (64, 65, kernels.PER_TILE_MAX_ROWS, kernels.PER_TILE_MAX_ROWS + 1):
+            kernels.rows_gemm(torch.zeros(rows, 16), w, torch.ones(1, dtype=torch.int32))
+        kernels.rows_gemm(torch.zeros(8, 16), w, torch.ones(1, dtype=torch.int32), tile_rows=1024)
+    assert launched == [0, 0, 0, 132, 132]
 
 
 def test_tma_ready_needs_16_byte_rows_and_bases():

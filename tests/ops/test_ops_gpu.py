@@ -251,11 +251,12 @@ def test_linear_8b(B, L):
         check(out, residual.double() + lin64(x, W["o"]), "linear_residual dense")
 
 
-@pytest.mark.parametrize("T", [512, 1024])  # eager: one program per tile; the persistent TMA grid
+@pytest.mark.parametrize("T", [512, 1024])
 def test_capacity_gemms_replay_in_a_cuda_graph(T):
     """The capacity-form GEMMs, captured in a CUDA graph with one set of routes and replayed with
     others (new counts, rows and slot copied into the captured tensors), match eager calls bit for
-    bit; the persistent grid takes descriptor scratch from an allocator at every launch."""
+    bit: 512 rows launch one program per tile, 1024 the persistent grid, whose TMA descriptors
+    take scratch from an allocator at every launch."""
     W = _weights(50)
     x, a_in, residual = randn(T, H, seed=51), randn(T, I, seed=52), randn(T, H, seed=53)
     _, rows, slot, offsets = routes(1, T, seed=54)
