@@ -28,7 +28,9 @@ real_persistent, real_tma_ready = kernels._persistent, kernels.tma_ready
 
 
 def use_form(form: str) -> None:
-    """Force a form above 64 rows (rows_gemm's own choice also depends on the row count)."""
+    """Force a form above 64 rows ("auto": rows_gemm's own choice, by the row count)."""
+    if form == "auto":
+        return restore()
     kernels._persistent = (lambda tiled_as: tiled_as > 64) if form != "per-tile" else (lambda tiled_as: False)
     kernels.tma_ready = real_tma_ready if form == "persistent+tma" else (lambda *tensors: False)
 
@@ -40,6 +42,8 @@ def restore() -> None:
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rounds", type=int, default=40, help="timed blocks per form and layer point")
 parser.add_argument("--no-gemm", action="store_true", help="skip the per-GEMM part")
+parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms to time at each layer point")
+parser.add_argument("--also", default="", help="comma-separated bench providers timed beside them (compiled-sparse)")
 parser.add_argument("--points", default="1:512:0.25,1:1024:0.25,1:512:0,1:1024:0", help="B:L:skip layer points")
 args = parser.parse_args()
 dev, dt = torch.device("cuda"), torch.bfloat16
@@ -102,7 +106,8 @@ for point in args.points.split(","):
     B, L, skip = int(B), int(L), float(skip)
     hf = bench.step("hf", "prefill", B, L, skip)
     step = bench.step("triton-sparse", "prefill", B, L, skip)
-    fns = {"hf": hf, **{f: in_form(f, step) for f in FORMS}}
+    fns = {"hf": hf, **{f: in_form(f, step) for f in args.forms.split(",")}}
+    fns.update({p: bench.step(p, "prefill", B, L, skip) for p in args.also.split(",") if p})
     gpu = {}
     for name, fn in fns.items():
         gpu[name] = cuda_graph_timer(fn)[0] * 1e3  # replayed: the GPU's time alone, L2 flushed
