@@ -607,9 +607,10 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
     medians of its rounds' (`Point.ms_rounds` keeps each round's median). Each round builds the
     provider's step afresh (the same seeded inputs), so one step's memory is held at a time.
 
-    With `paired_timer` (see `paired_timer`), a round instead builds every provider's step and
-    times them together, one call of each per repetition: a host whose speed changes for a
-    while (the device machine's does, ~2x) then slows every provider alike. It holds all the
+    With `paired_timer` (see `paired_timer` and `steady_timer`), a round instead builds every
+    provider's step and times them together, one call (or block of calls) of each per
+    repetition: a host whose speed changes for a while (the device machine's does, ~2x) then
+    slows every provider alike. It holds all the
     steps' memory at once; if a round fails so (out of memory, a failing step), that round and
     the point's later ones are timed provider by provider instead, with a logged warning and a
     note on the point."""
@@ -943,6 +944,37 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
 
     repetitions(1)
     per_rep = max(1e-3, sum(map(sum, repetitions(3))) / 3)
+    repetitions(max(1, math.ceil(warmup_ms * len(fns) / per_rep)))
+    times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * len(fns) / per_rep))), dtype=torch.float64)
+    q20, med, q80 = times.quantile(torch.tensor(QUANTILES, dtype=torch.float64), dim=0).tolist()
+    return list(zip(med, q20, q80))
+
+
+def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True, min_reps: int = 3,
+                 block_ms: float = 5.0) -> list:
+    """Time several steps as a model's consecutive layers run them: each repetition runs a block
+    of back-to-back calls of every fn, in list order, synchronized before and after each block,
+    on the host's clock. Per call that is max(host, GPU) time: a host-bound step costs its host
+    time, a GPU-bound one its GPU time (no L2 flush between calls, unlike paired_timer's). The
+    blocks interleave the fns, so a host whose speed changes slows them alike. A block holds
+    enough calls for about `block_ms` (at least 2). Budgets per fn, as paired_timer's. Returns one
+    (median, q20, q80) in ms per call, per fn."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def block(fn, calls: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+    calls = [max(2, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
+
+    def repetitions(n: int) -> list:
+        return [[block(fn, c) for fn, c in zip(fns, calls)] for _ in range(n)]
+
+    per_rep = max(1e-3, sum(t * c for t, c in zip(repetitions(1)[0], calls)))
     repetitions(max(1, math.ceil(warmup_ms * len(fns) / per_rep)))
     times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * len(fns) / per_rep))), dtype=torch.float64)
     q20, med, q80 = times.quantile(torch.tensor(QUANTILES, dtype=torch.float64), dim=0).tolist()

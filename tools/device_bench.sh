@@ -11,11 +11,12 @@
 #   run(command="tools/device_bench.sh generate")           # generate(), 8B geometry, 4 layers
 #   run(command="tools/device_bench.sh prefill-model")      # 8-layer model, host-bound prefills
 #   run(command="tools/device_bench.sh prefill-host")       # B=1,4 at 512-2048 tokens, timed --paired
+#   run(command="tools/device_bench.sh prefill-steady")     # the same grid, timed --steady (back to back)
 #
 # Extra arguments go to `skipgpt bench` (e.g. --sparsity 0.25).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-stage=${1:?usage: tools/device_bench.sh prefill-short|prefill-long|prefill-model|prefill-host|decode|generate [bench args...]}
+stage=${1:?usage: tools/device_bench.sh prefill-short|prefill-long|prefill-model|prefill-host|prefill-steady|decode|generate [bench args...]}
 shift
 OUT=${OUT:-/tmp/out}
 # The device machine's copy of the working tree carries stale git metadata, so the results would
@@ -30,6 +31,7 @@ prefill-long)  args=(--mode prefill --batch-size 1,4,8 --seqlens 4096,8192,16384
 decode)        args=(--mode decode --cuda-graph --decode-steps 64 --batch-size 1,8,64 --seqlens 2048,16384 --sparsity 0,0.25,0.5 --providers $all) ;;
 prefill-model) args=(--scope model --mode prefill --layers 8 --batch-size 1,4 --seqlens 512,1024 --sparsity 0,0.25 --providers $all) ;;
 prefill-host)  args=(--mode prefill --batch-size 1,4 --seqlens 512,1024,2048 --sparsity 0,0.25,0.5 --rounds 5 --paired --providers $all) ;;
+prefill-steady) args=(--mode prefill --batch-size 1,4 --seqlens 512,1024,2048 --sparsity 0,0.25,0.5 --rounds 5 --steady --providers $all) ;;
 generate)      args=(--mode generate --layers 4 --batch-size 1,8 --prompt-len 128 --new-tokens 128 --sparsity 0.25 --warmup 1500 --providers $all) ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -5,7 +5,7 @@ model, check each against a float32 ground truth first, and write a table, CSV, 
                   --sparsity S[,S...] --seqlens L[,L...] --providers P[,P...]
                   [--prompt-len L[,L...] --new-tokens N] (generate)
                   [--model PATH | --config NAME] [--layers N] [--cuda-graph]
-                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--rounds N] [--paired] [--output DIR]
+                  [--baseline-published PATH] [--warmup MS] [--rep MS] [--rounds N] [--paired | --steady] [--output DIR]
 
 The measuring lives in skipgpt/benchmark.py; this module checks the flags (all of them, before
 any model is built), runs the grid and writes the results. `python -m skipgpt.benchmark` is the
@@ -85,7 +85,7 @@ check is weak where that gap is large, as the JSON's tolerance shows). Files: mo
 -step.png (decode step ms), one panel per skip rate, batch sizes on the x axis.
 
 On a CUDA device: bfloat16, timed with triton.testing.do_bench (--paired: CUDA events around each
-step). Without CUDA it says so and runs
+step; --steady: the host's clock around blocks of back-to-back steps). Without CUDA it says so and runs
 the tiny geometry in float32 on the CPU paths (a small grid, eager providers, wall-clock timing)
 unless told otherwise.
 """
@@ -212,6 +212,13 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "every provider's step in memory at once; if a round fails so, the point is timed one "
                         "provider after another, with a warning and a note. Not with --cuda-graph (no host in the "
                         "timing) or --mode generate")
+    t.add_argument("--steady", action="store_true",
+                   help="time a round's providers together as --paired does, but each in blocks of back-to-back "
+                        "steps (about 5 ms a block) with a synchronize around each block, on the host's clock and "
+                        "without flushing the L2 cache: per step max(host, GPU) time, the rate at which a model's "
+                        "consecutive layers run. --paired's CUDA events with a flush before each step give the "
+                        "host a head start, so a host-bound step reads between its host and GPU times there. Not "
+                        "with --paired, --cuda-graph or --mode generate")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
@@ -244,6 +251,7 @@ class Plan:
     rep: float
     rounds: Optional[int]  # None in generate mode
     paired: bool
+    steady: bool
     baseline_published: Optional[str]
     output: Optional[str]
     json: Optional[str]
@@ -274,6 +282,8 @@ class Plan:
             argv += ["--rounds", str(self.rounds)]
         if self.paired:
             argv.append("--paired")
+        if self.steady:
+            argv.append("--steady")
         if self.baseline_published:
             argv += ["--baseline-published", self.baseline_published]
         if self.output:
@@ -304,18 +314,21 @@ def plan(args: argparse.Namespace) -> Plan:
         if args.rounds is not None:
             raise BenchError("--rounds applies to --mode prefill and decode: generate mode times whole generate() "
                              "calls, one provider after another")
-        if args.paired:
-            raise BenchError("--paired applies to --mode prefill and decode: generate mode times whole generate() "
-                             "calls, one provider after another")
+        if args.paired or args.steady:
+            raise BenchError(f"{'--paired' if args.paired else '--steady'} applies to --mode prefill and decode: "
+                             "generate mode times whole generate() calls, one provider after another")
         if args.new_tokens is not None and args.new_tokens < 2:
             raise BenchError("--new-tokens: at least 2 (the decode step time needs one step after the prefill's token)")
     elif args.prompt_len or args.new_tokens:
         raise BenchError("--prompt-len and --new-tokens apply to --mode generate")
     if args.decode_steps is not None and args.mode != "decode":
         raise BenchError("--decode-steps applies to --mode decode")
-    if args.paired and args.cuda_graph:
-        raise BenchError("--paired times steps as their host launches them; --cuda-graph replays captured steps, "
-                         "which leaves the host's speed out of the timing: use one or the other")
+    for flag, given in (("--paired", args.paired), ("--steady", args.steady)):
+        if given and args.cuda_graph:
+            raise BenchError(f"{flag} times steps as their host launches them; --cuda-graph replays captured steps, "
+                             "which leaves the host's speed out of the timing: use one or the other")
+    if args.paired and args.steady:
+        raise BenchError("--paired and --steady are two ways to time a round's providers together: use one")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None
@@ -366,7 +379,7 @@ def plan(args: argparse.Namespace) -> Plan:
         skips=args.skips if args.skips is not None else defaults["skips"], providers=providers,
         config=config, model=args.model, layers=args.layers, cuda_graph=args.cuda_graph,
         warmup=args.warmup, rep=args.rep, rounds=None if generate else (args.rounds or DEFAULT_ROUNDS),
-        paired=args.paired,
+        paired=args.paired, steady=args.steady,
         baseline_published=args.baseline_published,
         output=args.output, json=args.json, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", notes=notes, published=published, model_config=model_config,
@@ -481,7 +494,8 @@ def execute(p: Plan) -> dict:
     on_gpu = p.device == "cuda"
     timer_fn = (B.cuda_graph_timer if p.cuda_graph else B.cuda_timer) if on_gpu else B.cpu_timer
     timer = functools.partial(timer_fn, warmup_ms=p.warmup, rep_ms=p.rep)
-    paired = functools.partial(B.paired_timer, warmup_ms=p.warmup, rep_ms=p.rep, cuda=on_gpu) if p.paired else None
+    together = B.steady_timer if p.steady else B.paired_timer if p.paired else None
+    paired = functools.partial(together, warmup_ms=p.warmup, rep_ms=p.rep, cuda=on_gpu) if together else None
     total = len(p.batches) * len(p.seqlens) * len(p.skips) * len(p.providers)
     done = [0]
     finished: list = []
@@ -520,6 +534,10 @@ def execute(p: Plan) -> dict:
         if p.paired:
             method = ("paired (skipgpt.benchmark.paired_timer): each repetition one step of every provider, "
                       + ("CUDA events, L2 flushed before each" if on_gpu else "wall clock (time.perf_counter)"))
+        if p.steady:
+            method = ("steady (skipgpt.benchmark.steady_timer): each repetition a block of back-to-back steps of "
+                      "every provider, wall clock (time.perf_counter) around each block"
+                      + (", synchronized, no L2 flush" if on_gpu else ""))
         reference = bench.reference_note
     document = {
         "scope": p.scope,
@@ -535,7 +553,7 @@ def execute(p: Plan) -> dict:
         "prompt_len": p.seqlens if generate else None,
         "new_tokens": p.new_tokens,
         "timing": {"method": method, "warmup_ms": p.warmup, "rep_ms": p.rep, "quantiles": list(B.QUANTILES),
-                   "rounds": p.rounds, "paired": p.paired},
+                   "rounds": p.rounds, "paired": p.paired, "steady": p.steady},
         "reference": reference,
         "tolerance": tolerance,
         "flops": None if generate else

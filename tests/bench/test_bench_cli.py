@@ -1,6 +1,7 @@
 """`skipgpt bench` on CPU with the tiny geometry: outputs, speedups, per-point failures, flag
 checking, the published-baseline hook's error path, and the FLOP count."""
 import csv
+import itertools
 import json
 import time
 import unittest
@@ -248,6 +249,30 @@ def test_paired_timer_calls_every_step_once_per_repetition():
     assert fast >= 2 and slow >= 6 and slow > fast  # sleep() lasts at least as asked; no upper bound on a busy host
 
 
+def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
+    """Host clock: after one calibrating call of each, each repetition calls every step in list
+    order, a block of back-to-back calls each (about 5 ms a block, at least 2 calls), the same
+    block size every time; each step's time is per call (a 2 ms step against a 6 ms one)."""
+    calls = []
+
+    def sleeper(name, ms):
+        def step():
+            calls.append(name)
+            time.sleep(ms / 1e3)
+        return step
+
+    (fast, *_), (slow, *_) = B.steady_timer([sleeper("fast", 2), sleeper("slow", 6)], warmup_ms=5, rep_ms=30,
+                                            cuda=False)
+    assert calls[:2] == ["fast", "slow"]
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[2:])]
+    assert [name for name, _ in runs] == ["fast", "slow"] * (len(runs) // 2) and len(runs) % 2 == 0
+    fast_block, slow_block = runs[0][1], runs[1][1]
+    assert runs == [("fast", fast_block), ("slow", slow_block)] * (len(runs) // 2)
+    assert 2 <= fast_block <= 3 and slow_block == 2  # ceil(5 ms / the first call's time), at least 2
+    assert len(runs) // 2 >= 1 + 1 + 3  # the estimate, warm-up, at least min_reps
+    assert fast >= 2 and slow >= 6 and slow > fast
+
+
 def test_paired_rounds_time_the_providers_together(cpu_only, pipelines_run):
     """With a paired timer, a round hands every provider's step to it at once, in the round's
     rotated order, and each step still runs its own pipeline; the one-by-one timer is unused."""
@@ -329,6 +354,15 @@ def test_paired_flag_is_recorded(tmp_path, cpu_only):
     assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
 
 
+def test_steady_flag_is_recorded(tmp_path, cpu_only):
+    assert bench(tmp_path, "--batch-size", "1", "--seqlens", "8", "--sparsity", "0.5", "--providers",
+                 "hf,triton-sparse", "--rounds", "2", "--steady") == 0
+    doc, _ = read_outputs(tmp_path, "layer-prefill")
+    assert doc["timing"]["steady"] is True and doc["timing"]["paired"] is False and "--steady" in doc["command"]
+    assert doc["timing"]["method"].startswith("steady")
+    assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
+
+
 def test_out_of_memory_at_one_point(tmp_path, monkeypatch, cpu_only, capsys):
     step = B.LayerBench.step
 
@@ -406,6 +440,9 @@ def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
     (["--mode", "generate", "--rounds", "2"], "--rounds applies to --mode prefill and decode"),
     (["--mode", "generate", "--paired"], "--paired applies to --mode prefill and decode"),
     (["--paired", "--cuda-graph"], "--paired times steps as their host launches them"),
+    (["--mode", "generate", "--steady"], "--steady applies to --mode prefill and decode"),
+    (["--steady", "--cuda-graph"], "--steady times steps as their host launches them"),
+    (["--steady", "--paired"], "two ways to time a round's providers together"),
     (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
 ])
 def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):
