@@ -659,7 +659,9 @@ def run_grid(bench: Bench, mode: str, batches, seqlens, skips, providers, tolera
                             continue
                         paired = None  # not tried again at this point: its steps would fail alike
                         for p in order:
-                            p.note = f"rounds {i + 1}-{rounds} timed one by one (paired timing failed: {failure})"
+                            p.note = f"rounds {i + 1}-{rounds} timed one by one (timing together failed: {failure})"
+                    elif paired is not None and order:  # the others failed their check: none to pair it with
+                        order[0].note = "timed alone (the only provider left at this point), not together"
                     for p in order:
                         if not _time_round(bench, p, timer, steps, timings, broken):
                             p.note = f"timing round {i + 1} of {rounds}: {p.note}"
@@ -744,7 +746,7 @@ def _time_paired_round(bench: Bench, order: list, paired_timer, steps: int, timi
         results = paired_timer(fns)
     except Exception as e:  # noqa: BLE001 - see above
         p = order[0]
-        log.warning("B=%d L=%d skip=%g: paired timing failed (%s); timing the point's providers one by one",
+        log.warning("B=%d L=%d skip=%g: timing the providers together failed (%s); timing them one by one",
                     p.batch, p.seqlen, p.skip, _short(e))
         return _short(e)
     finally:
@@ -955,10 +957,12 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
     """Time several steps as a model's consecutive layers run them: each repetition runs a block
     of back-to-back calls of every fn, in list order, synchronized before and after each block,
     on the host's clock. Per call that is max(host, GPU) time: a host-bound step costs its host
-    time, a GPU-bound one its GPU time (no L2 flush between calls, unlike paired_timer's). The
+    time, a GPU-bound one its GPU time (no L2 flush between calls, unlike paired_timer's), plus
+    the block's start and drain (about min(host, GPU) of one call) shared by its calls. The
     blocks interleave the fns, so a host whose speed changes slows them alike. A block holds
-    enough calls for about `block_ms` (at least 2). Budgets per fn, as paired_timer's. Returns one
-    (median, q20, q80) in ms per call, per fn."""
+    enough calls for about `block_ms` (at least 2), sized by one call of each after a first,
+    untimed one. Budgets per fn, as paired_timer's. Returns one (median, q20, q80) in ms per
+    call, per fn."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def block(fn, calls: int) -> float:
@@ -969,6 +973,8 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         sync()
         return (time.perf_counter() - t0) * 1e3 / calls
 
+    for fn in fns:  # first calls (allocations, caches) do not size the blocks
+        fn()
     calls = [max(2, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
 
     def repetitions(n: int) -> list:

@@ -39,7 +39,9 @@ FUSED_QKV_MAX_TOKENS = 1024
 # that size take: ops.linear.kernels.PER_TILE_MAX_ROWS), longer ones COND_LONG_TILE_ROWS' (the
 # persistent TMA grid). With the 512-row tiles alone, 1024-token steps ran their single GEMMs (Q,
 # o_proj, down_proj) 13-27% slower (tools/form_sweep.py's GEMM sweep, H200), and the one graph
-# took 0.96x of eager's time at B=1 L=1024 (H100, docs/BENCHMARKS.md).
+# took 0.96x of eager's time at B=1 L=1024 (H100, docs/BENCHMARKS.md). Past 1024 tokens (where
+# capacity_max_tokens is raised or the form forced) the 1024-row tiles remain: 128x256 for the
+# single GEMMs, where eager would take 128x128 (ops.linear.kernels._tiles).
 COND_SHORT_TILE_ROWS = 512
 COND_LONG_TILE_ROWS = 1024
 # ... and single-token steps under torch.cond take those of this many rows, the decode tiles of
@@ -400,7 +402,8 @@ class RoutedDecoderLayer(nn.Module):
                         tile_rows=None, attend_with=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
         over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
-        capacity-form GEMMs' (see COND_SHORT_TILE_ROWS); None in the exact form and eager code.
+        capacity-form GEMMs' (see COND_SHORT_TILE_ROWS and COND_LONG_TILE_ROWS); None in the exact
+        form and eager code.
         attend_with: the attention kernel, where the caller knows it (see `_attention`)."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()

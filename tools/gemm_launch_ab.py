@@ -106,8 +106,8 @@ for point in args.points.split(","):
     B, L, skip = int(B), int(L), float(skip)
     hf = bench.step("hf", "prefill", B, L, skip)
     step = bench.step("triton-sparse", "prefill", B, L, skip)
-    fns = {"hf": hf, **{f: in_form(f, step) for f in args.forms.split(",")}}
-    fns.update({p: bench.step(p, "prefill", B, L, skip) for p in args.also.split(",") if p})
+    fns = {"hf": in_form("auto", hf), **{f: in_form(f, step) for f in args.forms.split(",")}}
+    fns.update({p: in_form("auto", bench.step(p, "prefill", B, L, skip)) for p in args.also.split(",") if p})
     gpu = {}
     for name, fn in fns.items():
         gpu[name] = cuda_graph_timer(fn)[0] * 1e3  # replayed: the GPU's time alone, L2 flushed

@@ -263,8 +263,8 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tile_rows: the row count to pick tiles by (default: x's rows; a symbolic one would guard).
     Above PER_TILE_MAX_ROWS rows a persistent grid of one program per SM strides over the live
     tiles, and operands with 16-byte aligned rows load through TMA descriptors: 1.1-1.3x less GPU
-    time than one program per tile with pointer loads at 512-1024 rows, most of it in the gated
-    GEMM (docs/bench/gemm-variants-6d971d8.json, H200)."""
+    time than one program per tile with pointer loads above 512 rows, most of it in the gated GEMM
+    (docs/bench/gemm-variants-6d971d8.json, H200)."""
     if not (residual is None) == (rows is None) == (slot is None):
         raise ValueError("rows_gemm: residual, rows and slot go together")
     M, K = x.shape
@@ -277,7 +277,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     tiled_as = M if tile_rows is None else tile_rows
     block_m, block_n, block_k, warps, stages = _tiles(tiled_as, x.element_size(), "gated" if w2 is not None else "single",
                                                       on_gpu)
-    # Above PER_TILE_MAX_ROWS: persistent, and TMA loads where the operands allow. Below: one
+    # Above PER_TILE_MAX_ROWS: persistent, and TMA loads where the operands allow. Up to it: one
     # program per tile, whose weights spread over the SMs, and pointer loads (at decode sizes TMA
     # took 1-5 us longer in graph replays too; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
     persistent = _persistent(tiled_as)

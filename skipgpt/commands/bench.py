@@ -210,15 +210,15 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "provider after another: a host whose speed changes for a while then slows every "
                         "provider alike (for host-bound points, such as batch 1 at a few hundred tokens). Holds "
                         "every provider's step in memory at once; if a round fails so, the point is timed one "
-                        "provider after another, with a warning and a note. Not with --cuda-graph (no host in the "
-                        "timing) or --mode generate")
+                        "provider after another, with a warning and a note. Needs two or more providers; not with "
+                        "--steady, --cuda-graph (no host in the timing) or --mode generate")
     t.add_argument("--steady", action="store_true",
                    help="time a round's providers together as --paired does, but each in blocks of back-to-back "
                         "steps (about 5 ms a block) with a synchronize around each block, on the host's clock and "
                         "without flushing the L2 cache: per step max(host, GPU) time, the rate at which a model's "
                         "consecutive layers run. --paired's CUDA events with a flush before each step give the "
-                        "host a head start, so a host-bound step reads between its host and GPU times there. Not "
-                        "with --paired, --cuda-graph or --mode generate")
+                        "host a head start, so a host-bound step reads between its host and GPU times there. "
+                        "Needs two or more providers; not with --paired, --cuda-graph or --mode generate")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
@@ -329,6 +329,9 @@ def plan(args: argparse.Namespace) -> Plan:
                              "which leaves the host's speed out of the timing: use one or the other")
     if args.paired and args.steady:
         raise BenchError("--paired and --steady are two ways to time a round's providers together: use one")
+    for flag, given in (("--paired", args.paired), ("--steady", args.steady)):
+        if given and args.providers is not None and len(args.providers) < 2:
+            raise BenchError(f"{flag} times two or more providers together; --providers names one")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None

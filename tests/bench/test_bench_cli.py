@@ -250,8 +250,8 @@ def test_paired_timer_calls_every_step_once_per_repetition():
 
 
 def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
-    """Host clock: after one calibrating call of each, each repetition calls every step in list
-    order, a block of back-to-back calls each (about 5 ms a block, at least 2 calls), the same
+    """Host clock: after a first and a calibrating call of each, each repetition calls every step
+    in list order, a block of back-to-back calls each (about 5 ms a block, at least 2 calls), the same
     block size every time; each step's time is per call (a 2 ms step against a 6 ms one)."""
     calls = []
 
@@ -263,8 +263,8 @@ def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
 
     (fast, *_), (slow, *_) = B.steady_timer([sleeper("fast", 2), sleeper("slow", 6)], warmup_ms=5, rep_ms=30,
                                             cuda=False)
-    assert calls[:2] == ["fast", "slow"]
-    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[2:])]
+    assert calls[:4] == ["fast", "slow"] * 2  # an untimed first call of each, then one that sizes its blocks
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[4:])]
     assert [name for name, _ in runs] == ["fast", "slow"] * (len(runs) // 2) and len(runs) % 2 == 0
     fast_block, slow_block = runs[0][1], runs[1][1]
     assert runs == [("fast", fast_block), ("slow", slow_block)] * (len(runs) // 2)
@@ -316,9 +316,9 @@ def test_a_failing_paired_round_is_timed_one_by_one_with_a_warning(cpu_only):
         hf, sparse = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, timer, rounds=2,
                                 paired_timer=failing_paired_timer)
     # Tried once: the point's later rounds go one by one straight away, and its points say so.
-    assert len(logs.records) == 1 and "paired timing failed (OutOfMemoryError" in logs.output[0]
+    assert len(logs.records) == 1 and "timing the providers together failed (OutOfMemoryError" in logs.output[0]
     assert len(one_by_one) == 4 and hf.ms_rounds == sparse.ms_rounds == [1.0, 1.0]
-    assert hf.note == sparse.note == "rounds 1-2 timed one by one (paired timing failed: OutOfMemoryError: CUDA out of memory (simulated))"
+    assert hf.note == sparse.note == "rounds 1-2 timed one by one (timing together failed: OutOfMemoryError: CUDA out of memory (simulated))"
 
 
 def test_paired_rounds_need_two_providers_left(cpu_only, monkeypatch):
@@ -341,6 +341,7 @@ def test_paired_rounds_need_two_providers_left(cpu_only, monkeypatch):
     hf, sparse = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf", "triton-sparse"], 1e-4, timer, rounds=2,
                             paired_timer=paired_timer)
     assert hf.status == "failed" and sparse.status == "ok" and sparse.ms_rounds == [1.0, 1.0]
+    assert sparse.note == "timed alone (the only provider left at this point), not together"
     (only,) = B.run_grid(bench, "prefill", [1], [8], [0.25], ["hf"], 1e-4, timer, rounds=2, paired_timer=paired_timer)
     assert only.status == "failed" and only.ms is None
 
@@ -443,6 +444,8 @@ def test_bad_flags_fail_in_argparse(capsys, nothing_built, args, message):
     (["--mode", "generate", "--steady"], "--steady applies to --mode prefill and decode"),
     (["--steady", "--cuda-graph"], "--steady times steps as their host launches them"),
     (["--steady", "--paired"], "two ways to time a round's providers together"),
+    (["--steady", "--providers", "hf"], "--steady times two or more providers together"),
+    (["--paired", "--providers", "triton-sparse"], "--paired times two or more providers together"),
     (["--scope", "model", "--baseline-published", "."], "use --scope layer"),
 ])
 def test_bad_input_fails_before_building(tmp_path, capsys, nothing_built, args, message):

@@ -180,7 +180,9 @@ def test_rows_gemm_with_the_gpu_tiles(monkeypatch, dtype, rows, kind):
 
 
 @requires_triton
-@pytest.mark.parametrize("rows,tile_rows", [(20, 512), (300, 1)])  # tiles far bigger, far smaller than the rows'
+# Tiles far bigger, far smaller than the rows'; 1024 also takes the persistent grid (as the single
+# graph's long prefills do) for rows that alone would run one program per tile.
+@pytest.mark.parametrize("rows,tile_rows", [(20, 512), (20, 1024), (300, 1)])
 @pytest.mark.parametrize("kind", ["plain", "gated", "residual"])
 def test_rows_gemm_tile_rows_picks_tiles_not_results(monkeypatch, rows, tile_rows, kind):
     """tile_rows (what compiled code under torch.cond passes) changes the tiles, not the output."""
