@@ -945,9 +945,18 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         return [[reading() for reading in rep] for rep in pending]
 
     repetitions(1)
-    per_rep = max(1e-3, sum(map(sum, repetitions(3))) / 3)
-    repetitions(max(1, math.ceil(warmup_ms * len(fns) / per_rep)))
-    times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * len(fns) / per_rep))), dtype=torch.float64)
+    per_rep = sum(map(sum, repetitions(3))) / 3
+    return _budgeted(repetitions, per_rep, len(fns), warmup_ms, rep_ms, min_reps)
+
+
+def _budgeted(repetitions: Callable[[int], list], per_rep_ms: float, fns: int, warmup_ms: float, rep_ms: float,
+              min_reps: int) -> list:
+    """The repetitions of a timer of `fns` steps together, one of which takes about `per_rep_ms`:
+    warm-up for `warmup_ms` per fn, then timed ones for about `rep_ms` per fn (at least
+    `min_reps`). Returns one (median, q20, q80) per fn of the timed repetitions' readings."""
+    per_rep_ms = max(1e-3, per_rep_ms)
+    repetitions(max(1, math.ceil(warmup_ms * fns / per_rep_ms)))
+    times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * fns / per_rep_ms))), dtype=torch.float64)
     q20, med, q80 = times.quantile(torch.tensor(QUANTILES, dtype=torch.float64), dim=0).tolist()
     return list(zip(med, q20, q80))
 
@@ -980,11 +989,8 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
     def repetitions(n: int) -> list:
         return [[block(fn, c) for fn, c in zip(fns, calls)] for _ in range(n)]
 
-    per_rep = max(1e-3, sum(t * c for t, c in zip(repetitions(1)[0], calls)))
-    repetitions(max(1, math.ceil(warmup_ms * len(fns) / per_rep)))
-    times = torch.tensor(repetitions(max(min_reps, math.ceil(rep_ms * len(fns) / per_rep))), dtype=torch.float64)
-    q20, med, q80 = times.quantile(torch.tensor(QUANTILES, dtype=torch.float64), dim=0).tolist()
-    return list(zip(med, q20, q80))
+    per_rep = sum(t * c for t, c in zip(repetitions(1)[0], calls))
+    return _budgeted(repetitions, per_rep, len(fns), warmup_ms, rep_ms, min_reps)
 
 
 def wall_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3):

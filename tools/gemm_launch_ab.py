@@ -24,19 +24,19 @@ from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer
 from skipgpt.ops.linear import kernels
 
 FORMS = ("persistent+tma", "persistent", "per-tile")
-real_persistent, real_tma_ready = kernels._persistent, kernels.tma_ready
+real_max_rows, real_tma_ready = kernels.PER_TILE_MAX_ROWS, kernels.tma_ready
 
 
 def use_form(form: str) -> None:
     """Force a form above 64 rows ("auto": rows_gemm's own choice, by the row count)."""
     if form == "auto":
         return restore()
-    kernels._persistent = (lambda tiled_as: tiled_as > 64) if form != "per-tile" else (lambda tiled_as: False)
+    kernels.PER_TILE_MAX_ROWS = 64 if form != "per-tile" else 1 << 62
     kernels.tma_ready = real_tma_ready if form == "persistent+tma" else (lambda *tensors: False)
 
 
 def restore() -> None:
-    kernels._persistent, kernels.tma_ready = real_persistent, real_tma_ready
+    kernels.PER_TILE_MAX_ROWS, kernels.tma_ready = real_max_rows, real_tma_ready
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,10 +93,6 @@ def host_and_steady_us(fn, host_steps: int = 10, steady_steps: int = 40) -> tupl
     return host, (time.perf_counter() - t0) / steady_steps * 1e6
 
 
-def median(values):
-    return statistics.median(values)
-
-
 # The device machine's host speed drifts by up to 2x within seconds, so each form is timed in
 # many short blocks, in a new shuffled order per round, and compared with hf's block of the same
 # round: the ratio's median over rounds, not the times', is the result.
@@ -122,10 +118,10 @@ for point in args.points.split(","):
     for name in fns:
         host = [b[0] for b in blocks[name]]
         steady = [b[1] for b in blocks[name]]
-        row = dict(B=B, L=L, skip=skip, provider=name, gpu_us=gpu[name], host_us=median(host),
-                   steady_us=median(steady),
-                   host_vs_hf=median([h / b[0] for h, b in zip(host, blocks["hf"])]),
-                   steady_speedup_vs_hf=median([b[1] / s for s, b in zip(steady, blocks["hf"])]),
+        row = dict(B=B, L=L, skip=skip, provider=name, gpu_us=gpu[name], host_us=statistics.median(host),
+                   steady_us=statistics.median(steady),
+                   host_vs_hf=statistics.median([h / b[0] for h, b in zip(host, blocks["hf"])]),
+                   steady_speedup_vs_hf=statistics.median([b[1] / s for s, b in zip(steady, blocks["hf"])]),
                    blocks=blocks[name])
         results["layer"].append(row)
         print(f"B={B} L={L} skip {skip} {name:15s} gpu {gpu[name]:6.1f}  host {row['host_us']:6.1f} "

@@ -250,12 +250,6 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
 PER_TILE_MAX_ROWS = 512
 
 
-def _persistent(tiled_as: int) -> bool:
-    """Whether rows_gemm launches its persistent grid (TMA loads where the operands allow) for a
-    GEMM tiled as `tiled_as` rows, rather than one program per tile with pointer loads."""
-    return tiled_as > PER_TILE_MAX_ROWS
-
-
 def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residual=None, rows=None, slot=None,
               tile_rows=None):
     """Capacity-form GEMM: see the module docstring. Returns [M, N], or [T, N] with residual
@@ -280,7 +274,7 @@ def rows_gemm(x, weight, count, *, bias=None, w2=None, activation="none", residu
     # Above PER_TILE_MAX_ROWS: persistent, and TMA loads where the operands allow. Up to it: one
     # program per tile, whose weights spread over the SMs, and pointer loads (at decode sizes TMA
     # took 1-5 us longer in graph replays too; docs/bench/gemm-ab-599c7df-vs-6d971d8.json).
-    persistent = _persistent(tiled_as)
+    persistent = tiled_as > PER_TILE_MAX_ROWS
     tma = persistent and tma_ready(*(t for t in (x, weight, w2) if t is not None))
     if persistent:
         programs = num_sms(x.device)

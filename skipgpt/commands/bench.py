@@ -323,15 +323,14 @@ def plan(args: argparse.Namespace) -> Plan:
         raise BenchError("--prompt-len and --new-tokens apply to --mode generate")
     if args.decode_steps is not None and args.mode != "decode":
         raise BenchError("--decode-steps applies to --mode decode")
-    for flag, given in (("--paired", args.paired), ("--steady", args.steady)):
-        if given and args.cuda_graph:
-            raise BenchError(f"{flag} times steps as their host launches them; --cuda-graph replays captured steps, "
-                             "which leaves the host's speed out of the timing: use one or the other")
     if args.paired and args.steady:
         raise BenchError("--paired and --steady are two ways to time a round's providers together: use one")
-    for flag, given in (("--paired", args.paired), ("--steady", args.steady)):
-        if given and args.providers is not None and len(args.providers) < 2:
-            raise BenchError(f"{flag} times two or more providers together; --providers names one")
+    together = "--paired" if args.paired else "--steady" if args.steady else None
+    if together and args.cuda_graph:
+        raise BenchError(f"{together} times steps as their host launches them; --cuda-graph replays captured steps, "
+                         "which leaves the host's speed out of the timing: use one or the other")
+    if together and args.providers is not None and len(args.providers) < 2:
+        raise BenchError(f"{together} times two or more providers together; --providers names one")
     if args.cuda_graph and not cuda:
         raise BenchError("--cuda-graph needs a CUDA device, and none is available")
     model_config = None

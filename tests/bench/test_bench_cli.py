@@ -231,19 +231,21 @@ def test_rounds_flag_is_recorded(tmp_path, cpu_only):
     assert all(len(r["ms_rounds"].split()) == 2 for r in rows)
 
 
-def test_paired_timer_calls_every_step_once_per_repetition():
-    """Host clock: each repetition calls the steps in list order, the same number of times each,
-    and each step's time is its own (a 2 ms step against a 6 ms one)."""
-    calls = []
-
+def sleepers(calls: list, **ms_by_name) -> list:
+    """Steps that sleep their milliseconds, each appending its name to `calls` when called."""
     def sleeper(name, ms):
         def step():
             calls.append(name)
             time.sleep(ms / 1e3)
         return step
+    return [sleeper(name, ms) for name, ms in ms_by_name.items()]
 
-    (fast, *_), (slow, *_) = B.paired_timer([sleeper("fast", 2), sleeper("slow", 6)], warmup_ms=5, rep_ms=30,
-                                            cuda=False)
+
+def test_paired_timer_calls_every_step_once_per_repetition():
+    """Host clock: each repetition calls the steps in list order, the same number of times each,
+    and each step's time is its own (a 2 ms step against a 6 ms one)."""
+    calls = []
+    (fast, *_), (slow, *_) = B.paired_timer(sleepers(calls, fast=2, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
     assert calls[::2] == ["fast"] * (len(calls) // 2) and calls[1::2] == ["slow"] * (len(calls) // 2)
     assert len(calls) >= 2 * (1 + 3 + 1 + 3)  # first calls, the estimate, warm-up, at least min_reps
     assert fast >= 2 and slow >= 6 and slow > fast  # sleep() lasts at least as asked; no upper bound on a busy host
@@ -254,15 +256,7 @@ def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
     in list order, a block of back-to-back calls each (about 5 ms a block, at least 2 calls), the same
     block size every time; each step's time is per call (a 2 ms step against a 6 ms one)."""
     calls = []
-
-    def sleeper(name, ms):
-        def step():
-            calls.append(name)
-            time.sleep(ms / 1e3)
-        return step
-
-    (fast, *_), (slow, *_) = B.steady_timer([sleeper("fast", 2), sleeper("slow", 6)], warmup_ms=5, rep_ms=30,
-                                            cuda=False)
+    (fast, *_), (slow, *_) = B.steady_timer(sleepers(calls, fast=2, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
     assert calls[:4] == ["fast", "slow"] * 2  # an untimed first call of each, then one that sizes its blocks
     runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[4:])]
     assert [name for name, _ in runs] == ["fast", "slow"] * (len(runs) // 2) and len(runs) % 2 == 0

@@ -172,14 +172,19 @@ def _calls(gm: torch.fx.GraphModule, op: str) -> list:
     return [n for n in gm.graph.nodes if str(n.target) == op]
 
 
+def _only_cond(g: torch.fx.GraphModule) -> tuple:
+    """(predicate's symbolic node, true branch, false branch) of the one torch.cond in `g`."""
+    (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
+    return cond.args[0].meta["example_value"].node, getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
+
+
 def _on_length_one(g: torch.fx.GraphModule) -> tuple:
     """(true branch, false branch) of the one torch.cond in `g`, after checking that it tests
     L == 1: a symbol traced at L = 5 (B = 2) against 1."""
-    (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
-    pred = cond.args[0].meta["example_value"].node
+    pred, true, false = _only_cond(g)
     (symbol,) = pred.expr.free_symbols
     assert str(pred.expr) == f"Eq({symbol}, 1)" and pred.shape_env.var_to_val[symbol] == 5, pred.expr
-    return getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
+    return true, false
 
 
 def _on_token_count(g: torch.fx.GraphModule) -> tuple:
@@ -187,12 +192,11 @@ def _on_token_count(g: torch.fx.GraphModule) -> tuple:
     step's token count (B * L, traced at 2 * 5) against COND_SHORT_TILE_ROWS."""
     from skipgpt.layer import COND_SHORT_TILE_ROWS
 
-    (cond,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
-    pred = cond.args[0].meta["example_value"].node
+    pred, true, false = _only_cond(g)
     values = pred.shape_env.var_to_val
     assert str(pred.expr).endswith(f"<= {COND_SHORT_TILE_ROWS}"), pred.expr
     assert sorted(values[s] for s in pred.expr.free_symbols) == [2, 5], pred.expr
-    return getattr(g, cond.args[1].target), getattr(g, cond.args[2].target)
+    return true, false
 
 
 def test_cond_branches_pick_what_traces():

@@ -44,7 +44,7 @@ def force_grid(monkeypatch, grid: str) -> None:
     persistent grid only above PER_TILE_MAX_ROWS rows, more than these tests run."""
     from skipgpt.ops.linear import kernels
 
-    monkeypatch.setattr(kernels, "_persistent", lambda tiled_as: grid == "persistent")
+    monkeypatch.setattr(kernels, "PER_TILE_MAX_ROWS", -1 if grid == "persistent" else 1 << 62)  # -1: even 0 rows
 
 
 # ---------------------------------------------------------------------------------------------
