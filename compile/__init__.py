@@ -16,7 +16,7 @@ sequence length (1 included) and route pattern:
   which compile_model sets unless its mode captures CUDA graphs), and the forced-route parameters
   are tensors, so neither token counts nor skip rates recompile.
 Plain `torch.compile(model)` also works, with at most those size-1 recompiles and one more graph
-the first time a step crosses 1024 tokens: without compile_model the layers branch in Python, which
+the first time a step crosses 2048 tokens (RoutingState.capacity_max_tokens): without compile_model the layers branch in Python, which
 keeps decode graphs CUDA-graph capturable (below).
 
 What Inductor sees of the ops: on CUDA, most skipgpt ops trace into their ATen ops and Triton
@@ -27,7 +27,7 @@ no kernel is named (decode or prefill kernel picked by it); and the capacity-for
 token count is symbolic and no tile_rows is given. Under torch.cond (compile_model without CUDA
 graphs) the capacity form calls none of these: counts_to_host runs in a torch.cond of its own,
 taken only where the exact form will run; the GEMMs take tile_rows
-(skipgpt.layer.COND_SHORT_TILE_ROWS or COND_LONG_TILE_ROWS, by a torch.cond on the token count;
+(the first of skipgpt.layer.COND_PREFILL_TILE_ROWS that holds the step, by torch.conds on the token count;
 single-token steps, by a torch.cond on L == 1, DECODE_TILE_ROWS);
 and attention names its kernel by L == 1 too (split-KV decode, else prefill). Inductor captures no
 graph holding a torch.cond in CUDA graphs, so that graph's decode steps are bound by host time
@@ -56,13 +56,13 @@ Recompiles (checked on CPU by tests/compile/test_generate.py; fail_on_recompile 
   1 gets its own graph). With one reused cache: no recompile for any prompt that fits. Each
   new cache also has new addresses, so its CUDA graphs are recorded again (once per call);
 - 2: after the first generate(), no recompile for other prompt lengths or batch sizes > 1;
-  batch 1 gets its own pair of graphs once, and a prefill of more than 1024 tokens (batch x
+  batch 1 gets its own pair of graphs once, and a prefill of more than 2048 tokens (batch x
   length) a graph of its own the first time. The compiled prefill is CUDA-graphed too where
-  it can be (dense; triton-sparse up to 1024 tokens): one recording per prompt shape.
+  it can be (dense; triton-sparse up to 2048 tokens): one recording per prompt shape.
 The decode graph holds no torch.cond, host sync or data-dependent shape, so Inductor captures
 it: `CudaGraphCheck` applies Inductor's tests on any device, tests/compile/test_gpu_compile.py
 checks on CUDA that no graph is skipped. Not captured, by design: triton-sparse's exact-form
-prefill (more than 1024 tokens: one host sync per layer to size cuBLAS GEMMs) and every step of
+prefill (more than 2048 tokens: one host sync per layer to size cuBLAS GEMMs) and every step of
 torch-sparse (the plain-PyTorch reference gathers rows with data-dependent shapes); recipe 2
 logs which (INFO for the former, WARNING for anything else Inductor declines). `compile_model`
 sets `generation_config.disable_compile`, so generate() does not compile the compiled forward

@@ -28,22 +28,21 @@ FUSED_QKV_MIN_TOKENS = 65
 # ... and up to this many. Above, the fused kernel costs more GPU time than cuBLAS K/V plus the Q
 # GEMM, more than its saved launches are worth: whole layer steps of 4096-16384 tokens took 3-14%
 # longer with it (H100, 0-50% skip; at 2048 tokens the runs disagreed; docs/BENCHMARKS.md, eighth
-# session). Capacity-form steps meet such sizes only where capacity_max_tokens is raised above
-# its default or the form is forced (use_form).
+# session). Capacity-form steps of 1025 to capacity_max_tokens (2048 by default) tokens take the
+# separate ops, as the steps that set that default did (tools/form_sweep.py --steady).
 FUSED_QKV_MAX_TOKENS = 1024
 # Under torch.cond (compile_model without CUDA graphs) the token count is symbolic, and the
 # capacity form's GEMMs take fixed tiles (ops' tile_rows), so that Inductor launches them rather
 # than calling each op through the dispatcher (70-200 us of host time a call, which bounds these
-# steps). A cond on the token count (a size: tested on the host) gives steps of up to
-# COND_SHORT_TILE_ROWS tokens those rows' tiles and grid (one program per tile, as eager steps of
-# that size take: ops.linear.kernels.PER_TILE_MAX_ROWS), longer ones COND_LONG_TILE_ROWS' (the
-# persistent TMA grid). With the 512-row tiles alone, 1024-token steps ran their single GEMMs (Q,
-# o_proj, down_proj) 13-27% slower (tools/form_sweep.py's GEMM sweep, H200), and the one graph
-# took 0.96x of eager's time at B=1 L=1024 (H100, docs/BENCHMARKS.md). Past 1024 tokens (where
-# capacity_max_tokens is raised or the form forced) the 1024-row tiles remain: 128x256 for the
-# single GEMMs, where eager would take 128x128 (ops.linear.kernels._tiles).
-COND_SHORT_TILE_ROWS = 512
-COND_LONG_TILE_ROWS = 1024
+# steps). Conds on the token count (a size: tested on the host) give a step of T tokens the tiles
+# and grid of the first of these row counts that holds T, as an eager step of T tokens takes
+# (ops.linear.kernels._tiles; one program per tile up to PER_TILE_MAX_ROWS rows, else the
+# persistent TMA grid); longer steps (where capacity_max_tokens is raised or the form forced) the
+# last. With 512-row tiles alone, 1024-token steps ran their single GEMMs (Q, o_proj, down_proj)
+# 13-27% slower (tools/form_sweep.py's GEMM sweep, H200), and the one graph took 0.96x of eager's
+# time at B=1 L=1024 (H100); at 1536 rows, Q took 95.8 us in the 1024-row tiles (128x256 for the
+# single GEMMs) against 84.4 in the 2048-row ones (128x128; docs/BENCHMARKS.md).
+COND_PREFILL_TILE_ROWS = (512, 1024, 2048)
 # ... and single-token steps under torch.cond take those of this many rows, the decode tiles of
 # batches up to 64 (with the 512-row tiles, graph-captured decode steps of that graph took
 # 1.6-2.1x eager's GPU time at B=1-8, H200; docs/BENCHMARKS.md).
@@ -343,12 +342,14 @@ class RoutedDecoderLayer(nn.Module):
             # Decode steps get GEMM tiles and an attention kernel of their own, by a second cond
             # on the step's length, and longer steps tiles by their token count (sizes: tested by
             # the graph's host code).
-            decode_form = capacity_form_with(DECODE_TILE_ROWS, "decode")
-            short_form = capacity_form_with(COND_SHORT_TILE_ROWS, "prefill")
-            long_form = capacity_form_with(COND_LONG_TILE_ROWS, "prefill")
+            def prefill_tiled(tile_rows, *longer):
+                form = capacity_form_with(tile_rows, "prefill")
+                if not longer:
+                    return form
+                return lambda *operands: torch.cond(T <= tile_rows, form, prefill_tiled(*longer), operands)
 
-            def prefill_form(*operands):
-                return torch.cond(T <= COND_SHORT_TILE_ROWS, short_form, long_form, operands)
+            decode_form = capacity_form_with(DECODE_TILE_ROWS, "decode")
+            prefill_form = prefill_tiled(*COND_PREFILL_TILE_ROWS)
 
             def capacity_form(*operands):
                 return torch.cond(L == 1, decode_form, prefill_form, operands)
@@ -402,8 +403,7 @@ class RoutedDecoderLayer(nn.Module):
                         tile_rows=None, attend_with=None):
         """Attention and o_proj over the attention rows' queries q [rows, Hq, D], then the MLP
         over the MLP rows, each scattered back onto the residual stream x [T, H]. tile_rows: the
-        capacity-form GEMMs' (see COND_SHORT_TILE_ROWS and COND_LONG_TILE_ROWS); None in the exact
-        form and eager code.
+        capacity-form GEMMs' (see COND_PREFILL_TILE_ROWS); None in the exact form and eager code.
         attend_with: the attention kernel, where the caller knows it (see `_attention`)."""
         g, attn, mlp = self.geometry, self.self_attn, self.mlp
         eps, scale = self._float_constants()

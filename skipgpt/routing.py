@@ -36,10 +36,13 @@ class RoutingState:
     capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
     form (no host sync, CUDA-graph safe, fewest launches: each projection is one Triton GEMM that
     reads the executing count on the device), longer ones the exact form (one host sync per
-    layer, then cuBLAS over exactly the executing rows). The default, 1024, is where the capacity
-    form stopped winning on an H100 (tools/form_sweep.py, docs/BENCHMARKS.md): up to there a
-    layer's time goes to host launches, and the capacity form makes the fewest. Benchmarks and
-    tests pin a form with `use_form`.
+    layer, then cuBLAS over exactly the executing rows). The default, 2048: timed as a model's
+    layers run, back to back (tools/form_sweep.py --steady, H200, docs/BENCHMARKS.md), the
+    exact form's sync leaves the GPU idle while the host launches the layer's second half. At
+    2048 tokens the capacity form's median step was 1-13% faster at 0-50% skip, except at B=1
+    L=2048 with 25-50% skip (5% slower), and on a slow host the exact form fell to 0.89-0.91x of
+    hf there. At 4096 tokens the exact form's cuBLAS GEMMs were 2-4% faster at 5 of 6 points.
+    Benchmarks and tests pin a form with `use_form`.
     """
 
     padding_mask: Optional[torch.Tensor] = None
@@ -47,7 +50,7 @@ class RoutingState:
     forced_params: Optional[torch.Tensor] = None
     forced_copies: dict = field(default_factory=dict)
     single_graph: bool = False
-    capacity_max_tokens: int = 1024
+    capacity_max_tokens: int = 2048
 
     FORMS = ("capacity", "exact")
 

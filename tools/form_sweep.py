@@ -7,7 +7,7 @@
 
 Usage: python tools/form_sweep.py [--json PATH] [--layer-only] [--scope model --layers 8]
                                   [--repeats 3] [--skips 0,0.25,0.5] [--compiled]
-                                  [--points 1:512,1:1024]
+                                  [--points 1:512,1:1024] [--steady]
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer
+from skipgpt.benchmark import LayerBench, ModelBench, cuda_timer, steady_timer
 from skipgpt.ops.linear import kernels
 
 H, I = 4096, 14336
@@ -95,22 +95,36 @@ def gemm_sweep(results):
 POINTS = ((1, 256), (1, 512), (2, 512), (4, 256), (1, 1024), (4, 512), (2, 1024), (1, 2048))
 
 
-def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, points=POINTS):
+def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, points=POINTS, steady=False):
     """Each point with triton-sparse forced into each form, against hf and dense (and with
     `compiled`, compiled-sparse at the default switch) in the same run; the whole grid
-    `repeats` times over, since host-bound points jitter between runs. (The fused and unfused
-    capacity forms: tools/fusion_ab.py.)"""
-    limit = state.capacity_max_tokens
+    `repeats` times over, since host-bound points jitter between runs. steady: time them
+    together, back to back in interleaved blocks (benchmark.steady_timer, as `skipgpt bench
+    --steady`), where a form's host sync costs what it costs a model's consecutive layers.
+    (The fused and unfused capacity forms: tools/fusion_ab.py.)"""
+    default = state.capacity_max_tokens
+
+    def with_limit(fn, limit):
+        def run():  # each step sets the switch it needs: the providers interleave
+            state.capacity_max_tokens = limit
+            return fn()
+        return run
+
+    forced = {"capacity": 1 << 62, "exact": 0}
+    providers = ("hf", "dense") + (("compiled-sparse",) if compiled else ())
     for run in range(repeats):
         for B, L in points:
             for skip in skips:
                 row = {"scope": bench.scope, "run": run, "B": B, "L": L, "skip": skip}
-                for provider in ("hf", "dense") + (("compiled-sparse",) if compiled else ()):
-                    row[provider] = cuda_timer(bench.step(provider, "prefill", B, L, skip), rep_ms=rep_ms)[0]
-                for form in state.FORMS:
-                    state.use_form(form)
-                    row[form] = cuda_timer(bench.step("triton-sparse", "prefill", B, L, skip), rep_ms=rep_ms)[0]
-                state.capacity_max_tokens = limit
+                steps = {p: with_limit(bench.step(p, "prefill", B, L, skip), default) for p in providers}
+                steps.update({form: with_limit(bench.step("triton-sparse", "prefill", B, L, skip), limit)
+                              for form, limit in forced.items()})
+                if steady:
+                    times = steady_timer(list(steps.values()), rep_ms=rep_ms)
+                    row.update({name: t[0] for name, t in zip(steps, times)})
+                else:
+                    row.update({name: cuda_timer(fn, rep_ms=rep_ms)[0] for name, fn in steps.items()})
+                state.capacity_max_tokens = default
                 results.append(row)
                 print(row, flush=True)
 
@@ -127,6 +141,8 @@ if __name__ == "__main__":
                         help="sweep one 8B layer, or a whole model of --layers 8B layers (default layer)")
     parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")
     parser.add_argument("--points", help="B:L,B:L,... prefill points (default: 256 to 2048 tokens)")
+    parser.add_argument("--steady", action="store_true",
+                        help="time the layer steps together, back to back in interleaved blocks (as bench --steady)")
     args = parser.parse_args()
     points = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")] if args.points else POINTS
     skips = [float(s) for s in args.skips.split(",")]
@@ -140,7 +156,7 @@ if __name__ == "__main__":
     else:
         bench = ModelBench("llama-3.1-8b", torch.bfloat16, device, layers=args.layers, fp32_reference=False)
         state = bench.routed.model.skipgpt_routing
-    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled, points)
+    form_sweep(bench, state, layer_rows, args.rep, args.repeats, skips, args.compiled, points, args.steady)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gemm": gemm_rows, "layer": layer_rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)

@@ -37,7 +37,9 @@ def test_compiled_triton_sparse_one_graph_at_8b_geometry():
     # (torch 2.13 does not: the CPU test compiles once for every length, 1 included), so the
     # single-token graph is compiled up front; nothing after it may recompile.
     warm = {300, 1}
-    for L in (300, 1, 17, 64, 1000):
+    # B=2: 600 tokens (the 1024-row tiles), one (decode), 34 and 128 (512-row tiles), 2000 (the
+    # 2048-row tiles) and 2200 (past capacity_max_tokens: the exact form).
+    for L in (300, 1, 17, 64, 1000, 1100):
         for i, skip in enumerate((0.0, 0.25, 0.5)):
             for model in (eager, compiled):
                 skipgpt.force_routes(model, skip=skip, seed=i)

@@ -79,7 +79,19 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   empty
 [cond_false_0]
   skipgpt.counts_to_host.default
-[cond_true_4]
+[cond_true_5]
+  cond
+[cond_true_3]
+  unsqueeze
+  unsqueeze
+  skipgpt.linear_rows.default
+  skipgpt.rope.default
+  skipgpt.sparse_attention.default
+  skipgpt.linear_residual.default
+  skipgpt.rms_norm.default
+  skipgpt.gated_mlp.default
+  skipgpt.linear_residual.default
+[cond_false_3]
   cond
 [cond_true_2]
   unsqueeze
@@ -113,7 +125,7 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_false_4]
+[cond_false_5]
   aten.sym_size.int
   skipgpt.exact_rows.default
   aten.sym_size.int
@@ -131,9 +143,9 @@ class TestRoutedLayerGraph(expecttest.TestCase):
   skipgpt.rms_norm.default
   skipgpt.gated_mlp.default
   skipgpt.linear_residual.default
-[cond_true_3]
+[cond_true_4]
   skipgpt.sparse_attention.default
-[cond_false_3]
+[cond_false_4]
   skipgpt.sparse_attention.default""")
 
     def test_dense_layer(self):
@@ -187,14 +199,12 @@ def _on_length_one(g: torch.fx.GraphModule) -> tuple:
     return true, false
 
 
-def _on_token_count(g: torch.fx.GraphModule) -> tuple:
+def _on_token_count(g: torch.fx.GraphModule, bound: int) -> tuple:
     """(true branch, false branch) of the one torch.cond in `g`, after checking that it tests the
-    step's token count (B * L, traced at 2 * 5) against COND_SHORT_TILE_ROWS."""
-    from skipgpt.layer import COND_SHORT_TILE_ROWS
-
+    step's token count (B * L, traced at 2 * 5) against `bound`."""
     pred, true, false = _only_cond(g)
     values = pred.shape_env.var_to_val
-    assert str(pred.expr).endswith(f"<= {COND_SHORT_TILE_ROWS}"), pred.expr
+    assert str(pred.expr).endswith(f"<= {bound}"), pred.expr
     assert sorted(values[s] for s in pred.expr.free_symbols) == [2, 5], pred.expr
     return true, false
 
@@ -202,13 +212,13 @@ def _on_token_count(g: torch.fx.GraphModule) -> tuple:
 def test_cond_branches_pick_what_traces():
     """What lets compile_model's single graph launch the kernels itself rather than call ops
     through the dispatcher (on CUDA): the capacity branch's GEMMs pass tile_rows, by a cond of
-    its own on L == 1 (DECODE_TILE_ROWS), else on the token count (COND_SHORT_TILE_ROWS or
-    COND_LONG_TILE_ROWS), and the exact branch's (cuBLAS,
+    its own on L == 1 (DECODE_TILE_ROWS), else by conds on the token count (the first of
+    COND_PREFILL_TILE_ROWS that holds it, or the last), and the exact branch's (cuBLAS,
     no count) none; the counts go to the host (one op) only where the exact form runs, which
     reads them; attention names its kernel (decode where L == 1, else prefill), in the capacity
     form by the same cond and elsewhere by a cond around it: a choice inside the op by the
     symbolic L would guard."""
-    from skipgpt.layer import COND_LONG_TILE_ROWS, COND_SHORT_TILE_ROWS, DECODE_TILE_ROWS
+    from skipgpt.layer import COND_PREFILL_TILE_ROWS, DECODE_TILE_ROWS
 
     gemms = ("skipgpt.linear_rows.default", "skipgpt.gated_mlp.default", "skipgpt.linear_residual.default")
     attention = "skipgpt.sparse_attention.default"
@@ -218,17 +228,21 @@ def test_cond_branches_pick_what_traces():
     assert copies == [0, 1, 0, 0], copies
     (read,) = _calls(exact, "skipgpt.exact_rows.default")
     assert len(read.args) == 3, read.args  # rows, seq_offsets and the copied counts
-    decode, prefill = _on_length_one(capacity)
-    short, long = _on_token_count(prefill)
-    branches = {"decode": decode, "short": short, "long": long, "exact": exact}
+    decode, longer = _on_length_one(capacity)
+    branches = {"decode": decode, "exact": exact}
+    for bound in COND_PREFILL_TILE_ROWS[:-1]:  # each cond's false branch holds the next
+        branches[bound], longer = _on_token_count(longer, bound)
+    branches[COND_PREFILL_TILE_ROWS[-1]] = longer
     tiles = {
         branch: [n.kwargs.get("tile_rows") for n in g.graph.nodes if str(n.target) in gemms]
         for branch, g in branches.items()
     }
-    assert tiles == {"decode": [DECODE_TILE_ROWS] * 4, "short": [COND_SHORT_TILE_ROWS] * 4,
-                     "long": [COND_LONG_TILE_ROWS] * 4, "exact": [None] * 4}, tiles
-    kernels = [n.kwargs.get("attend_with") for g in (decode, short, long) for n in _calls(g, attention)]
-    assert kernels == ["decode", "prefill", "prefill"], kernels
+    expected = {"decode": [DECODE_TILE_ROWS] * 4, "exact": [None] * 4}
+    expected.update({rows: [rows] * 4 for rows in COND_PREFILL_TILE_ROWS})
+    assert tiles == expected, tiles
+    prefill = [branches[rows] for rows in COND_PREFILL_TILE_ROWS]
+    kernels = [n.kwargs.get("attend_with") for g in (decode, *prefill) for n in _calls(g, attention)]
+    assert kernels == ["decode"] + ["prefill"] * len(prefill), kernels
     (dense,) = captured_graphs("dense")
     for g in (exact, dense):
         assert not _calls(g, attention)  # only inside the cond
