@@ -41,7 +41,7 @@ class RoutingState:
     exact form's sync leaves the GPU idle while the host launches the layer's second half. At
     2048 tokens the capacity form's median step was 1-13% faster at 0-50% skip, except at B=1
     L=2048 with 25-50% skip (5% slower), and on a slow host the exact form fell to 0.89-0.91x of
-    hf there. At 4096 tokens the exact form's cuBLAS GEMMs were 2-4% faster at 5 of 6 points.
+    hf there. At 4096 tokens the exact form's cuBLAS GEMMs were 2-4% faster at 4 of 6 points.
     Benchmarks and tests pin a form with `use_form`.
     """
 
