@@ -346,7 +346,11 @@ class RoutedDecoderLayer(nn.Module):
                 form = capacity_form_with(tile_rows, "prefill")
                 if not longer:
                     return form
-                return lambda *operands: torch.cond(T <= tile_rows, form, prefill_tiled(*longer), operands)
+                longer_form = prefill_tiled(*longer)
+
+                def tiled_form(*operands):
+                    return torch.cond(T <= tile_rows, form, longer_form, operands)
+                return tiled_form
 
             decode_form = capacity_form_with(DECODE_TILE_ROWS, "decode")
             prefill_form = prefill_tiled(*COND_PREFILL_TILE_ROWS)

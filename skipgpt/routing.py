@@ -34,14 +34,14 @@ class RoutingState:
     ones (prefill) get a graph each, and the decode graph is CUDA-graph safe.
     `skipgpt.compile.compile_model` sets it from its `mode`.
     capacity_max_tokens: steps of at most this many tokens (B * L) take triton-sparse's capacity
-    form (no host sync, CUDA-graph safe, fewest launches: each projection is one Triton GEMM that
-    reads the executing count on the device), longer ones the exact form (one host sync per
+    form (no host sync, CUDA-graph safe: the projections of executing rows are Triton GEMMs that
+    read the executing count on the device), longer ones the exact form (one host sync per
     layer, then cuBLAS over exactly the executing rows). The default, 2048: timed as a model's
     layers run, back to back (tools/form_sweep.py --steady, H200, docs/BENCHMARKS.md), the
     exact form's sync leaves the GPU idle while the host launches the layer's second half. At
-    2048 tokens the capacity form's median step was 1-13% faster at 0-50% skip, except at B=1
-    L=2048 with 25-50% skip (5% slower), and on a slow host the exact form fell to 0.89-0.91x of
-    hf there. At 4096 tokens the exact form's cuBLAS GEMMs were 2-4% faster at 4 of 6 points.
+    2048 tokens the capacity form's median step took 1-12% less time at 0-50% skip, except at
+    B=1 L=2048 with 25-50% skip (6% more), and on a slow host the exact form fell to 0.89-0.91x
+    of hf there. At 4096 tokens exact-form steps took 2-4% less time at 4 of 6 points.
     Benchmarks and tests pin a form with `use_form`.
     """
 

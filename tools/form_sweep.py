@@ -104,26 +104,28 @@ def form_sweep(bench, state, results, rep_ms, repeats, skips, compiled, points=P
     (The fused and unfused capacity forms: tools/fusion_ab.py.)"""
     default = state.capacity_max_tokens
 
-    def with_limit(fn, limit):
-        def run():  # each step sets the switch it needs: the providers interleave
-            state.capacity_max_tokens = limit
-            return fn()
-        return run
+    def step(provider, form, B, L, skip):
+        fn = bench.step(provider, "prefill", B, L, skip)
 
-    forced = {"capacity": 1 << 62, "exact": 0}
-    providers = ("hf", "dense") + (("compiled-sparse",) if compiled else ())
+        def switched():  # each step sets the switch it needs: under --steady the steps interleave
+            state.capacity_max_tokens = default
+            if form is not None:
+                state.use_form(form)
+            return fn()
+        return switched
+
+    names = ("hf", "dense") + (("compiled-sparse",) if compiled else ()) + state.FORMS
+    specs = [(name, None) for name in names[:-len(state.FORMS)]] + [("triton-sparse", f) for f in state.FORMS]
     for run in range(repeats):
         for B, L in points:
             for skip in skips:
                 row = {"scope": bench.scope, "run": run, "B": B, "L": L, "skip": skip}
-                steps = {p: with_limit(bench.step(p, "prefill", B, L, skip), default) for p in providers}
-                steps.update({form: with_limit(bench.step("triton-sparse", "prefill", B, L, skip), limit)
-                              for form, limit in forced.items()})
-                if steady:
-                    times = steady_timer(list(steps.values()), rep_ms=rep_ms)
-                    row.update({name: t[0] for name, t in zip(steps, times)})
-                else:
-                    row.update({name: cuda_timer(fn, rep_ms=rep_ms)[0] for name, fn in steps.items()})
+                if steady:  # every step held at once, to interleave them
+                    times = steady_timer([step(p, f, B, L, skip) for p, f in specs], rep_ms=rep_ms)
+                    row.update({name: t[0] for name, t in zip(names, times)})
+                else:  # one step at a time (a whole model's steps each hold their own memory)
+                    row.update({name: cuda_timer(step(p, f, B, L, skip), rep_ms=rep_ms)[0]
+                                for name, (p, f) in zip(names, specs)})
                 state.capacity_max_tokens = default
                 results.append(row)
                 print(row, flush=True)
@@ -142,7 +144,7 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=8, help="--scope model: decoder layers (default 8)")
     parser.add_argument("--points", help="B:L,B:L,... prefill points (default: 256 to 2048 tokens)")
     parser.add_argument("--steady", action="store_true",
-                        help="time the layer steps together, back to back in interleaved blocks (as bench --steady)")
+                        help="time each point's steps together, back to back in interleaved blocks (as bench --steady)")
     args = parser.parse_args()
     points = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")] if args.points else POINTS
     skips = [float(s) for s in args.skips.split(",")]

@@ -216,7 +216,7 @@ def _tiles(rows: int, itemsize: int, kind: str, on_gpu: bool):
     columns: enough programs for the SMs first, then fewer passes over the rows), while the
     two-accumulator GEMMs stay at 128x128. Re-measured for the persistent TMA kernel on an H200
     (docs/bench/form-sweep-gemm-and-layer-599c7df-draft.json): the gated GEMM gains a fourth stage,
-    and past 1024 rows (a capacity form forced above its default range) 128x128 tiles beat 128x256."""
+    and past 1024 rows (capacity-form steps of 1025-2048 tokens) 128x128 tiles beat 128x256."""
     if not on_gpu:  # the interpreter: small tiles keep CPU tests fast
         return min(64, max(16, next_power_of_2(rows))), 16, 32, 4, 1
     # fp32 tiles take twice the shared memory of 16-bit ones: halve BLOCK_K to stay within a

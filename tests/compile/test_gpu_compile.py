@@ -1,5 +1,5 @@
 """Compiled triton-sparse on CUDA at Llama-3.1-8B layer geometry: no graph breaks, no
-recompilation over 5 sequence lengths and 3 skip rates, and the eager numbers. Compiled
+recompilation over 6 sequence lengths and 3 skip rates, and the eager numbers. Compiled
 generate() (static cache, reduce-overhead): every decode step captured in a CUDA graph."""
 import copy
 import logging

@@ -147,15 +147,15 @@ def trace_cases():
         )
 
     def symbolic_capacity(x0, wq, wg, wu, wd, params, start, count, tokens):
-        # The capacity form under torch.cond: T symbolic, GEMM tiles fixed by tile_rows (the long
-        # prefill side's persistent grid; the short prefill and decode sides' grids of one
-        # program per tile).
+        # The capacity form under torch.cond: T symbolic, GEMM tiles fixed by tile_rows (the 1024-
+        # and 2048-row prefill buckets' persistent grid; the 512-row bucket's and decode's grids
+        # of one program per tile).
         T = tokens.shape[0]
         x, res = x0.new_empty((T, H)), x0.new_empty((T, H))
         slot, rows = x0.new_empty((T,), dtype=torch.int32), x0.new_empty((T,), dtype=torch.int32)
         return (
             ops.forced_execute(params, start, 1, T, 3), ops.linear_rows(x, wq, None, count, 512),
-            ops.linear_rows(x, wq, None, count, 1024),
+            ops.linear_rows(x, wq, None, count, 1024), ops.linear_rows(x, wq, None, count, 2048),
             ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 512), wd, slot, count, rows, 512),
             ops.linear_residual(res, ops.gated_mlp(x, wg, wu, "silu", count, 64), wd, slot, count, rows, 64),
         )
@@ -322,7 +322,7 @@ def test_capacity_form_with_tile_rows_traces_at_a_symbolic_length(traces):
     # the capacity branch's GEMMs (tiles fixed by tile_rows), with no guard.
     trace = traces["symbolic_capacity"]
     assert no_skipgpt_op(trace["calls"]), trace["calls"]
-    assert kernels(trace["calls"]) == ["kernel:_forced_execute_kernel"] + ["kernel:_rows_gemm_kernel"] * 6
+    assert kernels(trace["calls"]) == ["kernel:_forced_execute_kernel"] + ["kernel:_rows_gemm_kernel"] * 7
     assert trace["guards"] == []
 
 
