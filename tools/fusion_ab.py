@@ -7,19 +7,25 @@ cuda_graph_timer), GPU time per step (torch.profiler: the step's kernels summed,
 per step, and the biggest kernels. Where wall time exceeds GPU time, the host bounds the step.
 
 Variants: hf (baseline), exact (triton-sparse in the exact form), unfused and fused (the capacity
-form's attention input), and at the default form switch eager (triton-sparse) and compiled
+form's attention input; fused at any token count, past skipgpt.layer.FUSED_QKV_MAX_TOKENS too), and at the default form switch eager (triton-sparse) and compiled
 (compiled-sparse as compile_model builds it).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
     python tools/fusion_ab.py --mode decode --points 1:2048,8:2048,64:2048 --variants hf,unfused,fused
     python tools/fusion_ab.py --points 8:2048,4:2048,8:512 --variants hf,eager,compiled --rounds 3
+    python tools/fusion_ab.py --steady --points 1:2048,4:512 --variants hf,exact,unfused,fused,compiled
+
+--steady (prefill): each round times the variants together, back to back in interleaved blocks
+(skipgpt.benchmark.steady_timer, as `skipgpt bench --steady` does), each step switching to its
+variant as it runs; --block-ms sets the blocks' length, whose start and drain each block pays once.
 """
 import argparse
 import contextlib
 
 import torch
 
-from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer
+from skipgpt import layer as layer_module
+from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer, steady_timer
 
 VARIANTS = ("hf", "exact", "unfused", "fused", "eager", "compiled")
 PROVIDERS = {"hf": "hf", "compiled": "compiled-sparse"}  # the others: triton-sparse
@@ -28,14 +34,24 @@ PROVIDERS = {"hf": "hf", "compiled": "compiled-sparse"}  # the others: triton-sp
 @contextlib.contextmanager
 def variant(bench, name):
     layer, state = bench.routed, bench.state
-    saved = (layer.fuses_qkv, state.capacity_max_tokens)
+    saved = (layer.fuses_qkv, state.capacity_max_tokens, layer_module.FUSED_QKV_MAX_TOKENS)
     try:
         if name not in ("eager", "compiled"):
             state.use_form("exact" if name == "exact" else "capacity")
             layer.fuses_qkv = name == "fused"
+            if name == "fused":
+                layer_module.FUSED_QKV_MAX_TOKENS = 1 << 62
         yield
     finally:
-        layer.fuses_qkv, state.capacity_max_tokens = saved
+        layer.fuses_qkv, state.capacity_max_tokens, layer_module.FUSED_QKV_MAX_TOKENS = saved
+
+
+def in_variant(bench, name, fn):
+    """fn, run in variant `name` at every call: steady rounds interleave the variants' steps."""
+    def run():
+        with variant(bench, name):
+            return fn()
+    return run
 
 
 def gpu_time(fn, steps=10, top=6):
@@ -64,7 +80,12 @@ def main():
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: the first four)")
     parser.add_argument("--rounds", type=int, default=2, help="wall-time rounds over the variants (default 2)")
     parser.add_argument("--top", type=int, default=6, help="kernels listed per variant, biggest first (default 6)")
+    parser.add_argument("--steady", action="store_true",
+                        help="prefill: time the variants together, back to back in interleaved blocks")
+    parser.add_argument("--block-ms", type=float, default=5.0, help="--steady: each block's length (default 5 ms)")
     args = parser.parse_args()
+    if args.steady and args.mode != "prefill":
+        parser.error("--steady times prefill steps (decode steps are timed as replayed CUDA graphs)")
     bench = LayerBench("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
     bench.decode_steps = 64
     timer = cuda_graph_timer if args.mode == "decode" else cuda_timer
@@ -73,6 +94,12 @@ def main():
         B, L = (int(v) for v in point.split(":"))
         walls = {name: [] for name in names}
         for _ in range(args.rounds):  # interleaved: the host's speed drifts within a call
+            if args.steady:
+                steps = [in_variant(bench, name, bench.step(PROVIDERS.get(name, "triton-sparse"), args.mode, B, L,
+                                                            args.skip)) for name in names]
+                for name, t in zip(names, steady_timer(steps, block_ms=args.block_ms)):
+                    walls[name].append(t[0] * 1e3)
+                continue
             for name in names:
                 with variant(bench, name):
                     provider = PROVIDERS.get(name, "triton-sparse")
