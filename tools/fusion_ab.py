@@ -3,12 +3,13 @@ against the form before it (rms_norm_split, cuBLAS K/V, rope_kv_write, Q GEMM, r
 Llama-3.1-8B layer at prefill, or at decode (`--mode decode`: 64 one-token steps over a cached
 context of L tokens, timed as a replayed CUDA graph, as generate() runs them) on the device
 machine. Per variant and point: time per step (skipgpt.benchmark.cuda_timer, median; at decode
-cuda_graph_timer), GPU time per step (torch.profiler: the step's kernels summed, eager), kernels
-per step, and the biggest kernels. Where wall time exceeds GPU time, the host bounds the step.
+cuda_graph_timer), GPU busy time per step and GPU operations per step of eager steps run back
+to back (tools/gpu_busy.py's profile_steps), and the biggest kernels. Where wall time exceeds GPU time, the host bounds the step.
 
 Variants: hf (baseline), exact (triton-sparse in the exact form), unfused and fused (the capacity
-form's attention input; fused at any token count, past skipgpt.layer.FUSED_QKV_MAX_TOKENS too), and at the default form switch eager (triton-sparse) and compiled
-(compiled-sparse as compile_model builds it).
+form's attention input; fused at any token count, past skipgpt.layer.FUSED_QKV_MAX_TOKENS too),
+and at the default form switch eager (triton-sparse) and compiled (compiled-sparse as
+compile_model builds it).
 
     python tools/fusion_ab.py --points 1:512,1:1024,4:512 --skip 0.25 --rounds 2
     python tools/fusion_ab.py --mode decode --points 1:2048,8:2048,64:2048 --variants hf,unfused,fused
@@ -25,6 +26,7 @@ import contextlib
 import torch
 
 from skipgpt import layer as layer_module
+from gpu_busy import profile_steps  # tools/ is on the path of a script run from it
 from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer, steady_timer
 
 VARIANTS = ("hf", "exact", "unfused", "fused", "eager", "compiled")
@@ -52,23 +54,6 @@ def in_variant(bench, name, fn):
         with variant(bench, name):
             return fn()
     return run
-
-
-def gpu_time(fn, steps=10, top=6):
-    """(GPU us per step, kernels per step, [(kernel, us per step)] of the `top` biggest, biggest
-    first)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in kernels) / steps
-    launches = sum(e.count for e in kernels) / steps
-    biggest = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
-    return total, launches, [(e.key[:60], e.self_device_time_total / steps) for e in biggest]
 
 
 def main():
@@ -99,19 +84,20 @@ def main():
                                                             args.skip)) for name in names]
                 for name, t in zip(names, steady_timer(steps, block_ms=args.block_ms)):
                     walls[name].append(t[0] * 1e3)
-                continue
-            for name in names:
-                with variant(bench, name):
-                    provider = PROVIDERS.get(name, "triton-sparse")
-                    walls[name].append(timer(bench.step(provider, args.mode, B, L, args.skip))[0] * 1e3)
+            else:
+                for name in names:
+                    with variant(bench, name):
+                        provider = PROVIDERS.get(name, "triton-sparse")
+                        walls[name].append(timer(bench.step(provider, args.mode, B, L, args.skip))[0] * 1e3)
         for name in names:
             with variant(bench, name):
                 provider = PROVIDERS.get(name, "triton-sparse")
-                gpu, launches, top = gpu_time(bench.step(provider, args.mode, B, L, args.skip), top=args.top)
+                gpu = profile_steps(bench.step(provider, args.mode, B, L, args.skip), steps=10)
             wall = " ".join(f"{w:7.1f}" for w in walls[name])
-            print(f"{args.mode} B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu us {gpu:7.1f}  kernels {launches:4.1f}")
-            for kernel, us in top:
-                print(f"      {us:7.1f} us  {kernel}")
+            print(f"{args.mode} B={B} L={L} skip={args.skip} {name:8s} wall us {wall}  gpu busy us "
+                  f"{gpu['busy_us']:7.1f}  GPU ops {gpu['gpu_ops']:4.1f}")
+            for kernel, us in list(gpu["kernels_us"].items())[:args.top]:
+                print(f"      {us:7.1f} us  {kernel[:60]}")
 
 
 if __name__ == "__main__":
