@@ -161,7 +161,9 @@ class RoutedDecoderLayer(nn.Module):
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP, as the routers (or the forced
         routes) decide, padding included: the pipelines take padding out."""
         B, _, H = x.shape
-        if self.state.forced_skip is not None:
+        # forced_params, not the float forced_skip: compiled code would take a float read here
+        # as an input, wrapped in a tensor on every call.
+        if self.state.forced_params is not None:
             params = self.state.forced_params_on(start.device)  # this layer's device's copy
             execute = ops.forced_execute(params, start, B, L, self.layer_idx)
         else:
@@ -219,16 +221,17 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
-        xn = ops.rms_norm(x, self.input_layernorm.weight, g.rms_norm_eps)
+        eps, scale = self._float_constants()
+        xn = ops.rms_norm(x, self.input_layernorm.weight, eps)
         q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).view(T, g.num_heads, g.head_dim)
         k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         q, k = self.family.q_norm(attn, q), self.family.k_norm(attn, k)
         q = ops.rope(q, cos.view(T, -1), sin.view(T, -1))
         ops.rope_kv_write(k.contiguous(), v, cos, sin, k_cache, v_cache, start)
-        o = self._attention(q, k_cache, v_cache, start, L, g.scale, key_mask=key_mask)
+        o = self._attention(q, k_cache, v_cache, start, L, scale, key_mask=key_mask)
         h = ops.linear_residual(x, o.view(T, -1), attn.o_proj.weight)
-        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, g.rms_norm_eps)
+        hn = ops.rms_norm(h, self.post_attention_layernorm.weight, eps)
         a = ops.gated_mlp(hn, mlp.gate_proj.weight, mlp.up_proj.weight, g.activation)
         return ops.linear_residual(h, a, mlp.down_proj.weight).view(B, L, H)
 
@@ -263,7 +266,7 @@ class RoutedDecoderLayer(nn.Module):
         # Head-major copies: Inductor's CPU flash-attention lowering rejects the strided views.
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2).contiguous(), k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(),
-            attn_mask=visible[:, None], scale=g.scale, enable_gqa=True,
+            attn_mask=visible[:, None], scale=self._float_constants()[1], enable_gqa=True,
         )  # a query that sees no key gives NaN here; it never executes, so `where` drops it
         o = attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
         h = torch.where(exec_attn[..., None], x + o, x)
@@ -277,8 +280,9 @@ class RoutedDecoderLayer(nn.Module):
     # -- triton-sparse: the skipgpt custom ops over compacted tokens ----------------------------
     @torch._dynamo.assume_constant_result
     def _float_constants(self) -> tuple[float, float]:
-        """(post-attention RMSNorm eps, attention scale). Read through here, compiled code takes
-        them as constants: as symbolic floats they could not enter torch.cond's branches."""
+        """(RMSNorm eps, attention scale). Read through here, compiled code takes them as
+        constants: as symbolic floats they could not enter torch.cond's branches, and each call
+        would wrap each one in a tensor and read it back (two dispatcher calls)."""
         return self.geometry.rms_norm_eps, self.geometry.scale
 
     def _triton_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
@@ -286,6 +290,7 @@ class RoutedDecoderLayer(nn.Module):
         B, L, H = x.shape
         T = B * L
         x = x.view(T, H)
+        eps = self._float_constants()[0]
         capacity = T <= self.state.capacity_max_tokens  # symbolic when compiled with a symbolic T
         # torch.cond traces both forms and picks at run time, so a new token count never
         # recompiles; but Inductor does not capture a graph holding torch.cond in a CUDA graph,
@@ -316,7 +321,7 @@ class RoutedDecoderLayer(nn.Module):
             # cache write. (Not inside torch.cond, whose branches may not write the cache: there
             # K/V are written before the branch, below.)
             counts = _counts(seq_offsets)
-            xn = ops.rms_norm(x, self.input_layernorm.weight, g.rms_norm_eps)
+            xn = ops.rms_norm(x, self.input_layernorm.weight, eps)
             q = ops.qkv_rope_write(xn, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.q_proj.bias,
                                    attn.k_proj.bias, attn.v_proj.bias, cos.view(T, -1), sin.view(T, -1), rows[0],
                                    counts[0], k_cache, v_cache, start)
@@ -325,7 +330,7 @@ class RoutedDecoderLayer(nn.Module):
         # K/V from every token; the compacted Q input (capacity-sized) comes out of the same
         # RMSNorm pass. This work does not need the counts, so in the exact form it keeps the
         # GPU busy while the host waits for them.
-        xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, g.rms_norm_eps, slot[0], T)
+        xn, xq = ops.rms_norm_split(x, self.input_layernorm.weight, eps, slot[0], T)
         k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         v = F.linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(B, L, g.num_kv_heads, g.head_dim)
         k = self.family.k_norm(attn, k)

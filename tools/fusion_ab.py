@@ -67,7 +67,8 @@ def main():
     parser.add_argument("--top", type=int, default=6, help="kernels listed per variant, biggest first (default 6)")
     parser.add_argument("--steady", action="store_true",
                         help="prefill: time the variants together, back to back in interleaved blocks")
-    parser.add_argument("--block-ms", type=float, default=5.0, help="--steady: each block's length (default 5 ms)")
+    parser.add_argument("--block-ms", type=float, default=40.0,
+                        help="--steady: each block's length (default 40 ms, steady_timer's)")
     args = parser.parse_args()
     if args.steady and args.mode != "prefill":
         parser.error("--steady times prefill steps (decode steps are timed as replayed CUDA graphs)")

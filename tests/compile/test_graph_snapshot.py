@@ -248,3 +248,18 @@ def test_cond_branches_pick_what_traces():
         assert not _calls(g, attention)  # only inside the cond
         kernels = [n.kwargs.get("attend_with") for b in _on_length_one(g) for n in _calls(b, attention)]
         assert kernels == ["decode", "prefill"], kernels
+
+
+def test_no_float_reaches_the_graph_as_an_input():
+    """A Python float the layer reads (the RMSNorm eps, the forced skip rate) would enter the
+    graph as an input: Dynamo wraps it in a tensor on every call and the graph reads it back
+    with .item(), host work on each step. The fast pipelines read them as constants instead.
+    (torch-sparse, the reference, keeps the Hugging Face RMSNorm modules and their float eps.)"""
+    for pipeline in ("triton-sparse", "dense"):
+        for gm in captured_graphs(pipeline):
+            floats = [node.name for node in gm.graph.nodes if node.op == "placeholder" and (
+                isinstance(node.meta.get("example_value"), torch.SymFloat)
+                or (isinstance(node.meta.get("example_value"), torch.Tensor)
+                    and node.meta["example_value"].dim() == 0 and node.meta["example_value"].is_floating_point()))]
+            items = [node.name for node in gm.graph.nodes if node.target == "item"]
+            assert not floats and not items, (pipeline, floats, items)
