@@ -962,19 +962,19 @@ def _budgeted(repetitions: Callable[[int], list], per_rep_ms: float, fns: int, w
 
 
 def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True, min_reps: int = 3,
-                 block_ms: float = 40.0) -> list:
+                 block_ms: float = 40.0, min_calls: int = 8) -> list:
     """Time several steps as a model's consecutive layers run them: each repetition runs a block
     of back-to-back calls of every fn, in list order, synchronized before and after each block,
     on the host's clock. Per call that is max(host, GPU) time: a host-bound step costs its host
     time, a GPU-bound one its GPU time (no L2 flush between calls, unlike paired_timer's), plus
     the block's start and drain (about min(host, GPU) of one call) shared by its calls. The
     blocks interleave the fns, so a host whose speed changes slows them alike. A block holds
-    enough calls for about `block_ms` (at least 2), sized by one call of each after a first,
-    untimed one. The default, 40 ms, is about one forward of Llama-3.1-8B's 32 layers at
-    512-2048 tokens, which pays the start once: in 5 ms blocks (2-4 such steps) the start's
-    host time, longer for a compiled call (guards, the wrapper's prologue) than for an eager
-    one, counted 1-5% of a step (H200, docs/BENCHMARKS.md). Budgets per fn, as paired_timer's.
-    Returns one (median, q20, q80) in ms per call, per fn."""
+    enough calls for about `block_ms`, and at least `min_calls`, sized by one call of each after
+    a first, untimed one. A model's forward pays the start once for all its layers (Llama-3.1-8B:
+    32, ~40 ms at 512-2048 tokens); in blocks of 2-4 calls the start's host time, longer for a
+    compiled call (guards, the wrapper's prologue) than for an eager one, counted 1-5% of a step
+    (H200, docs/BENCHMARKS.md). Budgets per fn, as paired_timer's. Returns one (median, q20,
+    q80) in ms per call, per fn."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def block(fn, calls: int) -> float:
@@ -987,7 +987,7 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
 
     for fn in fns:  # first calls (allocations, caches) do not size the blocks
         fn()
-    calls = [max(2, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
+    calls = [max(min_calls, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
 
     def repetitions(n: int) -> list:
         return [[block(fn, c) for fn, c in zip(fns, calls)] for _ in range(n)]

@@ -214,12 +214,12 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "--steady, --cuda-graph (no host in the timing) or --mode generate")
     t.add_argument("--steady", action="store_true",
                    help="time a round's providers together as --paired does, but each in blocks of back-to-back "
-                        "steps (about 40 ms a block: one forward of an 8B model's 32 layers) with a synchronize "
-                        "around each block, on the host's clock and without flushing the L2 cache: per step "
-                        "max(host, GPU) time, the rate at which a model's consecutive layers run. --paired's CUDA "
-                        "events with a flush before each step give the host a head start, so a host-bound step "
-                        "reads between its host and GPU times there. Needs two or more providers; not with "
-                        "--paired, --cuda-graph or --mode generate")
+                        "steps (about 40 ms a block and at least 8 steps: a model's forward pays a block's start "
+                        "once for all its layers) with a synchronize around each block, on the host's clock and "
+                        "without flushing the L2 cache: per step max(host, GPU) time, the rate at which a model's "
+                        "consecutive layers run. --paired's CUDA events with a flush before each step give the "
+                        "host a head start, so a host-bound step reads between its host and GPU times there. "
+                        "Needs two or more providers; not with --paired, --cuda-graph or --mode generate")
     x = p.add_argument_group("baseline")
     x.add_argument("--baseline-published", metavar="PATH",
                    help="a checkout of the published SkipGPT inference code: its Triton layer is timed as provider "
