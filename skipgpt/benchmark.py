@@ -961,8 +961,12 @@ def _budgeted(repetitions: Callable[[int], list], per_rep_ms: float, fns: int, w
     return list(zip(med, q20, q80))
 
 
+# steady_timer's blocks: about this long, and at least this many calls (see its docstring).
+STEADY_BLOCK_MS, STEADY_MIN_CALLS = 40.0, 8
+
+
 def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True, min_reps: int = 3,
-                 block_ms: float = 40.0, min_calls: int = 8) -> list:
+                 block_ms: float = STEADY_BLOCK_MS, min_calls: int = STEADY_MIN_CALLS) -> list:
     """Time several steps as a model's consecutive layers run them: each repetition runs a block
     of back-to-back calls of every fn, in list order, synchronized before and after each block,
     on the host's clock. Per call that is max(host, GPU) time: a host-bound step costs its host

@@ -27,7 +27,8 @@ import torch
 
 from skipgpt import layer as layer_module
 from gpu_busy import profile_steps  # tools/ is on the path of a script run from it
-from skipgpt.benchmark import LayerBench, cuda_graph_timer, cuda_timer, steady_timer
+from skipgpt.benchmark import (STEADY_BLOCK_MS, STEADY_MIN_CALLS, LayerBench, cuda_graph_timer, cuda_timer,
+                               steady_timer)
 
 VARIANTS = ("hf", "exact", "unfused", "fused", "eager", "compiled")
 PROVIDERS = {"hf": "hf", "compiled": "compiled-sparse"}  # the others: triton-sparse
@@ -67,8 +68,9 @@ def main():
     parser.add_argument("--top", type=int, default=6, help="kernels listed per variant, biggest first (default 6)")
     parser.add_argument("--steady", action="store_true",
                         help="prefill: time the variants together, back to back in interleaved blocks")
-    parser.add_argument("--block-ms", type=float, default=40.0,
-                        help="--steady: each block's length (default 40 ms, steady_timer's)")
+    parser.add_argument("--block-ms", type=float, default=STEADY_BLOCK_MS,
+                        help=f"--steady: each block's length (default {STEADY_BLOCK_MS:g} ms, steady_timer's; "
+                             f"at least {STEADY_MIN_CALLS} calls)")
     args = parser.parse_args()
     if args.steady and args.mode != "prefill":
         parser.error("--steady times prefill steps (decode steps are timed as replayed CUDA graphs)")

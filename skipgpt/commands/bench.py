@@ -539,7 +539,8 @@ def execute(p: Plan) -> dict:
                       + ("CUDA events, L2 flushed before each" if on_gpu else "wall clock (time.perf_counter)"))
         if p.steady:
             method = ("steady (skipgpt.benchmark.steady_timer): each repetition a block of back-to-back steps of "
-                      "every provider, wall clock (time.perf_counter) around each block"
+                      f"every provider (about {B.STEADY_BLOCK_MS:g} ms, at least {B.STEADY_MIN_CALLS} steps), "
+                      "wall clock (time.perf_counter) around each block"
                       + (", synchronized, no L2 flush" if on_gpu else ""))
         reference = bench.reference_note
     document = {

@@ -354,7 +354,7 @@ def test_steady_flag_is_recorded(tmp_path, cpu_only):
                  "hf,triton-sparse", "--rounds", "2", "--steady") == 0
     doc, _ = read_outputs(tmp_path, "layer-prefill")
     assert doc["timing"]["steady"] is True and doc["timing"]["paired"] is False and "--steady" in doc["command"]
-    assert doc["timing"]["method"].startswith("steady")
+    assert doc["timing"]["method"].startswith("steady") and "about 40 ms, at least 8 steps" in doc["timing"]["method"]
     assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
 
 
