@@ -161,8 +161,8 @@ class RoutedDecoderLayer(nn.Module):
         """[2, B, L] bool: row 0 executes attention, row 1 the MLP, as the routers (or the forced
         routes) decide, padding included: the pipelines take padding out."""
         B, _, H = x.shape
-        # forced_params, not the float forced_skip: compiled code would take a float read here
-        # as an input, wrapped in a tensor on every call.
+        # forced_params, not the float forced_skip: compiled code guards on a float it reads
+        # (not NaN), one more check on every call.
         if self.state.forced_params is not None:
             params = self.state.forced_params_on(start.device)  # this layer's device's copy
             execute = ops.forced_execute(params, start, B, L, self.layer_idx)
@@ -214,6 +214,13 @@ class RoutedDecoderLayer(nn.Module):
             # dispatch of ~5 us of host time per add in eager steps.
             counts[:2].add_(executed)
             counts[2].add_(n_valid)
+
+    @torch._dynamo.assume_constant_result
+    def _float_constants(self) -> tuple[float, float]:
+        """(RMSNorm eps, attention scale). Read through here, compiled code takes them as
+        constants: as symbolic floats they could not enter torch.cond's branches, and each call
+        would wrap each one in a tensor and read it back (two dispatcher calls)."""
+        return self.geometry.rms_norm_eps, self.geometry.scale
 
     # -- dense: the skipgpt ops with every token executing ------------------------------------
     def _dense(self, x, cos, sin, k_cache, v_cache, start, key_mask):
@@ -278,13 +285,6 @@ class RoutedDecoderLayer(nn.Module):
         return flat.index_copy(0, idx, rows + y).view(B, L, H)
 
     # -- triton-sparse: the skipgpt custom ops over compacted tokens ----------------------------
-    @torch._dynamo.assume_constant_result
-    def _float_constants(self) -> tuple[float, float]:
-        """(RMSNorm eps, attention scale). Read through here, compiled code takes them as
-        constants: as symbolic floats they could not enter torch.cond's branches, and each call
-        would wrap each one in a tensor and read it back (two dispatcher calls)."""
-        return self.geometry.rms_norm_eps, self.geometry.scale
-
     def _triton_sparse(self, x, execute, valid, cos, sin, k_cache, v_cache, start, key_mask):
         g, attn = self.geometry, self.self_attn
         B, L, H = x.shape

@@ -251,9 +251,9 @@ def test_cond_branches_pick_what_traces():
 
 
 def test_no_float_reaches_the_graph_as_an_input():
-    """A Python float the layer reads (the RMSNorm eps, the forced skip rate) would enter the
-    graph as an input: Dynamo wraps it in a tensor on every call and the graph reads it back
-    with .item(), host work on each step. The fast pipelines read them as constants instead.
+    """A Python float the layer reads (the RMSNorm eps) would enter the graph as an input:
+    Dynamo wraps it in a tensor on every call and the graph reads it back with .item(), host
+    work on each step. The fast pipelines read it as a constant instead.
     (torch-sparse, the reference, keeps the Hugging Face RMSNorm modules and their float eps.)"""
     for pipeline in ("triton-sparse", "dense"):
         for gm in captured_graphs(pipeline):
