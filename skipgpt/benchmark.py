@@ -40,6 +40,7 @@ import functools
 import inspect
 import logging
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -911,12 +912,13 @@ def cpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3)
 
 def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True,
                  min_reps: int = 3) -> list:
-    """Time several steps together: each repetition calls every fn once, in list order, each
-    between two CUDA events with the L2 cache flushed before it (as do_bench), or on the host's
-    clock with `cuda` False. A host or GPU whose speed changes during the timing slows every fn
-    alike, where timing one fn after another puts a slow spell on some of them only. The
-    budgets are per fn, as for cuda_timer: warm-up, then about len(fns) * rep_ms of repetitions
-    (at least `min_reps`). Returns one (median, q20, q80) in ms per fn."""
+    """Time several steps together: each repetition calls every fn once, in an order shuffled
+    each time (`_each_in_shuffled_order`), each between two CUDA events with the L2 cache
+    flushed before it (as do_bench), or on the host's clock with `cuda` False. A host or GPU
+    whose speed changes during the timing slows every fn alike, where timing one fn after
+    another puts a slow spell on some of them only. The budgets are per fn, as for cuda_timer:
+    warm-up, then about len(fns) * rep_ms of repetitions (at least `min_reps`). Returns one
+    (median, q20, q80) in ms per fn."""
     if cuda:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")  # 256 MB, do_bench's size
 
@@ -939,14 +941,30 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         def sync():
             pass
 
+    rng = random.Random(0)
+
     def repetitions(n: int) -> list:
-        pending = [[timed(fn) for fn in fns] for _ in range(n)]
+        pending = [_each_in_shuffled_order(fns, timed, rng) for _ in range(n)]
         sync()
         return [[reading() for reading in rep] for rep in pending]
 
     repetitions(1)
     per_rep = sum(map(sum, repetitions(3))) / 3
     return _budgeted(repetitions, per_rep, len(fns), warmup_ms, rep_ms, min_reps)
+
+
+def _each_in_shuffled_order(items: list, run: Callable, rng: random.Random) -> list:
+    """[run(item) for item in items], the calls made in an order `rng` shuffles, so that in the
+    timers' repetitions no step always follows the same one. A step pays for what ran before it:
+    after a block of compiled dense layers at 8192 tokens (the most power the grid draws), the
+    next block, whichever it was, took 2-5% longer on an H200 (docs/BENCHMARKS.md); the grid's
+    rotated rounds keep each provider's predecessor, so they do not spread this."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    out = [None] * len(items)
+    for i in order:
+        out[i] = run(items[i])
+    return out
 
 
 def _budgeted(repetitions: Callable[[int], list], per_rep_ms: float, fns: int, warmup_ms: float, rep_ms: float,
@@ -967,18 +985,18 @@ STEADY_BLOCK_MS, STEADY_MIN_CALLS = 40.0, 8
 
 def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True, min_reps: int = 3,
                  block_ms: float = STEADY_BLOCK_MS, min_calls: int = STEADY_MIN_CALLS) -> list:
-    """Time several steps as a model's consecutive layers run them: each repetition runs a block
-    of back-to-back calls of every fn, in list order, synchronized before and after each block,
-    on the host's clock. Per call that is max(host, GPU) time: a host-bound step costs its host
-    time, a GPU-bound one its GPU time (no L2 flush between calls, unlike paired_timer's), plus
-    the block's start and drain (about min(host, GPU) of one call) shared by its calls. The
-    blocks interleave the fns, so a host whose speed changes slows them alike. A block holds
-    enough calls for about `block_ms`, and at least `min_calls`, sized by one call of each after
-    a first, untimed one. A model's forward pays the start once for all its layers (Llama-3.1-8B:
-    32, ~40 ms at 512-2048 tokens); in blocks of 2-4 calls the start's host time, longer for a
-    compiled call (guards, the wrapper's prologue) than for an eager one, counted 1-5% of a step
-    (H200, docs/BENCHMARKS.md). Budgets per fn, as paired_timer's. Returns one (median, q20,
-    q80) in ms per call, per fn."""
+    """Time several steps as a model's consecutive layers run them: each repetition runs a block of
+    back-to-back calls of every fn, in an order shuffled each time (`_each_in_shuffled_order`),
+    synchronized before and after each block, on the host's clock. Per call that is max(host, GPU)
+    time: a host-bound step costs its host time, a GPU-bound one its GPU time (no L2 flush between
+    calls, unlike paired_timer's), plus the block's start and drain (about min(host, GPU) of one
+    call) shared by its calls. The blocks interleave the fns, so a host whose speed changes slows
+    them alike. A block holds enough calls for about `block_ms`, and at least `min_calls`, sized by
+    one call of each after a first, untimed one. A model's forward pays the start once for all its
+    layers (Llama-3.1-8B: 32, ~40 ms at 512-2048 tokens); in blocks of 2-4 calls the start's host
+    time, longer for a compiled call (guards, the wrapper's prologue) than for an eager one, counted
+    1-5% of a step (H200, docs/BENCHMARKS.md). Budgets per fn, as paired_timer's. Returns one
+    (median, q20, q80) in ms per call, per fn."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def block(fn, calls: int) -> float:
@@ -993,8 +1011,10 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         fn()
     calls = [max(min_calls, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
 
+    rng = random.Random(0)
+
     def repetitions(n: int) -> list:
-        return [[block(fn, c) for fn, c in zip(fns, calls)] for _ in range(n)]
+        return [_each_in_shuffled_order(list(zip(fns, calls)), lambda fc: block(*fc), rng) for _ in range(n)]
 
     per_rep = sum(t * c for t, c in zip(repetitions(1)[0], calls))
     return _budgeted(repetitions, per_rep, len(fns), warmup_ms, rep_ms, min_reps)

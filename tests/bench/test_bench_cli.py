@@ -1,5 +1,6 @@
 """`skipgpt bench` on CPU with the tiny geometry: outputs, speedups, per-point failures, flag
 checking, the published-baseline hook's error path, and the FLOP count."""
+import collections
 import csv
 import itertools
 import json
@@ -241,30 +242,49 @@ def sleepers(calls: list, **ms_by_name) -> list:
     return [sleeper(name, ms) for name, ms in ms_by_name.items()]
 
 
+def predecessors(order_per_repetition: list) -> dict:
+    """name -> the names that ran right before it (itself too, across two repetitions)."""
+    flat = [name for order in order_per_repetition for name in order]
+    seen = collections.defaultdict(set)
+    for before, name in zip(flat, flat[1:]):
+        seen[name].add(before)
+    return seen
+
+
 def test_paired_timer_calls_every_step_once_per_repetition():
-    """Host clock: each repetition calls the steps in list order, the same number of times each,
-    and each step's time is its own (a 2 ms step against a 6 ms one)."""
+    """Host clock: each repetition calls every step once, in a shuffled order, so no step always
+    follows the same one; each step's time is its own (2, 4 and 6 ms steps)."""
     calls = []
-    (fast, *_), (slow, *_) = B.paired_timer(sleepers(calls, fast=2, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
-    assert calls[::2] == ["fast"] * (len(calls) // 2) and calls[1::2] == ["slow"] * (len(calls) // 2)
-    assert len(calls) >= 2 * (1 + 3 + 1 + 3)  # first calls, the estimate, warm-up, at least min_reps
-    assert fast >= 2 and slow >= 6 and slow > fast  # sleep() lasts at least as asked; no upper bound on a busy host
+    times = B.paired_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
+    repetitions = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == ["fast", "mid", "slow"] for r in repetitions)
+    assert len(repetitions) >= 1 + 3 + 1 + 3  # first calls, the estimate, warm-up, at least min_reps
+    assert len({tuple(r) for r in repetitions}) > 1
+    assert all(before >= {"fast", "mid", "slow"} - {name} for name, before in predecessors(repetitions).items())
+    (fast, *_), (mid, *_), (slow, *_) = times
+    assert fast >= 2 and mid >= 4 and slow >= 6 and fast < mid < slow  # sleep() lasts at least as asked
 
 
 def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
-    """Host clock: after a first and a calibrating call of each, each repetition calls every step
-    in list order, a block of back-to-back calls each (about 40 ms a block, at least 8 calls), the
-    same block size every time; each step's time is per call (a 2 ms step against a 6 ms one)."""
+    """Host clock: after a first and a calibrating call of each, each repetition runs a block of
+    back-to-back calls of every step (about 40 ms a block, at least 8 calls), the same block size
+    every time, the blocks in a shuffled order; each step's time is per call (2, 4 and 6 ms)."""
     calls = []
-    (fast, *_), (slow, *_) = B.steady_timer(sleepers(calls, fast=2, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
-    assert calls[:4] == ["fast", "slow"] * 2  # an untimed first call of each, then one that sizes its blocks
-    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[4:])]
-    assert [name for name, _ in runs] == ["fast", "slow"] * (len(runs) // 2) and len(runs) % 2 == 0
-    fast_block, slow_block = runs[0][1], runs[1][1]
-    assert runs == [("fast", fast_block), ("slow", slow_block)] * (len(runs) // 2)
-    assert 8 <= fast_block <= 20 and slow_block == 8  # ceil(40 ms / the first call's time), at least 8
-    assert len(runs) // 2 >= 1 + 1 + 3  # the estimate, warm-up, at least min_reps
-    assert fast >= 2 and slow >= 6 and slow > fast
+    times = B.steady_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
+    assert calls[:6] == ["fast", "mid", "slow"] * 2  # an untimed first call of each, then one that sizes its blocks
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[6:])]
+    sizes = {name: min(n for other, n in runs if other == name) for name in ("fast", "mid", "slow")}
+    assert 8 <= sizes["fast"] <= 20 and sizes["slow"] == 8  # ceil(40 ms / the first call's time), at least 8
+    # A step's block can end one repetition and open the next: a run of two blocks.
+    assert all(n in (sizes[name], 2 * sizes[name]) for name, n in runs)
+    blocks = [name for name, n in runs for _ in range(n // sizes[name])]
+    repetitions = [blocks[i:i + 3] for i in range(0, len(blocks), 3)]
+    assert all(sorted(r) == ["fast", "mid", "slow"] for r in repetitions)
+    assert len(repetitions) >= 1 + 1 + 3  # the estimate, warm-up, at least min_reps
+    assert len({tuple(r) for r in repetitions}) > 1
+    assert all(before >= {"fast", "mid", "slow"} - {name} for name, before in predecessors(repetitions).items())
+    (fast, *_), (mid, *_), (slow, *_) = times
+    assert fast >= 2 and mid >= 4 and slow >= 6 and fast < mid < slow
 
 
 def test_paired_rounds_time_the_providers_together(cpu_only, pipelines_run):
