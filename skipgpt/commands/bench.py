@@ -206,7 +206,8 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
                         "another place in the round each time and clock or host drift during a point falls on all "
                         "providers alike; a point's time is the median of its rounds' medians (prefill and decode)")
     t.add_argument("--paired", action="store_true",
-                   help="time a round's providers together, one step of each per repetition, instead of one "
+                   help="time a round's providers together, one step of each per repetition (in an order "
+                        "shuffled each time, so no provider always runs right after the same one), instead of one "
                         "provider after another: a host whose speed changes for a while then slows every "
                         "provider alike (for host-bound points, such as batch 1 at a few hundred tokens). Holds "
                         "every provider's step in memory at once; if a round fails so, the point is timed one "
@@ -215,7 +216,8 @@ def add_arguments(p: argparse.ArgumentParser, default_output: Optional[str]) -> 
     t.add_argument("--steady", action="store_true",
                    help="time a round's providers together as --paired does, but each in blocks of back-to-back "
                         "steps (about 40 ms a block and at least 8 steps: a model's forward pays a block's start "
-                        "once for all its layers) with a synchronize around each block, on the host's clock and "
+                        "once for all its layers) with a synchronize around each block, the blocks in a shuffled "
+                        "order (a block right after a power-hungry one runs slower), on the host's clock and "
                         "without flushing the L2 cache: per step max(host, GPU) time, the rate at which a model's "
                         "consecutive layers run. --paired's CUDA events with a flush before each step give the "
                         "host a head start, so a host-bound step reads between its host and GPU times there. "
@@ -536,11 +538,11 @@ def execute(p: Plan) -> dict:
             "triton.testing.do_bench" if on_gpu else "wall clock (time.perf_counter)")
         if p.paired:
             method = ("paired (skipgpt.benchmark.paired_timer): each repetition one step of every provider, "
-                      + ("CUDA events, L2 flushed before each" if on_gpu else "wall clock (time.perf_counter)"))
+                      "in a shuffled order, " + ("CUDA events, L2 flushed before each" if on_gpu else "wall clock (time.perf_counter)"))
         if p.steady:
             method = ("steady (skipgpt.benchmark.steady_timer): each repetition a block of back-to-back steps of "
                       f"every provider (about {B.STEADY_BLOCK_MS:g} ms, at least {B.STEADY_MIN_CALLS} steps), "
-                      "wall clock (time.perf_counter) around each block"
+                      "the blocks in a shuffled order, wall clock (time.perf_counter) around each block"
                       + (", synchronized, no L2 flush" if on_gpu else ""))
         reference = bench.reference_note
     document = {

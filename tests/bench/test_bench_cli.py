@@ -365,7 +365,7 @@ def test_paired_flag_is_recorded(tmp_path, cpu_only):
                  "hf,triton-sparse", "--rounds", "2", "--paired") == 0
     doc, _ = read_outputs(tmp_path, "layer-prefill")
     assert doc["timing"]["paired"] is True and "--paired" in doc["command"]
-    assert doc["timing"]["method"].startswith("paired")
+    assert doc["timing"]["method"].startswith("paired") and "in a shuffled order" in doc["timing"]["method"]
     assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
 
 
@@ -374,7 +374,7 @@ def test_steady_flag_is_recorded(tmp_path, cpu_only):
                  "hf,triton-sparse", "--rounds", "2", "--steady") == 0
     doc, _ = read_outputs(tmp_path, "layer-prefill")
     assert doc["timing"]["steady"] is True and doc["timing"]["paired"] is False and "--steady" in doc["command"]
-    assert doc["timing"]["method"].startswith("steady") and "about 40 ms, at least 8 steps" in doc["timing"]["method"]
+    assert doc["timing"]["method"].startswith("steady") and "about 40 ms, at least 8 steps), the blocks in a shuffled order" in doc["timing"]["method"]
     assert all(p["status"] == "ok" and len(p["ms_rounds"]) == 2 for p in doc["points"])
 
 
