@@ -956,9 +956,10 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
 def _each_in_shuffled_order(items: list, run: Callable, rng: random.Random) -> list:
     """[run(item) for item in items], the calls made in an order `rng` shuffles, so that in the
     timers' repetitions no step always follows the same one. A step pays for what ran before it:
-    after a block of compiled dense layers at 8192 tokens (the most power the grid draws), the
-    next block, whichever it was, took 2-5% longer on an H200 (docs/BENCHMARKS.md); the grid's
-    rotated rounds keep each provider's predecessor, so they do not spread this."""
+    after a block of compiled dense layers at 8192 tokens (the grid's highest FLOP rate, likely its
+    highest power), the next block, whichever it was, took 2-5% longer on an H200
+    (docs/BENCHMARKS.md); the grid's rotated rounds keep each provider's predecessor, so they do
+    not spread this."""
     order = list(range(len(items)))
     rng.shuffle(order)
     out = [None] * len(items)
