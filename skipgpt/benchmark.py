@@ -911,14 +911,15 @@ def cpu_timer(fn, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3)
 
 
 def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True,
-                 min_reps: int = 3) -> list:
+                 min_reps: int = 3, rng: Optional[random.Random] = None) -> list:
     """Time several steps together: each repetition calls every fn once, in an order shuffled
     each time (`_each_in_shuffled_order`), each between two CUDA events with the L2 cache
     flushed before it (as do_bench), or on the host's clock with `cuda` False. A host or GPU
     whose speed changes during the timing slows every fn alike, where timing one fn after
     another puts a slow spell on some of them only. The budgets are per fn, as for cuda_timer:
-    warm-up, then about len(fns) * rep_ms of repetitions (at least `min_reps`). Returns one
-    (median, q20, q80) in ms per fn."""
+    warm-up, then about len(fns) * rep_ms of repetitions (at least `min_reps`). `rng` shuffles
+    (by default a generator seeded from the OS, so that no two calls share their orders). Returns
+    one (median, q20, q80) in ms per fn."""
     if cuda:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")  # 256 MB, do_bench's size
 
@@ -941,7 +942,7 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         def sync():
             pass
 
-    rng = random.Random(0)
+    rng = rng or random.Random()
 
     def repetitions(n: int) -> list:
         pending = [_each_in_shuffled_order(fns, timed, rng) for _ in range(n)]
@@ -958,8 +959,11 @@ def _each_in_shuffled_order(items: list, run: Callable, rng: random.Random) -> l
     timers' repetitions no step always follows the same one. A step pays for what ran before it:
     after a block of compiled dense layers at 8192 tokens (the grid's highest FLOP rate, likely its
     highest power), the next block, whichever it was, took 2-5% longer on an H200
-    (docs/BENCHMARKS.md); the grid's rotated rounds keep each provider's predecessor, so they do
-    not spread this."""
+    (docs/BENCHMARKS.md). The grid's rotated rounds keep each provider's predecessor, so they do
+    not spread this, nor do shuffles seeded alike in every call: applied to the rotated lists,
+    they repeat one imbalance round after round (of hf, triton-sparse and compiled-sparse, the
+    third followed hf as often as the second or more in each of nine rounds). Hence each timer
+    call draws orders of its own."""
     order = list(range(len(items)))
     rng.shuffle(order)
     out = [None] * len(items)
@@ -985,7 +989,8 @@ STEADY_BLOCK_MS, STEADY_MIN_CALLS = 40.0, 8
 
 
 def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bool = True, min_reps: int = 3,
-                 block_ms: float = STEADY_BLOCK_MS, min_calls: int = STEADY_MIN_CALLS) -> list:
+                 block_ms: float = STEADY_BLOCK_MS, min_calls: int = STEADY_MIN_CALLS,
+                 rng: Optional[random.Random] = None) -> list:
     """Time several steps as a model's consecutive layers run them: each repetition runs a block of
     back-to-back calls of every fn, in an order shuffled each time (`_each_in_shuffled_order`),
     synchronized before and after each block, on the host's clock. Per call that is max(host, GPU)
@@ -996,8 +1001,8 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
     one call of each after a first, untimed one. A model's forward pays the start once for all its
     layers (Llama-3.1-8B: 32, ~40 ms at 512-2048 tokens); in blocks of 2-4 calls the start's host
     time, longer for a compiled call (guards, the wrapper's prologue) than for an eager one, counted
-    1-5% of a step (H200, docs/BENCHMARKS.md). Budgets per fn, as paired_timer's. Returns one
-    (median, q20, q80) in ms per call, per fn."""
+    1-5% of a step (H200, docs/BENCHMARKS.md). Budgets per fn and `rng`, as paired_timer's.
+    Returns one (median, q20, q80) in ms per call, per fn."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def block(fn, calls: int) -> float:
@@ -1012,7 +1017,7 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         fn()
     calls = [max(min_calls, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
 
-    rng = random.Random(0)
+    rng = rng or random.Random()
 
     def repetitions(n: int) -> list:
         return [_each_in_shuffled_order(list(zip(fns, calls)), lambda fc: block(*fc), rng) for _ in range(n)]

@@ -4,6 +4,7 @@ import collections
 import csv
 import itertools
 import json
+import random
 import time
 import unittest
 
@@ -255,7 +256,8 @@ def test_paired_timer_calls_every_step_once_per_repetition():
     """Host clock: each repetition calls every step once, in a shuffled order, so no step always
     follows the same one; each step's time is its own (2, 4 and 6 ms steps)."""
     calls = []
-    times = B.paired_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
+    times = B.paired_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False,
+                           rng=random.Random(0))
     repetitions = [calls[i:i + 3] for i in range(0, len(calls), 3)]
     assert all(sorted(r) == ["fast", "mid", "slow"] for r in repetitions)
     assert len(repetitions) >= 1 + 3 + 1 + 3  # first calls, the estimate, warm-up, at least min_reps
@@ -270,7 +272,8 @@ def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
     back-to-back calls of every step (about 40 ms a block, at least 8 calls), the same block size
     every time, the blocks in a shuffled order; each step's time is per call (2, 4 and 6 ms)."""
     calls = []
-    times = B.steady_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False)
+    times = B.steady_timer(sleepers(calls, fast=2, mid=4, slow=6), warmup_ms=5, rep_ms=30, cuda=False,
+                           rng=random.Random(0))
     assert calls[:6] == ["fast", "mid", "slow"] * 2  # an untimed first call of each, then one that sizes its blocks
     runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[6:])]
     sizes = {name: min(n for other, n in runs if other == name) for name in ("fast", "mid", "slow")}
@@ -285,6 +288,20 @@ def test_steady_timer_times_blocks_of_back_to_back_calls_in_turn():
     assert all(before >= {"fast", "mid", "slow"} - {name} for name, before in predecessors(repetitions).items())
     (fast, *_), (mid, *_), (slow, *_) = times
     assert fast >= 2 and mid >= 4 and slow >= 6 and fast < mid < slow
+
+
+@pytest.mark.parametrize("timer", [B.paired_timer, B.steady_timer])
+def test_timer_calls_draw_orders_of_their_own(timer):
+    """A grid's rounds call the timer once each: calls that shuffled alike would put the same
+    providers after the same ones in every round (the rounds rotate the list, which keeps the
+    imbalance). Three calls of 3 ms steps, each with at least five shuffled repetitions: all three
+    alike by chance is less than 1 in 10^7."""
+    orders = []
+    for _ in range(3):
+        calls = []
+        timer(sleepers(calls, a=3, b=3, c=3), warmup_ms=1, rep_ms=10, cuda=False)
+        orders.append(tuple(calls))
+    assert len(set(orders)) > 1
 
 
 def test_paired_rounds_time_the_providers_together(cpu_only, pipelines_run):
