@@ -942,7 +942,7 @@ def paired_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         def sync():
             pass
 
-    rng = rng or random.Random()
+    rng = rng if rng is not None else random.Random()
 
     def repetitions(n: int) -> list:
         pending = [_each_in_shuffled_order(fns, timed, rng) for _ in range(n)]
@@ -1001,7 +1001,8 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
     one call of each after a first, untimed one. A model's forward pays the start once for all its
     layers (Llama-3.1-8B: 32, ~40 ms at 512-2048 tokens); in blocks of 2-4 calls the start's host
     time, longer for a compiled call (guards, the wrapper's prologue) than for an eager one, counted
-    1-5% of a step (H200, docs/BENCHMARKS.md). Budgets per fn and `rng`, as paired_timer's.
+    1-5% of a step, and in blocks of 8 calls of ~5 ms still 0.6-0.8% where 32-call blocks put it
+    at 0.2% or less (H200, docs/BENCHMARKS.md). Budgets per fn and `rng`, as paired_timer's.
     Returns one (median, q20, q80) in ms per call, per fn."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -1017,7 +1018,7 @@ def steady_timer(fns: list, warmup_ms: float = 25, rep_ms: float = 100, cuda: bo
         fn()
     calls = [max(min_calls, math.ceil(block_ms / max(1e-3, block(fn, 1)))) for fn in fns]
 
-    rng = rng or random.Random()
+    rng = rng if rng is not None else random.Random()
 
     def repetitions(n: int) -> list:
         return [_each_in_shuffled_order(list(zip(fns, calls)), lambda fc: block(*fc), rng) for _ in range(n)]
